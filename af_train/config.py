@@ -1,0 +1,425 @@
+"""Recipes: YAML files loaded into strict, typed dataclasses, with ``key.sub=value`` overrides.
+
+A recipe is the single source of truth for a run. Loading is strict in the llm-foundry sense:
+an unknown key, a value of the wrong type or an impossible value raises :class:`RecipeError`
+naming the dotted key, the file it came from and what is allowed. The resolved recipe can be
+dumped back to YAML (``Recipe.to_yaml``) and is written into every run directory.
+
+Sections are owned by the layer that consumes them (``data`` by ``af_train.data``, ``model`` and
+``objective`` by ``af_train.model``/``af_train.objectives``, ``optim``/``train``/``deepspeed`` by
+the engine); this module only imports the standard library and yaml, so every layer may import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe (file or override) that cannot be turned into a valid configuration."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic strict loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (ints to floats, lists, dataclasses)."""
+
+    def fail(extra: str = "") -> RecipeError:
+        return RecipeError(
+            f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__}){extra}"
+        )
+
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise RecipeError(
+                f"{source}: key '{key}' = {value!r} is not allowed; choose one of "
+                + ", ".join(repr(a) for a in allowed)
+            )
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise fail()
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, source)
+            except RecipeError:
+                pass
+        raise fail()
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(
+                f"{source}: key '{key}' must be a mapping with keys "
+                f"{', '.join(f.name for f in dataclasses.fields(tp))}; got {value!r}"
+            )
+        return build_dataclass(tp, value, source, prefix=key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        (item_tp,) = get_args(tp)[:1] or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail(" (use true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    raise RecipeError(f"{source}: key '{key}' has an unsupported annotation {tp!r}")  # pragma: no cover
+
+
+def build_dataclass(cls: type, data: dict[str, Any], source: str = "<recipe>", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly: unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise RecipeError(
+            f"{source}: unknown key '{_join(prefix, unknown[0])}' in {where}; "
+            f"allowed keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], _join(prefix, name), source)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise RecipeError(f"{source}: required key '{_join(prefix, missing[0])}' is missing")
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
+    return obj
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.lr=3e-4'`` -> (['train', 'lr'], 0.0003). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' must look like key.sub=value (e.g. train.max_steps=100)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override '{text}': value is not valid YAML ({exc})") from None
+    return key.split("."), _numbers_from_yaml(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested mapping (in place); returns it."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(f"override '{text}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _numbers_from_yaml(obj: Any) -> Any:
+    """YAML 1.1 leaves '1e-4' as a string; turn such strings into floats throughout."""
+    if isinstance(obj, dict):
+        return {k: _numbers_from_yaml(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_numbers_from_yaml(v) for v in obj]
+    if isinstance(obj, str) and _is_number(obj) and any(c in obj.lower() for c in "e."):
+        if obj.lower() in {"nan", ".nan", "inf", ".inf", "-inf", "-.inf"}:
+            return obj
+        return float(obj)
+    return obj
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses -> nested dicts/lists of plain values (YAML/JSON friendly)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe schema
+# --------------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise RecipeError(message)
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become token sequences (consumed by ``af_train.data``)."""
+
+    train: str | None = None  # shard directory (local path) of the training split
+    val: str | None = None
+    test: str | None = None
+    code_rows: list[int] = field(default_factory=lambda: [0])  # which codebook rows to read
+    max_length: int = 752  # tokens per sequence including BOA/EOA (750 frames + 2)
+    add_boa: bool = True
+    add_eoa: bool = True
+    mask_rate: float = 0.25
+    mask_token_fraction: float = 0.8  # of masked positions: replaced by MASK
+    random_token_fraction: float = 0.1  # of masked positions: replaced by a random code; rest unchanged
+    shuffle: bool = True
+    shuffle_seed: int = 1234
+    num_canonical_nodes: int = 1
+    num_workers: int = 0
+    local_cache: str | None = None  # root for streaming's local cache; default: a dir inside the run
+    remote: str | None = None  # remote (e.g. s3://) root mirroring train/val/test, if streaming remotely
+    cache_limit: str | None = None  # e.g. "10gb"; streaming evicts shards beyond it
+    download_retry: int = 2
+    download_timeout: float = 60.0
+    predownload: int | None = None
+
+    def validate(self) -> None:
+        _require(0.0 <= self.mask_rate < 1.0, f"data.mask_rate must be in [0, 1), got {self.mask_rate}")
+        _require(
+            0.0 <= self.mask_token_fraction <= 1.0
+            and 0.0 <= self.random_token_fraction <= 1.0
+            and self.mask_token_fraction + self.random_token_fraction <= 1.0,
+            "data.mask_token_fraction and data.random_token_fraction must be in [0, 1] and sum to <= 1, "
+            f"got {self.mask_token_fraction} and {self.random_token_fraction}",
+        )
+        _require(len(self.code_rows) >= 1, "data.code_rows must name at least one codebook row, e.g. [0]")
+        _require(all(r >= 0 for r in self.code_rows), f"data.code_rows must be >= 0, got {self.code_rows}")
+        _require(self.max_length >= 4, f"data.max_length must be >= 4, got {self.max_length}")
+        _require(self.num_canonical_nodes >= 1, "data.num_canonical_nodes must be >= 1")
+        _require(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Encoder size: a preset of ``af_train.model.AudioFormerConfig`` plus optional overrides."""
+
+    preset: Literal["tiny", "small", "base", "large"] = "tiny"
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int | None = None
+    hidden_dropout_prob: float | None = None
+    attention_probs_dropout_prob: float | None = None
+    activation_checkpointing: bool = False
+    kernels: Literal["auto", "triton", "reference"] = "auto"
+
+    def overrides(self) -> dict[str, Any]:
+        """The non-null size overrides, keyed by AudioFormerConfig field name."""
+        skip = {"preset", "activation_checkpointing", "kernels"}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in skip and getattr(self, f.name) is not None
+        }
+
+
+@dataclass
+class ObjectiveConfig:
+    """What is trained: MLM pretraining, FT1 classification or FT2 classification + MPC."""
+
+    mode: Literal["pretrain", "ft1", "ft2"] = "pretrain"
+    joint_rows: bool = False  # pretrain: one shared encoder over all data.code_rows (+ row embedding)
+    init_checkpoint: str | None = None  # ft1/ft2: pretrained row-0 encoder (consolidated weights)
+    frozen_row_checkpoints: list[str] = field(default_factory=list)  # ft2: one per extra code row
+    alpha: float = 0.8  # ft2: weight of classification; (1 - alpha) weights MPC
+    temperature: float = 0.05  # ft2 / joint pretraining: MPC temperature
+    use_classifier: bool = True  # ft2 stage 2 option: train MPC alone, no classification head
+    mpc_weight: float = 0.1  # joint pretraining: weight of the MPC term next to MLM
+
+    def validate(self) -> None:
+        _require(0.0 <= self.alpha <= 1.0, f"objective.alpha must be in [0, 1], got {self.alpha}")
+        _require(self.temperature > 0.0, f"objective.temperature must be > 0, got {self.temperature}")
+        _require(self.mpc_weight >= 0.0, f"objective.mpc_weight must be >= 0, got {self.mpc_weight}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def validate(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    global_batch_size: int | None = None  # if set, must equal micro × accumulation × world size
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 500
+    keep_last: int = 2
+    best_metric: str | None = None  # e.g. "val/mAP"; keeps the best checkpoint too
+    best_mode: Literal["max", "min"] = "max"
+    max_nonfinite_steps: int = 10  # this many skipped steps in a row stops the run
+    allow_test_selection: bool = False  # select checkpoints on the test split (refused unless set)
+
+    def validate(self) -> None:
+        _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _require(self.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _require(self.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        _require(self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _require(self.save_every >= 0 and self.eval_every >= 0, "train.save_every and train.eval_every must be >= 0")
+        _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra ds_config keys (conflicts are errors)
+    source: str = field(default="<defaults>", compare=False, repr=False, init=False)
+
+    def validate(self) -> None:
+        if self.objective.mode == "ft2":
+            extra_rows = len(self.data.code_rows) - 1
+            _require(
+                extra_rows >= 1,
+                "objective.mode=ft2 needs data.code_rows with the trainable row first and at least one "
+                f"frozen row, e.g. [0, 1, 2, 3]; got {self.data.code_rows}",
+            )
+        if self.objective.joint_rows:
+            _require(self.objective.mode == "pretrain", "objective.joint_rows applies to mode=pretrain only")
+
+    # -- I/O -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+        recipe = build_dataclass(cls, _numbers_from_yaml(data), source)
+        recipe.source = source
+        return recipe
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        """Load a YAML recipe and apply ``key.sub=value`` overrides."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file '{path}' does not exist; recipes live in recipes/*.yaml")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        if overrides:
+            if not isinstance(data, dict):
+                raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections")
+            source = f"{path} (with overrides {' '.join(overrides)})"
+            data = apply_overrides(data, overrides)
+        else:
+            source = str(path)
+        return cls.from_dict(data, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in to_plain(self).items() if k != "source"}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Stable short hash of the resolved recipe (recorded in checkpoints)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,34 @@
+"""Token ids: codebook entries first, special tokens above the codebook range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NUM_SPECIAL = 8  # PAD, MASK, BOA, EOA + 4 reserved (keeps the vocabulary a multiple of 8)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the special tokens for a codebook of ``codebook_size`` entries (ids 0..size-1)."""
+
+    codebook_size: int = 1024
+
+    @property
+    def pad(self) -> int:
+        return self.codebook_size
+
+    @property
+    def mask(self) -> int:
+        return self.codebook_size + 1
+
+    @property
+    def boa(self) -> int:  # beginning of audio
+        return self.codebook_size + 2
+
+    @property
+    def eoa(self) -> int:  # end of audio
+        return self.codebook_size + 3
+
+    @property
+    def vocab_size(self) -> int:
+        return self.codebook_size + NUM_SPECIAL

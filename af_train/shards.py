@@ -1,0 +1,100 @@
+"""The on-disk contract between data preparation and training: MDS columns and ``manifest.json``.
+
+Written by ``tools/prepare_dataset.py``, read by ``af_train.data`` and the engine. A shard
+directory holds mosaicml-streaming MDS shards (``index.json`` + ``shard.*.mds``) with the columns
+below, and beside them ``manifest.json`` describing how the codes were made.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def shard_columns(codebooks: int, frames: int) -> dict[str, str]:
+    """MDS column encodings. ``codes`` has a fixed shape (clips are padded to the clip length)."""
+    return {
+        "id": "str",
+        "codes": f"ndarray:int16:{codebooks},{frames}",
+        "length": "int32",  # valid frames (the rest of ``codes`` is padding)
+        "labels": "ndarray:int32",  # class indices into the manifest's label vocabulary (ragged)
+    }
+
+
+class ManifestError(ValueError):
+    """A shard directory without a readable, consistent manifest."""
+
+
+@dataclass
+class CodecInfo:
+    model: str = "encodec_24khz"
+    bandwidth: float = 3.0
+    sample_rate: int = 24000
+    frame_rate: float = 75.0
+    codebooks: int = 4
+    codebook_size: int = 1024
+    weights: str = ""  # "pretrained sha256:<hash> (<file>)" or "random-init seed N"
+
+
+@dataclass
+class Manifest:
+    codec: CodecInfo
+    clip_seconds: float
+    frames: int  # code frames per clip (= clip_seconds * frame_rate)
+    labels: list[str]  # vocabulary: index -> class name
+    multi_label: bool  # True: multi-hot targets (AudioSet, FSD50K); False: one class per clip (ESC-50)
+    source_format: str  # csv | audioset | fsd50k | esc50
+    split: str = "train"
+    written: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    rejects_log: str | None = None
+    seconds_of_audio: float = 0.0
+    version: int = MANIFEST_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
+        tmp.replace(path)  # atomic: a reader never sees half a manifest
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "<manifest>") -> Manifest:
+        try:
+            codec = CodecInfo(**data["codec"])
+            rest = {k: v for k, v in data.items() if k != "codec"}
+            manifest = cls(codec=codec, **rest)
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(
+                f"{where}: malformed manifest ({exc}); re-run tools/prepare_dataset.py to rebuild it"
+            ) from None
+        if manifest.version != MANIFEST_VERSION:
+            raise ManifestError(f"{where}: manifest version {manifest.version}, this af_train reads {MANIFEST_VERSION}")
+        return manifest
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(
+                f"no {MANIFEST_NAME} in '{directory}': not a shard directory written by "
+                "tools/prepare_dataset.py (or the preparation has not finished)"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, str(path))

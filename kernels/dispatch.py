@@ -1,0 +1,85 @@
+"""The one place that decides between the Triton kernels and their PyTorch references.
+
+Order of precedence: the ``AF_KERNELS`` environment variable (for debugging), then
+:func:`set_backend` (the recipe's ``model.kernels``), then ``auto``: Triton for CUDA tensors,
+the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+from kernels import reference
+
+Backend = Literal["auto", "triton", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
+ENV_VAR = "AF_KERNELS"
+
+_backend: str = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Select ``auto`` | ``triton`` | ``reference`` for every later call."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernels backend '{name}'; choose one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend in force: the environment variable wins over :func:`set_backend`."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={env!r} is not a kernels backend; use one of {', '.join(BACKENDS)}")
+        return env
+    return _backend
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether a call on these tensors goes to Triton under the current backend."""
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "triton":
+        if not (on_cuda or _interpreting()):
+            raise RuntimeError(
+                "kernels backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                "interpreter); set model.kernels=reference or auto for CPU runs"
+            )
+        return True
+    return on_cuda
+
+
+def apply_rotary(x, cos, sin, interleaved: bool = True) -> torch.Tensor:
+    if use_triton(x):
+        from kernels.rope import apply_rotary as triton_apply_rotary
+
+        return triton_apply_rotary(x, cos, sin, interleaved)
+    return reference.apply_rotary(x, cos, sin, interleaved)
+
+
+def rotary_attention(
+    q, k, v, cos, sin, attention_mask=None, interleaved: bool = True, softmax_scale: float | None = None
+) -> torch.Tensor:
+    if use_triton(q):
+        from kernels.rotary_attention import rotary_attention as triton_rotary_attention
+
+        return triton_rotary_attention(q, k, v, cos, sin, attention_mask, interleaved, softmax_scale)
+    return reference.rotary_attention(q, k, v, cos, sin, attention_mask, interleaved, softmax_scale)
+
+
+def mpc_loss(embeddings, groups, temperature: float = 0.05, anchor_mask=None) -> torch.Tensor:
+    if use_triton(embeddings):
+        from kernels.mpc_loss import mpc_loss as triton_mpc_loss
+
+        return triton_mpc_loss(embeddings, groups, temperature, anchor_mask)
+    return reference.mpc_loss(embeddings, groups, temperature, anchor_mask)

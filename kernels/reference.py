@@ -1,0 +1,146 @@
+"""Pure-PyTorch twins of the Triton kernels, with the same signatures (see DESIGN.md).
+
+These are the semantics the kernels must reproduce, and the path used on CPU. They compute in
+float32 (or float64 when given float64) and return the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["rotary_tables", "apply_rotary", "rotary_attention", "mpc_loss"]
+
+
+def rotary_tables(
+    seq_len: int,
+    head_dim: int,
+    base: float = 10000.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape [seq_len, head_dim // 2] (RoFormer's sinusoidal positions).
+
+    Angle for position t and pair i is t * base ** (-2i / head_dim), as Hugging Face's
+    ``RoFormerSinusoidalPositionalEmbedding`` computes it.
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.arange(seq_len, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _check_rotary_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"apply_rotary expects x of shape [batch, seq, heads, head_dim], got {tuple(x.shape)}")
+    seq, head_dim = x.shape[1], x.shape[3]
+    if head_dim % 2:
+        raise ValueError(f"apply_rotary needs an even head_dim, got {head_dim}")
+    want = (seq, head_dim // 2)
+    if tuple(cos.shape) != want or tuple(sin.shape) != want:
+        raise ValueError(
+            f"cos/sin must have shape [seq, head_dim // 2] = {list(want)}, "
+            f"got cos {list(cos.shape)} and sin {list(sin.shape)}"
+        )
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True
+) -> torch.Tensor:
+    """Rotate x [batch, seq, heads, head_dim] by the angles in cos/sin [seq, head_dim // 2].
+
+    ``interleaved=True`` rotates pairs (x[2i], x[2i+1]) as RoFormer does; ``False`` rotates halves
+    (x[i], x[i + d/2]) as LLaMA does.
+    """
+    _check_rotary_shapes(x, cos, sin)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(compute)
+    c = cos.to(compute)[None, :, None, :]
+    s = sin.to(compute)[None, :, None, :]
+    if interleaved:
+        x1, x2 = xc[..., 0::2], xc[..., 1::2]
+        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = xc[..., :half], xc[..., half:]
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return out.to(x.dtype)
+
+
+def rotary_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    interleaved: bool = True,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Non-causal attention with RoPE applied to q and k. q, k, v: [batch, seq, heads, head_dim].
+
+    ``attention_mask`` [batch, seq]: 1 for real tokens, 0 for padding (keys that are never attended).
+    A sequence with no real token at all gets a zero output (no NaN).
+    Uses ``scaled_dot_product_attention``: no eager T x T softmax on the default path.
+    """
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, seq = q.shape[0], q.shape[1]
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(f"attention_mask must be [batch, seq] = {[batch, seq]}, got {list(attention_mask.shape)}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    qr = apply_rotary(q, cos, sin, interleaved).transpose(1, 2)
+    kr = apply_rotary(k, cos, sin, interleaved).transpose(1, 2)
+    vt = v.transpose(1, 2)
+    mask = None
+    if attention_mask is not None:
+        keep = attention_mask.to(torch.bool)
+        empty = ~keep.any(dim=1)
+        # SDPA returns NaN for a query whose keys are all masked; let empty sequences attend to
+        # everything and zero their output afterwards instead.
+        keep = keep | empty[:, None]
+        mask = keep[:, None, None, :]
+    out = F.scaled_dot_product_attention(qr, kr, vt, attn_mask=mask, scale=scale)
+    out = out.transpose(1, 2)
+    if attention_mask is not None:
+        out = out * (~empty).to(out.dtype)[:, None, None, None]
+    return out
+
+
+def mpc_loss(
+    embeddings: torch.Tensor,
+    groups: torch.Tensor,
+    temperature: float = 0.05,
+    anchor_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-positive contrastive loss (DESIGN.md). Materialises the N x N similarity matrix.
+
+    For anchor i with positives P(i) = {p != i : groups[p] = groups[i]}:
+    loss_i = -(1/|P(i)|) sum_p log(exp(s_ip / t) / sum_{a != i} exp(s_ia / t)), s = cosine similarity.
+    Returns the mean over anchors with at least one positive (0 when there is none).
+    """
+    if embeddings.dim() != 2:
+        raise ValueError(f"mpc_loss expects embeddings [N, D], got {tuple(embeddings.shape)}")
+    n = embeddings.shape[0]
+    if groups.shape != (n,):
+        raise ValueError(f"groups must be [N] = [{n}], got {list(groups.shape)}")
+    if anchor_mask is not None and anchor_mask.shape != (n,):
+        raise ValueError(f"anchor_mask must be [N] = [{n}], got {list(anchor_mask.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    z = F.normalize(embeddings.to(compute), dim=-1)
+    logits = (z @ z.t()) / temperature
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    log_denominator = torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1)
+    positives = (groups[:, None] == groups[None, :]) & ~eye
+    num_pos = positives.sum(dim=1)
+    pos_sum = (logits * positives).sum(dim=1)
+    valid = num_pos > 0
+    if anchor_mask is not None:
+        valid = valid & anchor_mask.to(torch.bool)
+    per_anchor = log_denominator - pos_sum / num_pos.clamp(min=1)
+    if not bool(valid.any()):
+        return (logits.sum() * 0.0).to(compute)
+    return per_anchor[valid].mean()

@@ -1,0 +1,55 @@
+"""af_train: distributed training of AudioFormer (audio classification as language understanding)."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="af_train",
+    version="0.1.0",
+    description="AudioFormer training: EnCodec acoustic codes, RoFormer MLM pretraining, "
+    "classification and multi-positive contrastive fine-tuning on DeepSpeed ZeRO",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `tools/` is installed as `af_train_tools` so the console scripts can import it.
+    packages=["af_train", "af_train.data", "af_train.model", "kernels", "af_train_tools"],
+    package_dir={"af_train_tools": "tools"},
+    install_requires=[
+        # Exact versions live in constraints.txt (ABI-coupled stack, see the comment there).
+        "torch",
+        "torchaudio",
+        "torchvision",
+        "triton",
+        "deepspeed",
+        "encodec",
+        "mosaicml-streaming",
+        "numpy",
+        "pyyaml",
+        "tensorboard",
+        "soundfile",
+        "tqdm",
+        "transformers",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "ruff",
+            "scikit-learn",
+            "moto[server]",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "af-prepare=af_train_tools.prepare_dataset:main",
+            "af-synth-audio=af_train_tools.make_synthetic_audio:main",
+            "af-inspect-shards=af_train_tools.inspect_shards:main",
+            "af-benchmark-kernels=af_train_tools.benchmark_kernels:main",
+            "af-export-hf=af_train_tools.export_hf:main",
+        ],
+    },
+)
