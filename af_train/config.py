@@ -251,6 +251,7 @@ class DataConfig:
     download_retry: int = 2
     download_timeout: float = 60.0
     predownload: int | None = None
+    dynamic_padding: bool = False  # pad each batch to its longest sequence (multiple of 8), not max_length
 
     def validate(self) -> None:
         _require(0.0 <= self.mask_rate < 1.0, f"data.mask_rate must be in [0, 1), got {self.mask_rate}")
@@ -281,6 +282,7 @@ class ModelConfig:
     hidden_dropout_prob: float | None = None
     attention_probs_dropout_prob: float | None = None
     activation_checkpointing: bool = False
+    tie_word_embeddings: bool = True  # MLM decoder shares the word embeddings (false: untied decoder)
     kernels: Literal["auto", "triton", "reference"] = "auto"
 
     def overrides(self) -> dict[str, Any]:
@@ -352,6 +354,11 @@ class TrainConfig:
     best_mode: Literal["max", "min"] = "max"
     max_nonfinite_steps: int = 10  # this many skipped steps in a row stops the run
     allow_test_selection: bool = False  # select checkpoints on the test split (refused unless set)
+    eval_batch_size: int | None = None  # per rank; default: micro_batch_size
+    test_at_end: bool = True  # evaluate data.test after the last step (when data.test is set)
+    save_weights_every_checkpoint: bool = False  # also write consolidated model.pt into each checkpoint
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; default: from the device table
+    record_sample_ids: bool = False  # write the clip ids of every batch to run_dir/sample_ids/ (debugging)
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -362,6 +369,25 @@ class TrainConfig:
         _require(self.save_every >= 0 and self.eval_every >= 0, "train.save_every and train.eval_every must be >= 0")
         _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+        _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        _require(self.peak_flops is None or self.peak_flops > 0, "train.peak_flops must be > 0 (FLOP/s per device)")
+        _require(not (self.offload_optimizer and self.zero_stage == 0),
+                 "train.offload_optimizer needs train.zero_stage >= 1 (DeepSpeed offloads ZeRO optimizer state)")
+        if self.global_batch_size is not None:
+            per_rank = self.micro_batch_size * self.grad_accum_steps
+            _require(self.global_batch_size >= 1 and self.global_batch_size % per_rank == 0,
+                     f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                     f"train.micro_batch_size={self.micro_batch_size} x train.grad_accum_steps="
+                     f"{self.grad_accum_steps} = {per_rank} (global = micro x accumulation x world size)")
+        if self.best_metric is not None:
+            split = self.best_metric.split("/", 1)[0]
+            _require("/" in self.best_metric and split in ("val", "test"),
+                     f"train.best_metric must name a split and a metric, e.g. 'val/mAP' or 'val/loss', "
+                     f"got {self.best_metric!r}")
+            _require(split != "test" or self.allow_test_selection,
+                     f"train.best_metric={self.best_metric!r} selects checkpoints on the test split, which "
+                     "leaks test data into model selection; use a val/ metric, or set "
+                     "train.allow_test_selection=true to do it anyway (it is recorded in the run)")
 
 
 @dataclass
@@ -384,6 +410,11 @@ class Recipe:
             )
         if self.objective.joint_rows:
             _require(self.objective.mode == "pretrain", "objective.joint_rows applies to mode=pretrain only")
+        best = self.train.best_metric
+        if best is not None:
+            split = best.split("/", 1)[0]
+            _require(getattr(self.data, split, None) is not None or self.data.remote is not None,
+                     f"train.best_metric={best!r} needs data.{split} (the shards it is measured on)")
 
     # -- I/O -------------------------------------------------------------------------------------
     @classmethod

@@ -2,7 +2,8 @@
 
 Order of precedence: the ``AF_KERNELS`` environment variable (for debugging), then
 :func:`set_backend` (the recipe's ``model.kernels``), then ``auto``: Triton for CUDA tensors,
-the reference otherwise.
+the reference otherwise. float64 always takes the reference under ``auto`` (the kernels compute
+in fp32); ``triton`` forces the kernels and raises a clear error for what they cannot take.
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
                 "interpreter); set model.kernels=reference or auto for CPU runs"
             )
         return True
-    return on_cuda
+    return on_cuda and not any(t.dtype == torch.float64 for t in tensors)
 
 
 def apply_rotary(x, cos, sin, interleaved: bool = True) -> torch.Tensor:
+    """RoPE on x [batch, seq, heads, head_dim]; see ``kernels.rope.apply_rotary``."""
     if use_triton(x):
         from kernels.rope import apply_rotary as triton_apply_rotary
 
@@ -70,6 +72,7 @@ def apply_rotary(x, cos, sin, interleaved: bool = True) -> torch.Tensor:
 def rotary_attention(
     q, k, v, cos, sin, attention_mask=None, interleaved: bool = True, softmax_scale: float | None = None
 ) -> torch.Tensor:
+    """Non-causal attention with RoPE on q, k; see ``kernels.rotary_attention.rotary_attention``."""
     if use_triton(q):
         from kernels.rotary_attention import rotary_attention as triton_rotary_attention
 
@@ -78,6 +81,7 @@ def rotary_attention(
 
 
 def mpc_loss(embeddings, groups, temperature: float = 0.05, anchor_mask=None) -> torch.Tensor:
+    """Multi-positive contrastive loss; see ``kernels.mpc_loss.mpc_loss``."""
     if use_triton(embeddings):
         from kernels.mpc_loss import mpc_loss as triton_mpc_loss
 

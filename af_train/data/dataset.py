@@ -1,0 +1,240 @@
+"""The streaming dataset over acoustic-code MDS shards (see ``af_train.shards`` for the contract).
+
+``AudioCodeDataset`` is a ``streaming.StreamingDataset``: streaming shards, partitions and shuffles
+the samples over nodes, ranks and DataLoader workers and resumes mid-epoch (``state_dict`` /
+``load_state_dict``). On top it turns one stored clip into model input:
+
+    codes[code_rows, :length]  --crop to max_length-2-->  BOA c0 c1 ... EOA      (one row per code row)
+
+and, when masking is on, corrupts each row independently for MLM (``af_train.data.masking``),
+deterministically from (seed, epoch, global sample index). Samples are returned unpadded;
+``af_train.data.collate.Collator`` pads them into batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from streaming import StreamingDataset
+
+from af_train.data.masking import MaskingConfig, mask_codes, masking_generator
+from af_train.data.tokens import SpecialTokens
+from af_train.shards import MANIFEST_NAME, Manifest, ManifestError
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"  # streaming's shard index
+
+if not hasattr(StreamingDataset, "_resume_incr_epoch"):  # pragma: no cover - guarded by constraints.txt
+    raise ImportError(
+        "af_train.data needs mosaicml-streaming 0.13.x (StreamingDataset._resume_incr_epoch is missing); "
+        "install with `pip install -c constraints.txt -e .`"
+    )
+
+
+class DataError(ValueError):
+    """Shards, manifest or data recipe that cannot be read as asked; the message says how to fix it."""
+
+
+def is_remote(path: str) -> bool:
+    """``s3://bucket/x`` and friends are remote; plain paths are local."""
+    return "://" in path
+
+
+def load_manifest(path: str | os.PathLike, *, cache_dir: str | None = None, timeout: float = 60.0) -> Manifest:
+    """Read ``manifest.json`` of a shard directory, local or remote (``s3://…``, fetched into ``cache_dir``)."""
+    path = str(path)
+    if not is_remote(path):
+        if not Path(path).is_dir():
+            raise DataError(
+                f"shard directory '{path}' does not exist; write one with tools/prepare_dataset.py "
+                "(or fix data.train / data.val / data.test in the recipe)"
+            )
+        return Manifest.load(path)
+    from streaming.base.storage.download import CloudDownloader
+
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+    # A private temporary directory: ranks sharing cache_dir must not read each other's half-written copy.
+    with tempfile.TemporaryDirectory(prefix="manifest-", dir=cache_dir) as tmp:
+        try:
+            CloudDownloader.direct_download(f"{path.rstrip('/')}/{MANIFEST_NAME}", str(Path(tmp) / MANIFEST_NAME),
+                                            timeout)
+        except Exception as exc:  # the downloaders raise provider-specific errors
+            raise ManifestError(
+                f"could not fetch {MANIFEST_NAME} from '{path}': {exc}; check the remote path and credentials"
+            ) from exc
+        return Manifest.load(tmp)
+
+
+def setup_distributed_env() -> None:
+    """Make the launcher's environment what streaming expects.
+
+    The deepspeed launcher exports LOCAL_SIZE, streaming reads LOCAL_WORLD_SIZE; without it two local
+    ranks collide on the same shared memory (``FileExistsError: '/000000_locals'``).
+    """
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+
+
+class AudioCodeDataset(StreamingDataset):
+    """Token sequences (and MLM targets) from acoustic-code shards.
+
+    Each sample is a dict: ``id`` (str), ``input_ids`` LongTensor [rows, n] (BOA + codes + EOA,
+    n <= max_length), ``labels`` LongTensor of class indices (ragged), and with masking
+    ``mlm_labels`` [rows, n] (-100 except at the corrupted positions).
+
+    Streaming arguments (``local``, ``remote``, ``batch_size``, ``shuffle``, ``num_canonical_nodes``,
+    ``cache_limit``, ...) are passed to ``StreamingDataset`` unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        manifest: Manifest,
+        code_rows: Sequence[int] = (0,),
+        max_length: int = 752,
+        add_boa: bool = True,
+        add_eoa: bool = True,
+        masking: MaskingConfig | None = None,
+        mask_seed: int = 0,
+        **streaming_kwargs: Any,
+    ) -> None:
+        check_rows(code_rows, manifest)
+        specials = int(add_boa) + int(add_eoa)
+        if max_length <= specials:
+            raise DataError(f"max_length={max_length} leaves no room for codes next to BOA/EOA")
+        self.manifest = manifest
+        self.code_rows = list(code_rows)
+        self.max_length = max_length
+        self.max_codes = max_length - specials
+        self.add_boa = add_boa
+        self.add_eoa = add_eoa
+        self.tokens = SpecialTokens(manifest.codec.codebook_size)
+        self.masking = masking
+        self.mask_seed = mask_seed
+        self._epoch_for_masking = 0  # set per epoch in each worker by _resume_incr_epoch
+        super().__init__(**streaming_kwargs)
+
+    # streaming decides the epoch inside __iter__ (start or resume); remember it for masking.
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._epoch_for_masking = epoch
+        return epoch, sample_in_epoch
+
+    def close(self) -> None:
+        """Stop background threads and release this dataset's shared memory now, not at exit.
+
+        Call it on every rank once no rank iterates any more (e.g. after evaluation, in tests); the
+        dataset cannot be iterated afterwards. Without it streaming releases everything at exit.
+        """
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None:
+            iterator.exit()
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
+        holders = [
+            getattr(self, "_locals_shm", None),
+            getattr(self, "_resume_shm", None),
+            getattr(getattr(self, "_shared_barrier", None), "_arr", None),
+            getattr(getattr(self, "_next_epoch", None), "arr", None),
+            getattr(getattr(self, "_cache_usage", None), "arr", None),
+            getattr(self, "_shard_states", None),
+            getattr(self, "_shard_access_times", None),
+        ]
+        for holder in holders:
+            # streaming's SharedMemory has cleanup(); SharedArray holds one as .shm
+            shm = holder if hasattr(holder, "cleanup") else getattr(holder, "shm", None)
+            if shm is None or not hasattr(shm, "cleanup"):
+                continue
+            try:
+                shm.cleanup()
+            except BufferError:  # a numpy view is still alive; streaming's atexit hook retries
+                logger.debug("shared memory still referenced; left for streaming's exit handler")
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        raw = super().get_item(sample_id, retry)
+        return self.encode_sample(raw, sample_id, self._epoch_for_masking)
+
+    def encode_sample(self, raw: dict[str, Any], sample_id: int, epoch: int) -> dict[str, Any]:
+        """One stored clip -> unpadded token rows (+ MLM corruption); see the class docstring."""
+        clip_id = raw["id"]
+        codes = raw["codes"]
+        if codes.ndim != 2 or codes.shape[0] != self.manifest.codec.codebooks:
+            raise DataError(
+                f"clip '{clip_id}': codes have shape {tuple(codes.shape)} but the manifest says "
+                f"{self.manifest.codec.codebooks} codebooks; the shards and manifest.json disagree"
+            )
+        length = int(raw["length"])
+        if not 0 <= length <= codes.shape[1]:
+            raise DataError(f"clip '{clip_id}': length {length} outside [0, {codes.shape[1]}] frames")
+        n = min(length, self.max_codes)
+        rows = torch.from_numpy(np.ascontiguousarray(codes[self.code_rows, :n])).long()
+        if n and (int(rows.min()) < 0 or int(rows.max()) >= self.tokens.codebook_size):
+            raise DataError(
+                f"clip '{clip_id}': code values outside [0, {self.tokens.codebook_size}) "
+                f"(min {int(rows.min())}, max {int(rows.max())}); the shards are corrupt or were written "
+                "with another codebook size than manifest.json says"
+            )
+        labels = torch.from_numpy(np.asarray(raw["labels"], dtype=np.int64).reshape(-1))
+        self._check_labels(clip_id, labels)
+
+        sample: dict[str, Any] = {"id": clip_id, "labels": labels}
+        if self.masking is not None:
+            generator = masking_generator(self.mask_seed, epoch, sample_id)
+            corrupted, targets = mask_codes(
+                rows,
+                self.masking,
+                mask_id=self.tokens.mask,
+                codebook_size=self.tokens.codebook_size,
+                generator=generator,
+            )
+            sample["input_ids"] = self._frame(corrupted, self.tokens.boa, self.tokens.eoa)
+            sample["mlm_labels"] = self._frame(targets, -100, -100)
+        else:
+            sample["input_ids"] = self._frame(rows, self.tokens.boa, self.tokens.eoa)
+        return sample
+
+    def _frame(self, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        parts = []
+        if self.add_boa:
+            parts.append(torch.full((rows.shape[0], 1), start, dtype=torch.long))
+        parts.append(rows)
+        if self.add_eoa:
+            parts.append(torch.full((rows.shape[0], 1), end, dtype=torch.long))
+        return torch.cat(parts, dim=1)
+
+    def _check_labels(self, clip_id: str, labels: torch.Tensor) -> None:
+        num_classes = self.manifest.num_classes
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise DataError(
+                f"clip '{clip_id}': label indices {labels.tolist()} outside the manifest's "
+                f"{num_classes}-class vocabulary; the shards and manifest.json disagree"
+            )
+        if not self.manifest.multi_label and labels.numel() != 1:
+            raise DataError(
+                f"clip '{clip_id}' has {labels.numel()} labels {labels.tolist()} but the data set is "
+                "single-label (manifest multi_label: false); each clip needs exactly one class"
+            )
+
+
+def check_rows(code_rows: Sequence[int], manifest: Manifest, where: str = "data.code_rows") -> None:
+    """Every requested code row must exist in the shards (0 .. codebooks-1)."""
+    available = manifest.codec.codebooks
+    bad = [r for r in code_rows if not 0 <= r < available]
+    if bad or not code_rows:
+        raise DataError(
+            f"{where}={list(code_rows)} asks for code rows {bad or '(none)'}, but the shards hold "
+            f"{available} codebooks (rows 0..{available - 1}, {manifest.codec.bandwidth} kbps); "
+            f"choose rows in that range, e.g. {where}=[0]"
+        )
+    if len(set(code_rows)) != len(code_rows):
+        raise DataError(f"{where}={list(code_rows)} repeats a row; each code row may appear once")

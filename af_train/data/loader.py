@@ -1,0 +1,221 @@
+"""Building the dataset and DataLoader of one split from the recipe's ``data`` section.
+
+Where the shards come from:
+- local (default): ``data.train`` / ``data.val`` / ``data.test`` are shard directories; streaming
+  reads them in place (``local=`` the directory, no copy).
+- remote: with ``data.remote`` set (``s3://bucket/audioset``), each split streams from
+  ``<remote>/<data.<split> or split name>`` into a private cache directory
+  ``<cache root>/<split>-<hash of the remote>``; the cache root is ``data.local_cache`` if set, else
+  the ``local_cache`` argument (the engine passes one inside the run directory). ``cache_limit``,
+  ``download_retry``, ``download_timeout`` and ``predownload`` go to streaming unchanged.
+
+Ordering: the training split is shuffled with ``data.shuffle_seed`` over ``data.num_canonical_nodes``
+canonical nodes (explicit, so the global order does not depend on the physical node count); val and
+test are read in order. Resuming: ``loader.state_dict()`` (streaming's, counts samples on all ranks)
+and ``loader.load_state_dict(state)`` before iterating give the same global batches at the same or
+another world size, provided the global batch size is the same.
+
+Note: when a split's size is not a multiple of the world size, streaming repeats a few samples so
+every rank gets the same number; evaluation should count each ``batch["ids"]`` entry once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import weakref
+from pathlib import Path
+
+from streaming import StreamingDataLoader
+
+from af_train.config import DataConfig
+from af_train.data.collate import Collator
+from af_train.data.dataset import INDEX_NAME, AudioCodeDataset, DataError, load_manifest, setup_distributed_env
+from af_train.data.masking import MaskingConfig
+from af_train.data.shm import clean_stale_streaming_shm
+from af_train.shards import Manifest
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def split_source(cfg: DataConfig, split: str) -> tuple[str, str | None]:
+    """(path or remote URL of the split's shards, remote URL or None)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    configured = getattr(cfg, split)
+    if cfg.remote:
+        remote = f"{cfg.remote.rstrip('/')}/{(configured or split).strip('/')}"
+        return remote, remote
+    if not configured:
+        raise DataError(
+            f"data.{split} is not set; point it at a shard directory written by tools/prepare_dataset.py "
+            f"(e.g. data.{split}=data/esc50/{split})"
+        )
+    return configured, None
+
+
+def cache_dir_for(cfg: DataConfig, split: str, remote: str, local_cache: str | None) -> str:
+    """A private streaming cache directory for one split of one remote data set."""
+    root = cfg.local_cache or local_cache
+    if root is None:
+        root = os.path.join(tempfile.gettempdir(), "af_train_cache")
+        logger.warning("data.local_cache is not set; caching remote shards under %s", root)
+    digest = hashlib.sha1(remote.encode()).hexdigest()[:10]
+    path = os.path.join(root, f"{split}-{digest}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# Streaming refuses two live datasets on one cache dir with a remote ("Reused local directory"), so a
+# loader rebuilt for the same split (e.g. one per evaluation) first closes its predecessor.
+_LIVE_REMOTE_CACHES: dict[str, weakref.ref[AudioCodeDataset]] = {}
+
+
+def _close_previous(local: str) -> None:
+    previous = _LIVE_REMOTE_CACHES.pop(os.path.abspath(local), None)
+    dataset = previous() if previous is not None else None
+    if dataset is not None:
+        logger.info("closing the previous dataset on cache dir %s before building a new one", local)
+        dataset.close()
+
+
+def _clean_stale_shm_then_sync() -> None:
+    """Drop shared memory leaked by killed streaming jobs, then line the ranks up.
+
+    Every rank scans /dev/shm for a free streaming prefix on its own; the barrier makes sure no rank
+    scans while the local leader is still cleaning (or still closing a previous dataset), else ranks
+    could pick different prefixes. Without an initialised process group in a multi-rank job there is
+    no safe moment, so nothing is cleaned.
+    """
+    import torch.distributed as dist
+
+    synced = dist.is_available() and dist.is_initialized()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not synced:
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        clean_stale_streaming_shm()
+    if synced:
+        dist.barrier()
+
+
+def build_dataset(
+    cfg: DataConfig,
+    split: str,
+    batch_size: int,
+    *,
+    mask: bool,
+    seed: int,
+    local_cache: str | None = None,
+    shuffle: bool | None = None,
+) -> AudioCodeDataset:
+    """The ``AudioCodeDataset`` of one split (see the module docstring for sources and ordering)."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    setup_distributed_env()
+    source, remote = split_source(cfg, split)
+    if remote is None:
+        local = source
+        if not (Path(local) / INDEX_NAME).is_file():
+            manifest_hint = " (manifest.json is there: was preparation interrupted?)" if (
+                Path(local) / "manifest.json"
+            ).is_file() else ""
+            raise DataError(
+                f"data.{split}: '{local}' holds no MDS shard index ({INDEX_NAME}){manifest_hint}; "
+                "write the shards with tools/prepare_dataset.py"
+            )
+        manifest = load_manifest(local)
+    else:
+        local = cache_dir_for(cfg, split, remote, local_cache)
+        manifest = load_manifest(remote, cache_dir=local, timeout=cfg.download_timeout)
+
+    if mask and cfg.mask_rate == 0.0:
+        logger.warning("data.mask_rate is 0: MLM batches will have no targets")
+    masking = (
+        MaskingConfig(cfg.mask_rate, cfg.mask_token_fraction, cfg.random_token_fraction) if mask else None
+    )
+    if remote is not None:
+        _close_previous(local)
+    _clean_stale_shm_then_sync()
+    dataset = AudioCodeDataset(
+        manifest=manifest,
+        code_rows=cfg.code_rows,
+        max_length=cfg.max_length,
+        add_boa=cfg.add_boa,
+        add_eoa=cfg.add_eoa,
+        masking=masking,
+        mask_seed=seed,
+        local=local,
+        remote=remote,
+        batch_size=batch_size,
+        shuffle=cfg.shuffle and split == "train" if shuffle is None else shuffle,
+        shuffle_seed=cfg.shuffle_seed,
+        num_canonical_nodes=cfg.num_canonical_nodes,
+        predownload=cfg.predownload,
+        cache_limit=cfg.cache_limit,
+        download_retry=cfg.download_retry,
+        download_timeout=cfg.download_timeout,
+    )
+    if remote is not None:
+        _LIVE_REMOTE_CACHES[os.path.abspath(local)] = weakref.ref(dataset)
+    logger.info(
+        "data.%s: %d clips from %s (rows %s, max_length %d, %s, %d classes, %s)",
+        split, dataset.size, source, cfg.code_rows, cfg.max_length,
+        "multi-label" if manifest.multi_label else "single-label", manifest.num_classes,
+        f"MLM masking {cfg.mask_rate:g}" if mask else "no masking",
+    )
+    return dataset
+
+
+def build_collator(cfg: DataConfig, manifest: Manifest) -> Collator:
+    return Collator(
+        pad_id=manifest.codec.codebook_size,  # PAD (af_train.data.tokens.SpecialTokens.pad)
+        max_length=cfg.max_length,
+        num_classes=manifest.num_classes,
+        multi_label=manifest.multi_label,
+        dynamic_padding=cfg.dynamic_padding,
+    )
+
+
+def build_dataloader(
+    cfg: DataConfig,
+    split: str,
+    batch_size: int,
+    *,
+    mask: bool,
+    seed: int,
+    local_cache: str | None = None,
+    num_workers: int | None = None,
+    drop_last: bool | None = None,
+    shuffle: bool | None = None,
+) -> StreamingDataLoader:
+    """A DataLoader of per-rank batches (see ``af_train.data`` for the batch format).
+
+    ``batch_size`` is per rank. ``drop_last`` defaults to True for train, False otherwise;
+    ``num_workers`` to ``data.num_workers``; ``shuffle`` to ``data.shuffle`` for train, False otherwise.
+    The loader's ``state_dict()`` / ``load_state_dict()`` checkpoint the position in the epoch.
+    """
+    dataset = build_dataset(cfg, split, batch_size, mask=mask, seed=seed, local_cache=local_cache, shuffle=shuffle)
+    workers = cfg.num_workers if num_workers is None else num_workers
+    drop_last = split == "train" if drop_last is None else drop_last
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if drop_last and dataset.size < batch_size * world_size:
+        source = dataset.streams[0].remote or dataset.streams[0].local
+        dataset.close()
+        raise DataError(
+            f"data.{split} ('{source}') has {dataset.size} clips, fewer than one global batch "
+            f"({batch_size} per rank x {world_size} ranks): every batch would be dropped; use more data "
+            "or a smaller batch"
+        )
+    return StreamingDataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=build_collator(cfg, dataset.manifest),
+        num_workers=workers,
+        drop_last=drop_last,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,172 @@
+"""Evaluation: scores of a split gathered from every rank, deduplicated by clip id, then metrics.
+
+Used by the engine (periodic validation, test at the end) and as a CLI on a finished run::
+
+    python -m af_train.evaluate RUN_DIR [--split test] [--weights RUN_DIR/final/model.pt | --checkpoint DIR]
+
+The CLI runs in one process (no launcher): it rebuilds the training module from the run's
+``config.yaml``, loads consolidated weights (``final/model.pt``) or a DeepSpeed checkpoint
+(consolidated on the fly with DeepSpeed's zero_to_fp32), and writes the metrics as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from af_train.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _gather(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+@torch.no_grad()
+def evaluate_module(module: torch.nn.Module, loader: Any, device: torch.device, split: str) -> dict[str, float]:
+    """Collective when distributed: every rank runs its share of ``loader``; all ranks get the metrics.
+
+    Returns ``{f"{split}/{name}": value}``: the mean loss and logged terms (weighted by batch size),
+    and for modules that return ``scores``: mAP, AUC, d′ (and top-1 accuracy for single-label data)
+    over the unique clips.
+    """
+    was_training = module.training
+    module.eval()
+    started = time.time()
+    ids: list[str] = []
+    scores: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    sums: dict[str, float] = {}
+    count = 0
+    try:
+        for batch in loader:
+            batch = move_batch(batch, device)
+            out = module(batch)
+            size = len(batch["ids"])
+            count += size
+            terms = {"loss": out["loss"], **out.get("logs", {})}
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * size
+            if "scores" in out:
+                ids.extend(batch["ids"])
+                scores.append(out["scores"].float().cpu().numpy())
+                labels.append(batch["labels"].cpu().numpy())
+    finally:
+        module.train(was_training)
+    parts = _gather({"ids": ids, "scores": scores, "labels": labels, "sums": sums, "count": count})
+    total = sum(p["count"] for p in parts)
+    result: dict[str, float] = {}
+    for name in parts[0]["sums"]:
+        result[f"{split}/{name}"] = sum(p["sums"].get(name, 0.0) for p in parts) / max(total, 1)
+    if any(p["scores"] for p in parts):
+        # streaming repeats a few clips so that every rank gets as many: count each clip once
+        seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for p in parts:
+            all_scores = np.concatenate(p["scores"]) if p["scores"] else np.zeros((0, 0))
+            all_labels = np.concatenate(p["labels"]) if p["labels"] else np.zeros((0,))
+            for i, clip in enumerate(p["ids"]):
+                seen.setdefault(clip, (all_scores[i], all_labels[i]))
+        order = sorted(seen)
+        score_matrix = np.stack([seen[c][0] for c in order])
+        label_array = np.stack([seen[c][1] for c in order])
+        metrics = classification_metrics(score_matrix, label_array)
+        result.update({f"{split}/{k}": v for k, v in metrics.items()})
+    result[f"{split}/eval_seconds"] = time.time() - started
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_state(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+    if args.checkpoint:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        ckpt = Path(args.checkpoint)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name), str(ckpt)
+    weights = Path(args.weights) if args.weights else run_dir / "final" / "model.pt"
+    from af_train.model.checkpoint import read_checkpoint
+
+    payload = read_checkpoint(weights)
+    if "state_dict" not in payload or payload.get("format") != "af_train.module/1":
+        raise SystemExit(f"{weights}: not module weights (af_train.module/1); give the run's final/model.pt")
+    return payload["state_dict"], str(weights)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m af_train.evaluate", description="Evaluate a trained run on a split (one process)."
+    )
+    parser.add_argument("run_dir", help="run directory (holds config.yaml)")
+    parser.add_argument("--split", default="test", choices=["val", "test", "train"])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--weights", help="module weights file (default: RUN_DIR/final/model.pt)")
+    group.add_argument("--checkpoint", help="a DeepSpeed checkpoint directory (RUN_DIR/checkpoints/step_...)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="write the metrics JSON here (default: RUN_DIR/eval_<split>.json)")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value (e.g. data.test=/data/x)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from af_train.config import Recipe
+    from af_train.data import build_dataloader, load_manifest
+    from af_train.model.checkpoint import check_and_load_state
+    from af_train.objectives import build_training_module
+
+    run_dir = Path(args.run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise SystemExit(f"{config_path} does not exist: give the directory of a run made by af_train.train")
+    # Weights come from the trained file, not from the init checkpoints the recipe names.
+    recipe = Recipe.load(config_path, [*args.overrides, "objective.init_checkpoint=null"])
+    if recipe.objective.mode == "pretrain":
+        raise SystemExit("evaluation computes classification metrics; this run is MLM pretraining")
+    split_path = getattr(recipe.data, args.split)
+    if split_path is None and recipe.data.remote is None:
+        raise SystemExit(f"the run's recipe has no data.{args.split}; pass data.{args.split}=PATH")
+    manifest = load_manifest(recipe.data.train or split_path)
+    state, source = _load_state(args, run_dir)
+    if recipe.objective.mode == "ft2":
+        # Scores come from the trainable row and the classifier only: evaluate its FT1 view, so the
+        # frozen row encoders' files are not needed.
+        recipe = Recipe.load(config_path, [*args.overrides, "objective.init_checkpoint=null", "objective.mode=ft1",
+                                           f"data.code_rows=[{recipe.data.code_rows[0]}]"])
+        state = {k: v for k, v in state.items() if not k.startswith("frozen_encoders.")}
+    module = build_training_module(recipe, manifest.num_classes, manifest.multi_label)
+    check_and_load_state(module, {k: v.float() for k, v in state.items()}, f"'{source}'")
+    device = torch.device(args.device)
+    module.to(device)
+    loader = build_dataloader(recipe.data, args.split, args.batch_size, mask=False, seed=recipe.train.seed,
+                              local_cache=str(run_dir / "cache"))
+    metrics = evaluate_module(module, loader, device, args.split)
+    metrics = {"weights": source, "split": args.split, **metrics}
+    out = Path(args.out) if args.out else run_dir / f"eval_{args.split}.json"
+    out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(metrics, indent=2))
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

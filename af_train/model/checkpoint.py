@@ -1,0 +1,228 @@
+"""Weight files exchanged between runs: encoder checkpoints and whole training-module weights.
+
+Encoder checkpoint (``save_encoder``), what pretraining hands to fine-tuning::
+
+    {"format": "af_train.encoder/1", "config": asdict(AudioFormerConfig), "state_dict": {...},
+     "code_row": int | None, "extra": {...}}
+
+Module weights (``save_module_weights``), what the engine writes at the end of a run::
+
+    {"format": "af_train.module/1", "recipe": {...}, "num_classes": int, "multi_label": bool,
+     "state_dict": {...}, "encoder_config": asdict(AudioFormerConfig), "code_row": int | None}
+
+In a module state dict the trainable encoder's tensors are the keys under ``encoder.``; frozen FT2
+row encoders live under ``frozen_encoders.N.``, the heads under ``mlm_head.`` and ``classifier.``.
+``load_encoder_weights`` / ``load_encoder`` accept either file. Files are read with
+``torch.load(weights_only=True)``: only tensors and plain Python values, never pickled code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from af_train.model.config import AudioFormerConfig
+from af_train.model.encoder import RoFormerEncoder
+
+__all__ = [
+    "ENCODER_FORMAT",
+    "MODULE_FORMAT",
+    "CheckpointError",
+    "save_encoder",
+    "load_encoder",
+    "load_encoder_weights",
+    "read_checkpoint",
+    "encoder_state_from_checkpoint",
+    "save_module_weights",
+    "check_and_load_state",
+]
+
+log = logging.getLogger(__name__)
+
+ENCODER_FORMAT = "af_train.encoder/1"
+MODULE_FORMAT = "af_train.module/1"
+TRAINABLE_ENCODER_PREFIX = "encoder."
+
+
+class CheckpointError(ValueError):
+    """A weight file that is missing, of an unknown format, or does not fit the model."""
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    # DeepSpeedEngine / DDP keep the real module in .module
+    inner = getattr(module, "module", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu") for k, v in state.items()}
+
+
+def save_encoder(
+    encoder: RoFormerEncoder,
+    path: str | Path,
+    code_row: int | None = None,
+    extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write an encoder checkpoint. ``state_dict`` overrides the module's (e.g. consolidated ZeRO-3)."""
+    encoder = _unwrap(encoder)
+    if not isinstance(encoder, RoFormerEncoder):
+        raise TypeError(f"save_encoder expects a RoFormerEncoder, got {type(encoder).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": ENCODER_FORMAT,
+        "config": asdict(encoder.config),
+        "state_dict": _cpu_state(state_dict if state_dict is not None else encoder.state_dict()),
+        "code_row": code_row,
+        "extra": dict(extra or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint under the final name
+    return path
+
+
+def save_module_weights(
+    module: nn.Module,
+    path: str | Path,
+    recipe_dict: dict[str, Any],
+    num_classes: int,
+    multi_label: bool,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a training module's weights (all of them, frozen encoders included) with its recipe."""
+    module = _unwrap(module)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoder = getattr(module, "encoder", None)
+    payload = {
+        "format": MODULE_FORMAT,
+        "recipe": recipe_dict,
+        "num_classes": int(num_classes),
+        "multi_label": bool(multi_label),
+        "state_dict": _cpu_state(state_dict if state_dict is not None else module.state_dict()),
+        "encoder_config": asdict(encoder.config) if isinstance(encoder, RoFormerEncoder) else None,
+        "code_row": getattr(module, "code_row", None),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load an encoder or module-weights file, checking that it exists and has a known format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint '{path}' does not exist; give an encoder checkpoint written by pretraining "
+            "(af_train.model.save_encoder) or module weights written at the end of a run"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {exc})") from None
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt not in (ENCODER_FORMAT, MODULE_FORMAT):
+        raise CheckpointError(
+            f"checkpoint '{path}' has format {fmt!r}; expected '{ENCODER_FORMAT}' or '{MODULE_FORMAT}' "
+            "(a DeepSpeed checkpoint directory must first be consolidated by the engine)"
+        )
+    return payload
+
+
+def encoder_state_from_checkpoint(
+    payload: dict[str, Any], path: str | Path = "<checkpoint>"
+) -> tuple[AudioFormerConfig, dict[str, torch.Tensor], int | None]:
+    """(config, encoder state dict, code row) of the trainable encoder in an encoder/module file."""
+    if payload["format"] == ENCODER_FORMAT:
+        return AudioFormerConfig.from_dict(payload["config"]), payload["state_dict"], payload.get("code_row")
+    state = {
+        k[len(TRAINABLE_ENCODER_PREFIX):]: v
+        for k, v in payload["state_dict"].items()
+        if k.startswith(TRAINABLE_ENCODER_PREFIX)
+    }
+    if not state:
+        raise CheckpointError(f"module weights '{path}' hold no trainable encoder (no keys under 'encoder.')")
+    config_dict = payload.get("encoder_config")
+    if config_dict is None:
+        from af_train.config import ModelConfig, build_dataclass
+
+        model_section = build_dataclass(ModelConfig, payload["recipe"].get("model", {}), str(path), "model")
+        config = AudioFormerConfig.from_recipe(model_section)
+    else:
+        config = AudioFormerConfig.from_dict(config_dict)
+    return config, state, payload.get("code_row")
+
+
+def check_and_load_state(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    hint: str = "",
+) -> None:
+    """``load_state_dict(strict=True)`` with errors that name the tensor, both shapes and the file."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    problems = []
+    for name in sorted(set(own) & set(state)):
+        if tuple(own[name].shape) != tuple(state[name].shape):
+            problems.append(
+                f"tensor '{name}' has shape {list(state[name].shape)} in {source} but {list(own[name].shape)} "
+                "in the model"
+            )
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of the model are missing from {source}, e.g. '{missing[0]}'")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in {source} have no place in the model, e.g. '{unexpected[0]}'")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise CheckpointError(f"{shown}{'. ' + hint if hint else ''}")
+    module.load_state_dict(state, strict=True)
+
+
+def load_encoder_weights(
+    encoder: RoFormerEncoder, path: str | Path, payload: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Copy the (trainable) encoder weights of an encoder or module-weights file into ``encoder``.
+
+    Returns the file's metadata (``config``, ``code_row``, ``format``). A tensor whose shape differs
+    is reported by name with both shapes, together with the architecture fields that differ.
+    ``payload``: the file already read with ``read_checkpoint`` (avoids reading it twice).
+    """
+    payload = read_checkpoint(path) if payload is None else payload
+    config, state, code_row = encoder_state_from_checkpoint(payload, path)
+    diffs = config.architecture_differences(encoder.config)
+    hint = (
+        f"The checkpoint's architecture differs from the model's (checkpoint vs model: {', '.join(diffs)}); "
+        "set the recipe's model section to match the checkpoint"
+        if diffs
+        else ""
+    )
+    check_and_load_state(encoder, state, f"checkpoint '{path}'", hint)
+    return {"config": config, "code_row": code_row, "format": payload["format"]}
+
+
+def load_encoder(path: str | Path, **config_overrides: Any) -> RoFormerEncoder:
+    """Build a ``RoFormerEncoder`` with the checkpoint's config and weights.
+
+    ``config_overrides`` may change training-time fields (dropout, activation checkpointing).
+    """
+    payload = read_checkpoint(path)
+    config, state, code_row = encoder_state_from_checkpoint(payload, path)
+    for name in config_overrides:
+        if name in AudioFormerConfig.ARCHITECTURE_FIELDS:
+            raise ValueError(f"load_encoder: '{name}' is fixed by the checkpoint's weights and cannot be overridden")
+    config = AudioFormerConfig.from_dict({**asdict(config), **config_overrides})
+    encoder = RoFormerEncoder(config)
+    check_and_load_state(encoder, state, f"checkpoint '{path}'")
+    encoder.code_row = code_row  # where it came from; informational
+    return encoder

@@ -1,0 +1,409 @@
+"""Training objectives: what a recipe's ``objective.mode`` trains, as one ``nn.Module`` per mode.
+
+``build_training_module(recipe, num_classes, multi_label)`` returns a module whose
+``forward(batch) -> {"loss": scalar, "logs": {name: float tensor}, ...}``; ft1/ft2 also return
+``scores`` [B, C] (logits) for evaluation and ``embeddings`` [B, H] (pooled trainable row).
+
+Batches (from ``af_train.data``): ``input_ids`` [B, R, T] with R = len(data.code_rows) in recipe
+order, ``attention_mask`` [B, T], ``mlm_labels`` [B, R, T] (-100 where not masked; present when the
+loader masks), ``labels`` [B, C] multi-hot float or [B] class index.
+
+Modes and the checkpoints they need:
+
+- ``pretrain``: MLM on row ``data.code_rows[0]`` (RoFormer MLM head, tied to the word embeddings
+  unless ``model.tie_word_embeddings=false``), evaluated on masked positions only. With
+  ``objective.joint_rows``: one shared encoder reads every row, a learned code-row embedding (the
+  token-type table, indexed by codebook row) is added, MLM runs on all rows and
+  ``objective.mpc_weight`` x MPC pulls together the rows of the same clip. Needs no checkpoint
+  (``objective.init_checkpoint`` optionally continues from one).
+- ``ft1``: mean-pooled row ``code_rows[0]`` -> linear classifier; BCE-with-logits when the manifest is
+  multi-label, cross-entropy otherwise. The encoder starts from ``objective.init_checkpoint``
+  (encoder checkpoint or module weights; a matching classifier in module weights is loaded too);
+  without one it starts from random weights (logged).
+- ``ft2``: ft1 plus MPC. Rows ``code_rows[1:]`` each go through their own encoder loaded from
+  ``objective.frozen_row_checkpoints`` (one per row, required), frozen: eval mode even under
+  ``.train()``, no grad, ``requires_grad=False`` so no optimizer state. Every clip's pooled
+  embeddings over all rows form one group; anchors are the trainable row's embeddings.
+  loss = alpha * classification + (1 - alpha) * MPC(temperature); ``use_classifier=false``: MPC only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from af_train.config import Recipe
+from af_train.model import (
+    AudioFormerConfig,
+    ClassificationHead,
+    MLMHead,
+    RoFormerEncoder,
+    load_encoder,
+    load_encoder_weights,
+    masked_mean_pool,
+    read_checkpoint,
+)
+from af_train.model.checkpoint import (
+    MODULE_FORMAT,
+    CheckpointError,
+    check_and_load_state,
+    encoder_state_from_checkpoint,
+)
+from kernels import dispatch
+
+__all__ = ["build_training_module", "PretrainModule", "FineTuneModule", "BatchError"]
+
+log = logging.getLogger(__name__)
+
+
+class BatchError(ValueError):
+    """A batch that does not fit the objective (missing key, wrong shape)."""
+
+
+def _require_key(batch: dict[str, Any], key: str, why: str) -> torch.Tensor:
+    if key not in batch:
+        raise BatchError(f"batch has no '{key}' ({why}); keys present: {', '.join(sorted(batch))}")
+    return batch[key]
+
+
+def _check_rows(input_ids: torch.Tensor, rows: int, what: str) -> None:
+    if input_ids.dim() != 3:
+        raise BatchError(f"input_ids must be [batch, rows, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] < rows:
+        raise BatchError(
+            f"{what} needs {rows} code row(s) per clip but input_ids has {input_ids.shape[1]} "
+            "(data.code_rows must list the rows in the order the objective uses them)"
+        )
+
+
+def _row_type_ids(encoder: RoFormerEncoder, code_row: int | None, like: torch.Tensor) -> torch.Tensor | None:
+    """Token-type ids carrying the codebook row, for encoders pretrained with row embeddings."""
+    if not encoder.config.row_embedding:
+        return None
+    if code_row is None or code_row >= encoder.config.type_vocab_size:
+        raise ValueError(
+            f"this encoder has row embeddings for rows 0..{encoder.config.type_vocab_size - 1}; "
+            f"it cannot read code row {code_row}"
+        )
+    return torch.full_like(like, code_row)
+
+
+def _mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over masked positions and masked-token accuracy (0-loss when none are masked)."""
+    if targets.numel() == 0:
+        zero = logits.float().sum() * 0.0  # keeps the graph, so every rank still runs backward
+        return zero, zero.detach()
+    loss = F.cross_entropy(logits.float(), targets)
+    accuracy = (logits.argmax(dim=-1) == targets).float().mean()
+    return loss, accuracy.detach()
+
+
+def _count(targets: torch.Tensor) -> torch.Tensor:
+    # on the loss's device, so that the engine can all-reduce the logs as they are
+    return torch.tensor(float(targets.numel()), device=targets.device)
+
+
+def _detached(logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float() for k, v in logs.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining
+# --------------------------------------------------------------------------------------------------
+
+
+class PretrainModule(nn.Module):
+    """MLM on one code row, or joint multi-row MLM + MPC with a shared encoder."""
+
+    def __init__(
+        self,
+        config: AudioFormerConfig,
+        code_rows: list[int],
+        joint_rows: bool = False,
+        mpc_weight: float = 0.1,
+        temperature: float = 0.05,
+    ) -> None:
+        super().__init__()
+        if joint_rows:
+            needed = max(code_rows) + 1
+            config = dataclasses.replace(
+                config, row_embedding=True, type_vocab_size=max(config.type_vocab_size, needed)
+            )
+        self.code_rows = list(code_rows)
+        self.joint_rows = joint_rows
+        self.mpc_weight = mpc_weight
+        self.temperature = temperature
+        # what save_module_weights records: the row this encoder reads (None: several rows)
+        self.code_row = None if joint_rows else code_rows[0]
+        self.encoder = RoFormerEncoder(config)
+        self.mlm_head = MLMHead(config, self.encoder.embeddings.word_embeddings)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        input_ids = _require_key(batch, "input_ids", "token ids [B, R, T]")
+        attention_mask = _require_key(batch, "attention_mask", "[B, T]")
+        mlm_labels = _require_key(batch, "mlm_labels", "pretraining needs a loader built with mask=True")
+        rows = len(self.code_rows) if self.joint_rows else 1
+        _check_rows(input_ids, rows, "pretraining" + (" with joint_rows" if self.joint_rows else ""))
+        if mlm_labels.shape != input_ids.shape:
+            raise BatchError(f"mlm_labels {list(mlm_labels.shape)} must match input_ids {list(input_ids.shape)}")
+        batch_size, _, seq = input_ids.shape
+        if not self.joint_rows:
+            row_ids = input_ids[:, 0]
+            hidden = self.encoder(row_ids, attention_mask, _row_type_ids(self.encoder, self.code_row, row_ids))
+            logits, targets = self.mlm_head(hidden, mlm_labels[:, 0])
+            loss, accuracy = _mlm_loss(logits, targets)
+            logs = {"mlm_loss": loss, "mlm_accuracy": accuracy, "masked_tokens": _count(targets)}
+            return {"loss": loss, "logs": _detached(logs)}
+
+        # Joint rows: clip b, row r -> sequence b * R + r of one flat batch.
+        flat_ids = input_ids[:, :rows].reshape(batch_size * rows, seq)
+        flat_mask = attention_mask.repeat_interleave(rows, dim=0)
+        row_index = torch.tensor(self.code_rows, device=input_ids.device).repeat(batch_size)
+        type_ids = row_index[:, None].expand(-1, seq)
+        hidden = self.encoder(flat_ids, flat_mask, type_ids)
+        logits, targets = self.mlm_head(hidden, mlm_labels[:, :rows].reshape(batch_size * rows, seq))
+        mlm, accuracy = _mlm_loss(logits, targets)
+        logs = {"mlm_loss": mlm, "mlm_accuracy": accuracy, "masked_tokens": _count(targets)}
+        loss = mlm
+        if self.mpc_weight > 0:
+            pooled = masked_mean_pool(hidden, flat_mask)
+            groups = torch.arange(batch_size, device=input_ids.device).repeat_interleave(rows)
+            mpc = dispatch.mpc_loss(pooled, groups, self.temperature)
+            loss = mlm + self.mpc_weight * mpc
+            logs["mpc_loss"] = mpc
+        return {"loss": loss, "logs": _detached(logs)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning
+# --------------------------------------------------------------------------------------------------
+
+
+class FineTuneModule(nn.Module):
+    """FT1 (classification) and FT2 (classification + MPC against frozen row encoders)."""
+
+    def __init__(
+        self,
+        encoder: RoFormerEncoder,
+        num_classes: int,
+        multi_label: bool,
+        code_rows: list[int],
+        frozen_encoders: list[RoFormerEncoder] | None = None,
+        use_classifier: bool = True,
+        alpha: float = 0.8,
+        temperature: float = 0.05,
+    ) -> None:
+        super().__init__()
+        frozen_encoders = list(frozen_encoders or [])
+        if not use_classifier and not frozen_encoders:
+            raise ValueError("a fine-tuning module without classifier needs frozen row encoders (MPC only)")
+        if frozen_encoders and len(frozen_encoders) != len(code_rows) - 1:
+            raise ValueError(
+                f"{len(frozen_encoders)} frozen encoder(s) for {len(code_rows) - 1} extra code row(s) {code_rows[1:]}"
+            )
+        self.encoder = encoder
+        self.code_rows = list(code_rows)
+        self.code_row = code_rows[0]
+        self.num_classes = num_classes
+        self.multi_label = multi_label
+        self.alpha = alpha if use_classifier else 0.0
+        self.temperature = temperature
+        self.classifier = ClassificationHead(encoder.config, num_classes) if use_classifier else None
+        for frozen in frozen_encoders:
+            if frozen.config.hidden_size != encoder.config.hidden_size:
+                raise ValueError(
+                    f"MPC compares pooled embeddings across rows: a frozen encoder has hidden_size "
+                    f"{frozen.config.hidden_size}, the trainable one {encoder.config.hidden_size}"
+                )
+            frozen.requires_grad_(False)
+            frozen.eval()
+        self.frozen_encoders = nn.ModuleList(frozen_encoders)
+
+    def train(self, mode: bool = True) -> FineTuneModule:
+        super().train(mode)
+        for frozen in self.frozen_encoders:
+            frozen.eval()  # frozen rows never see dropout, whatever the parent's mode
+        return self
+
+    def _check_labels(self, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if self.multi_label:
+            if labels.shape != (batch_size, self.num_classes):
+                raise BatchError(
+                    f"multi-label targets must be multi-hot [batch, classes] = {[batch_size, self.num_classes]}, "
+                    f"got {list(labels.shape)}"
+                )
+            return labels.float()
+        if labels.shape != (batch_size,) or labels.is_floating_point():
+            raise BatchError(
+                f"single-label targets must be class indices [batch] = [{batch_size}] (integer), "
+                f"got {list(labels.shape)} {labels.dtype}"
+            )
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise BatchError(f"class index out of range [0, {self.num_classes}): {labels.tolist()}")
+        return labels.long()
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        input_ids = _require_key(batch, "input_ids", "token ids [B, R, T]")
+        attention_mask = _require_key(batch, "attention_mask", "[B, T]")
+        rows = 1 + len(self.frozen_encoders)
+        _check_rows(input_ids, rows, "ft2" if self.frozen_encoders else "ft1")
+        batch_size = input_ids.shape[0]
+        row_ids = input_ids[:, 0]
+        hidden = self.encoder(row_ids, attention_mask, _row_type_ids(self.encoder, self.code_row, row_ids))
+        pooled = masked_mean_pool(hidden, attention_mask)
+        out: dict[str, Any] = {"embeddings": pooled}
+        logs: dict[str, torch.Tensor] = {}
+        loss = pooled.new_zeros((), dtype=torch.float32)
+
+        if self.classifier is not None:
+            scores = self.classifier(pooled)
+            out["scores"] = scores
+            if "labels" in batch:
+                labels = self._check_labels(batch["labels"], batch_size)
+                if self.multi_label:
+                    cls_loss = F.binary_cross_entropy_with_logits(scores.float(), labels)
+                else:
+                    cls_loss = F.cross_entropy(scores.float(), labels)
+                    logs["accuracy"] = (scores.argmax(dim=-1) == labels).float().mean()
+                logs["cls_loss"] = cls_loss
+                loss = loss + self.alpha * cls_loss if self.frozen_encoders else cls_loss
+            elif self.training:
+                raise BatchError("fine-tuning needs 'labels' in training batches")
+
+        if self.frozen_encoders:
+            pooled_rows = [pooled]
+            with torch.no_grad():
+                for index, frozen in enumerate(self.frozen_encoders):
+                    ids = input_ids[:, index + 1]
+                    types = _row_type_ids(frozen, self.code_rows[index + 1], ids)
+                    pooled_rows.append(masked_mean_pool(frozen(ids, attention_mask, types), attention_mask))
+            # clip b, row r -> b * R + r; anchors: the trainable row (r = 0)
+            embeddings = torch.stack([p.to(pooled.dtype) for p in pooled_rows], dim=1).reshape(batch_size * rows, -1)
+            groups = torch.arange(batch_size, device=pooled.device).repeat_interleave(rows)
+            anchors = (torch.arange(batch_size * rows, device=pooled.device) % rows) == 0
+            mpc = dispatch.mpc_loss(embeddings, groups, self.temperature, anchors)
+            logs["mpc_loss"] = mpc
+            loss = loss + (1.0 - self.alpha) * mpc
+
+        out["loss"] = loss
+        out["logs"] = _detached(logs)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction from a recipe
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_init_checkpoint(path: str, config: AudioFormerConfig, code_row: int) -> tuple[RoFormerEncoder, dict]:
+    """Trainable encoder from ``objective.init_checkpoint`` (recipe sizes, checkpoint's row-embedding setup)."""
+    try:
+        payload = read_checkpoint(path)
+        ckpt_config, _, ckpt_row = encoder_state_from_checkpoint(payload, path)
+        # How rows are embedded is decided at pretraining; sizes come from the recipe and must match.
+        config = dataclasses.replace(
+            config, row_embedding=ckpt_config.row_embedding, type_vocab_size=ckpt_config.type_vocab_size
+        )
+        encoder = RoFormerEncoder(config)
+        load_encoder_weights(encoder, path, payload)
+    except CheckpointError as exc:
+        raise CheckpointError(f"objective.init_checkpoint: {exc}") from None
+    if ckpt_row is not None and ckpt_row != code_row:
+        log.warning("objective.init_checkpoint '%s' was pretrained on code row %s but fine-tunes row %s",
+                    path, ckpt_row, code_row)
+    log.info("encoder initialised from %s (row %s)", path, ckpt_row)
+    return encoder, payload
+
+
+def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoFormerEncoder]:
+    rows = recipe.data.code_rows[1:]
+    paths = recipe.objective.frozen_row_checkpoints
+    if len(paths) != len(rows):
+        raise CheckpointError(
+            f"objective.mode=ft2 needs one entry in objective.frozen_row_checkpoints per frozen code row "
+            f"{rows} (data.code_rows[1:]); got {len(paths)}: {paths}"
+        )
+    frozen = []
+    for row, path in zip(rows, paths):
+        try:
+            encoder = load_encoder(path, hidden_dropout_prob=0.0, activation_checkpointing=False)
+        except CheckpointError as exc:
+            raise CheckpointError(f"objective.frozen_row_checkpoints (row {row}): {exc}") from None
+        if encoder.code_row is not None and encoder.code_row != row:
+            raise CheckpointError(
+                f"objective.frozen_row_checkpoints: '{path}' was pretrained on code row {encoder.code_row} but is "
+                f"listed for row {row}; order the checkpoints as data.code_rows[1:] = {rows}"
+            )
+        if encoder.config.hidden_size != trainable.config.hidden_size:
+            raise CheckpointError(
+                f"objective.frozen_row_checkpoints: '{path}' has hidden_size {encoder.config.hidden_size}, the "
+                f"trainable encoder {trainable.config.hidden_size}; MPC compares embeddings of equal width"
+            )
+        frozen.append(encoder)
+    return frozen
+
+
+def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -> nn.Module:
+    """The module that ``recipe.objective.mode`` trains (see the module docstring)."""
+    dispatch.set_backend(recipe.model.kernels)
+    config = AudioFormerConfig.from_recipe(recipe.model)
+    objective = recipe.objective
+    rows = recipe.data.code_rows
+
+    if objective.mode == "pretrain":
+        if len(rows) > 1 and not objective.joint_rows:
+            log.warning("pretraining reads only code row %s; data.code_rows=%s loads %d unused row(s)",
+                        rows[0], rows, len(rows) - 1)
+        module = PretrainModule(config, rows, objective.joint_rows, objective.mpc_weight, objective.temperature)
+        if objective.init_checkpoint:
+            try:
+                payload = read_checkpoint(objective.init_checkpoint)
+                load_encoder_weights(module.encoder, objective.init_checkpoint, payload)
+            except CheckpointError as exc:
+                raise CheckpointError(f"objective.init_checkpoint: {exc}") from None
+            _maybe_load_head(module, payload, "mlm_head", objective.init_checkpoint)
+        return module
+
+    if objective.mode == "ft1" and (len(rows) > 1 or objective.frozen_row_checkpoints):
+        log.warning("ft1 reads only code row %s; data.code_rows=%s and objective.frozen_row_checkpoints=%s are "
+                    "not used (they are for mode=ft2)", rows[0], rows, objective.frozen_row_checkpoints)
+    if objective.init_checkpoint:
+        encoder, payload = _load_init_checkpoint(objective.init_checkpoint, config, rows[0])
+    else:
+        log.warning("objective.mode=%s without objective.init_checkpoint: the encoder starts from random "
+                    "weights (no pretraining)", objective.mode)
+        encoder, payload = RoFormerEncoder(config), None
+    frozen = _load_frozen_rows(recipe, encoder) if objective.mode == "ft2" else []
+    use_classifier = objective.use_classifier or objective.mode == "ft1"
+    module = FineTuneModule(
+        encoder, num_classes, multi_label, rows[: 1 + len(frozen)], frozen,
+        use_classifier=use_classifier, alpha=objective.alpha, temperature=objective.temperature,
+    )
+    if payload is not None and module.classifier is not None:
+        _maybe_load_head(module, payload, "classifier", objective.init_checkpoint)
+    return module
+
+
+def _maybe_load_head(module: nn.Module, payload: dict, name: str, path: str) -> None:
+    """Continue a head from module weights when the file has one of the same shape (logged either way)."""
+    if payload.get("format") != MODULE_FORMAT:
+        return
+    prefix = f"{name}."
+    state = {k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
+    head = getattr(module, name)
+    if not state:
+        log.info("%s: no '%s' weights in %s; the head starts from random weights", name, name, path)
+        return
+    if name == "mlm_head" and "predictions.decoder.weight" not in state:
+        state["predictions.decoder.weight"] = module.encoder.embeddings.word_embeddings.weight.detach()
+    try:
+        check_and_load_state(head, state, f"'{path}'")
+    except CheckpointError as exc:
+        log.warning("%s not loaded from %s (starts from random weights): %s", name, path, exc)
+        return
+    log.info("%s loaded from %s", name, path)

@@ -1,0 +1,124 @@
+"""Entry point: train AudioFormer from a recipe.
+
+Under the DeepSpeed launcher (one process per GPU, or per CPU rank)::
+
+    deepspeed --hostfile hostfile af_train/train.py --recipe recipes/ft1_audioset20k.yaml [key=value ...]
+    deepspeed --num_gpus 8 --no_ssh --node_rank 0 --master_addr 127.0.0.1 af_train/train.py --recipe ...
+
+As a single process (no launcher): ``python -m af_train.train --recipe ...``.
+
+The ``af-train`` console script starts the launcher for you: with ``--hostfile`` it runs
+``deepspeed --hostfile ...`` (ssh/pdsh to the hosts); without, it runs locally with ``--no_ssh`` on
+``--num_gpus`` GPUs (default: all visible) or ``--num_cpu_ranks`` CPU processes when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script path (deepspeed af_train/train.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """Without a launcher, run as rank 0 of 1 (DeepSpeed otherwise looks for MPI)."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "SLURM_PROCID" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="af_train.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (latest complete checkpoint of the run directory, if any) | none | a checkpoint, "
+                             "checkpoints or run directory")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value, e.g. train.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from af_train.config import Recipe, RecipeError
+
+    try:
+        recipe = Recipe.load(args.recipe, args.overrides)
+    except RecipeError as exc:
+        print(f"af_train.train: {exc}", file=sys.stderr)
+        return 2
+    _single_process_env()
+    from af_train.engine import EXIT_NONFINITE, Trainer, TrainingStopped
+
+    trainer = Trainer(recipe, resume=args.resume)
+    try:
+        trainer.fit()
+    except TrainingStopped:
+        return EXIT_NONFINITE
+    finally:
+        trainer.close()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# af-train: the launcher wrapper
+# --------------------------------------------------------------------------------------------------
+
+
+def launcher_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    deepspeed = shutil.which("deepspeed")
+    command = [deepspeed] if deepspeed else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if args.hostfile:
+        command += ["--hostfile", args.hostfile]
+        if args.master_addr:
+            command += ["--master_addr", args.master_addr]
+    else:
+        ranks = args.num_gpus or args.num_cpu_ranks
+        if ranks is None:
+            import torch
+
+            ranks = torch.cuda.device_count() or 1
+        command += ["--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1", "--num_gpus", str(ranks)]
+    command += ["--master_port", str(args.master_port or _free_port())]
+    command += ["--module", "af_train.train"]
+    return command + rest
+
+
+def launch_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="af-train",
+        description="Start the DeepSpeed launcher for af_train.train (all other arguments go to af_train.train: "
+                    "--recipe FILE [--resume ...] [key=value ...]).")
+    parser.add_argument("--hostfile", help="DeepSpeed hostfile (hostname slots=N per line); omitted: this machine only")
+    parser.add_argument("--num_gpus", "--num-gpus", type=int, help="GPUs on this machine (default: all visible)")
+    parser.add_argument("--num_cpu_ranks", "--num-cpu-ranks", type=int,
+                        help="CPU processes when there is no GPU (gloo); default 1")
+    parser.add_argument("--master_port", "--master-port", type=int, help="rendezvous port (default: a free one)")
+    parser.add_argument("--master_addr", "--master-addr", help="with --hostfile: address of the first host")
+    parser.add_argument("--dry-run", action="store_true", help="print the launcher command and exit")
+    args, rest = parser.parse_known_args(argv)
+    if "--recipe" not in rest:
+        parser.error("--recipe FILE is required (it is passed to af_train.train)")
+    command = launcher_command(args, rest)
+    print("af-train:", " ".join(command), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Rotary flash attention: Triton forward/backward kernels, autograd Function, user-facing function.
+
+``rotary_attention(q, k, v, cos, sin, attention_mask=None, interleaved=True, softmax_scale=None)``
+computes non-causal softmax attention with RoPE applied to q and k inside the kernel, with the
+semantics of ``kernels.reference.rotary_attention``:
+
+- q, k, v: [batch, seq, heads, head_dim], any strides; the output is [batch, seq, heads, head_dim]
+  contiguous in q's dtype;
+- attention_mask [batch, seq]: 1 real token, 0 padding (Hugging Face). Padded keys are never
+  attended; padded queries still get an output. A sequence with no real token gives zeros.
+
+How: the rotated q and k are never written to memory. Each block loads the two rotation partners
+(pairs (2i, 2i+1) or halves (i, i + d/2)) as two [block, d/2] tiles, rotates them in fp32, and
+forms the scores as q1.k1 + q2.k2, which is the full dot product in a permuted order. The forward
+keeps an online softmax (running max and sum, exp2 domain) and saves the log-sum-exp per query; the
+backward recomputes the probabilities from it, FlashAttention-2 style: one kernel for dK/dV (loop
+over queries), one for dQ (loop over keys), so there are no atomics and results are deterministic.
+dQ and dK are rotated back by -theta before they are stored: gradients are for the unrotated q, k.
+Any sequence length works (boundary masks, no multiple-of-block restriction).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.rope import _check_tables, check_kernel_inputs, kernels_interpreted, row_max, row_sum
+
+__all__ = ["rotary_attention"]
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+@triton.jit
+def _load_rotated(
+    base_ptr, offs_rows, seq_len, stride_s, stride_d,
+    cos_ptr, sin_ptr, stride_cs, stride_cd, stride_ss, stride_sd,
+    half_dim, scale,
+    INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """Load rows of q or k as the two rotation partners, rotate in fp32, scale, cast for tl.dot."""
+    offs_i = tl.arange(0, BLOCK_HALF)
+    if INTERLEAVED:
+        first = 2 * offs_i
+        second = 2 * offs_i + 1
+    else:
+        first = offs_i
+        second = offs_i + half_dim
+    mask = (offs_rows[:, None] < seq_len) & (offs_i[None, :] < half_dim)
+    rows = base_ptr + offs_rows[:, None] * stride_s
+    x1 = tl.load(rows + first[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(rows + second[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + offs_rows[:, None] * stride_cs + offs_i[None, :] * stride_cd, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + offs_rows[:, None] * stride_ss + offs_i[None, :] * stride_sd, mask=mask, other=0.0)
+    c = c.to(tl.float32)
+    s = s.to(tl.float32)
+    r1 = (x1 * c - x2 * s) * scale
+    r2 = (x2 * c + x1 * s) * scale
+    return r1.to(DOT_DTYPE), r2.to(DOT_DTYPE)
+
+
+@triton.jit
+def _store_unrotated(
+    base_ptr, offs_rows, seq_len, stride_s, stride_d, g1, g2,
+    cos_ptr, sin_ptr, stride_cs, stride_cd, stride_ss, stride_sd,
+    half_dim, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Rotate a gradient from the rotated frame back by -theta and store it at the partners."""
+    offs_i = tl.arange(0, BLOCK_HALF)
+    if INTERLEAVED:
+        first = 2 * offs_i
+        second = 2 * offs_i + 1
+    else:
+        first = offs_i
+        second = offs_i + half_dim
+    mask = (offs_rows[:, None] < seq_len) & (offs_i[None, :] < half_dim)
+    c = tl.load(cos_ptr + offs_rows[:, None] * stride_cs + offs_i[None, :] * stride_cd, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + offs_rows[:, None] * stride_ss + offs_i[None, :] * stride_sd, mask=mask, other=0.0)
+    c = c.to(tl.float32)
+    s = s.to(tl.float32)
+    x1 = g1 * c + g2 * s
+    x2 = g2 * c - g1 * s
+    rows = base_ptr + offs_rows[:, None] * stride_s
+    tl.store(rows + first[None, :] * stride_d, x1.to(base_ptr.dtype.element_ty), mask=mask)
+    tl.store(rows + second[None, :] * stride_d, x2.to(base_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _key_valid(mask_ptr, stride_mb, stride_ms, batch_idx, offs_n, seq_len, HAS_MASK: tl.constexpr):
+    valid = offs_n < seq_len
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + batch_idx * stride_mb + offs_n * stride_ms, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    return valid
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_cs, stride_cd, stride_ss, stride_sd, stride_mb, stride_ms,
+    n_heads, seq_len, half_dim, head_dim, qk_scale,
+    HAS_MASK: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    # UPCAST_DOT: fp32 tl.dot operands (Triton's CPU interpreter computes bf16 dots wrongly).
+    dot_dtype = tl.float32 if UPCAST_DOT else q_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    # q carries softmax_scale * log2(e): scores come out in the exp2 domain.
+    q1, q2 = _load_rotated(q_base, offs_m, seq_len, stride_qs, stride_qd, cos_ptr, sin_ptr,
+                           stride_cs, stride_cd, stride_ss, stride_sd, half_dim, qk_scale,
+                           INTERLEAVED, BLOCK_HALF, dot_dtype)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k1, k2 = _load_rotated(k_base, offs_n, seq_len, stride_ks, stride_kd, cos_ptr, sin_ptr,
+                               stride_cs, stride_cd, stride_ss, stride_sd, half_dim, 1.0,
+                               INTERLEAVED, BLOCK_HALF, dot_dtype)
+        scores = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+        valid = _key_valid(mask_ptr, stride_mb, stride_ms, b, offs_n, seq_len, HAS_MASK)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, row_max(scores))
+        # A row whose keys are all masked so far keeps m = -inf; shift by 0 instead (no inf - inf).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + row_sum(p)
+        v_mask = (offs_n[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=v_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+    # Fully padded sequence: l = 0 -> output 0 and lse = +inf (its backward probabilities are 0).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    o_mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    o_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    tl.store(lse_ptr + pid_bh * seq_len + offs_m, lse, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dkb, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    stride_cs, stride_cd, stride_ss, stride_sd, stride_mb, stride_ms,
+    n_heads, seq_len, half_dim, head_dim, qk_scale, sm_scale,
+    HAS_MASK: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    # UPCAST_DOT: fp32 tl.dot operands (Triton's CPU interpreter computes bf16 dots wrongly).
+    dot_dtype = tl.float32 if UPCAST_DOT else q_ptr.dtype.element_ty
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    do_base = do_ptr + b * stride_dob + h * stride_doh
+    k1, k2 = _load_rotated(k_base, offs_n, seq_len, stride_ks, stride_kd, cos_ptr, sin_ptr,
+                           stride_cs, stride_cd, stride_ss, stride_sd, half_dim, 1.0,
+                           INTERLEAVED, BLOCK_HALF, dot_dtype)
+    nd_mask = (offs_n[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=nd_mask, other=0.0).to(dot_dtype)
+    valid = _key_valid(mask_ptr, stride_mb, stride_ms, b, offs_n, seq_len, HAS_MASK)
+    dk1 = tl.full([BLOCK_N, BLOCK_HALF], 0.0, dtype=tl.float32)
+    dk2 = tl.full([BLOCK_N, BLOCK_HALF], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    for start_m in range(0, seq_len, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q1, q2 = _load_rotated(q_base, offs_m, seq_len, stride_qs, stride_qd, cos_ptr, sin_ptr,
+                               stride_cs, stride_cd, stride_ss, stride_sd, half_dim, qk_scale,
+                               INTERLEAVED, BLOCK_HALF, dot_dtype)
+        in_seq = offs_m < seq_len
+        lse = tl.load(lse_ptr + pid_bh * seq_len + offs_m, mask=in_seq, other=float("inf"))
+        delta = tl.load(delta_ptr + pid_bh * seq_len + offs_m, mask=in_seq, other=0.0)
+        md_mask = in_seq[:, None] & (offs_d[None, :] < head_dim)
+        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=md_mask,
+                     other=0.0).to(dot_dtype)
+        # Transposed tile [keys, queries]: P^T = exp2(S^T - lse).
+        scores_t = tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
+        scores_t += tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION)
+        scores_t = tl.where(valid[:, None], scores_t, float("-inf"))
+        p_t = tl.exp2(scores_t - lse[None, :])
+        dv += tl.dot(p_t.to(dot_dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(dot_dtype)
+        dk1 += tl.dot(ds_t, q1, input_precision=DOT_PRECISION)
+        dk2 += tl.dot(ds_t, q2, input_precision=DOT_PRECISION)
+    # q carried softmax_scale * log2(e); the logits' gradient needs softmax_scale only.
+    dk1 = dk1 * (sm_scale / qk_scale)
+    dk2 = dk2 * (sm_scale / qk_scale)
+    _store_unrotated(dk_ptr + b * stride_dkb + h * stride_dkh, offs_n, seq_len, stride_dks, stride_dkd,
+                     dk1, dk2, cos_ptr, sin_ptr, stride_cs, stride_cd, stride_ss, stride_sd,
+                     half_dim, INTERLEAVED, BLOCK_HALF)
+    dv_ptrs = dv_ptr + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=nd_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
+    stride_cs, stride_cd, stride_ss, stride_sd, stride_mb, stride_ms,
+    n_heads, seq_len, half_dim, head_dim, qk_scale, sm_scale,
+    HAS_MASK: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    # UPCAST_DOT: fp32 tl.dot operands (Triton's CPU interpreter computes bf16 dots wrongly).
+    dot_dtype = tl.float32 if UPCAST_DOT else q_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    q1, q2 = _load_rotated(q_ptr + b * stride_qb + h * stride_qh, offs_m, seq_len, stride_qs, stride_qd,
+                           cos_ptr, sin_ptr, stride_cs, stride_cd, stride_ss, stride_sd, half_dim, qk_scale,
+                           INTERLEAVED, BLOCK_HALF, dot_dtype)
+    in_seq = offs_m < seq_len
+    lse = tl.load(lse_ptr + pid_bh * seq_len + offs_m, mask=in_seq, other=float("inf"))
+    delta = tl.load(delta_ptr + pid_bh * seq_len + offs_m, mask=in_seq, other=0.0)
+    md_mask = in_seq[:, None] & (offs_d[None, :] < head_dim)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                 mask=md_mask, other=0.0).to(dot_dtype)
+    dq1 = tl.full([BLOCK_M, BLOCK_HALF], 0.0, dtype=tl.float32)
+    dq2 = tl.full([BLOCK_M, BLOCK_HALF], 0.0, dtype=tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k1, k2 = _load_rotated(k_base, offs_n, seq_len, stride_ks, stride_kd, cos_ptr, sin_ptr,
+                               stride_cs, stride_cd, stride_ss, stride_sd, half_dim, 1.0,
+                               INTERLEAVED, BLOCK_HALF, dot_dtype)
+        nd_mask = (offs_n[:, None] < seq_len) & (offs_d[None, :] < head_dim)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask,
+                    other=0.0).to(dot_dtype)
+        scores = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+        valid = _key_valid(mask_ptr, stride_mb, stride_ms, b, offs_n, seq_len, HAS_MASK)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        p = tl.exp2(scores - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(dot_dtype)
+        dq1 += tl.dot(ds, k1, input_precision=DOT_PRECISION)
+        dq2 += tl.dot(ds, k2, input_precision=DOT_PRECISION)
+    dq1 = dq1 * sm_scale
+    dq2 = dq2 * sm_scale
+    _store_unrotated(dq_ptr + b * stride_dqb + h * stride_dqh, offs_m, seq_len, stride_dqs, stride_dqd,
+                     dq1, dq2, cos_ptr, sin_ptr, stride_cs, stride_cd, stride_ss, stride_sd,
+                     half_dim, INTERLEAVED, BLOCK_HALF)
+
+
+def _gpu_configs() -> list[triton.Config]:
+    # H100 (228 KB shared memory per SM): 64-128 rows held per program, 32-128 streamed, 4-8 warps,
+    # 2-3 pipeline stages. Kept short: every config is compiled on the first call. Configs that do
+    # not fit (fp32, head_dim 128) are skipped by the autotuner (out of resources).
+    shapes = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3),
+              (64, 128, 8, 2), (128, 32, 4, 3), (64, 32, 4, 2))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+_TUNE_KEY = ["seq_len", "head_dim", "HAS_MASK", "INTERLEAVED", "DOT_PRECISION"]
+_attn_fwd_tuned = triton.autotune(configs=_gpu_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = triton.autotune(configs=_gpu_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = triton.autotune(configs=_gpu_configs(), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+def _interpreter_blocks(seq_len: int) -> dict[str, int]:
+    # The interpreter's cost is per operation, not per element: large blocks, one fixed config.
+    block = min(64, max(16, triton.next_power_of_2(seq_len)))
+    return {"BLOCK_M": block, "BLOCK_N": block}
+
+
+def _launch(kernel, tuned, seq_len: int, batch_heads: int, args: tuple, meta: dict, device) -> None:
+    if kernels_interpreted():
+        blocks = _interpreter_blocks(seq_len)
+        row_block = blocks["BLOCK_N"] if kernel is _attn_bwd_dkdv_kernel else blocks["BLOCK_M"]
+        kernel[(triton.cdiv(seq_len, row_block), batch_heads)](*args, **meta, **blocks)
+        return
+    row_key = "BLOCK_N" if kernel is _attn_bwd_dkdv_kernel else "BLOCK_M"
+    grid = lambda m: (triton.cdiv(seq_len, m[row_key]), batch_heads)
+    with torch.cuda.device(device):
+        tuned[grid](*args, **meta)
+
+
+def _upcast(q: torch.Tensor) -> bool:
+    return kernels_interpreted() and q.dtype == torch.bfloat16
+
+
+def _dims(q: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    batch, seq, heads, head_dim = q.shape
+    half = head_dim // 2
+    # tl.dot needs every block dimension >= 16.
+    block_half = max(16, triton.next_power_of_2(half))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return batch, seq, heads, half, block_half, block_d
+
+
+class _RotaryAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, mask, interleaved: bool, softmax_scale: float):
+        batch, seq, heads, half, block_half, block_d = _dims(q)
+        head_dim = q.shape[-1]
+        out = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch * heads, seq), dtype=torch.float32, device=q.device)
+        has_mask = mask is not None
+        mask_arg = mask if has_mask else lse  # never read when HAS_MASK is False
+        mask_strides = mask.stride() if has_mask else (0, 0)
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        qk_scale = softmax_scale * _LOG2E
+        args = (
+            q, k, v, cos, sin, mask_arg, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *cos.stride(), *sin.stride(), *mask_strides,
+            heads, seq, half, head_dim, qk_scale,
+        )
+        meta = dict(HAS_MASK=has_mask, INTERLEAVED=interleaved, DOT_PRECISION=precision, UPCAST_DOT=_upcast(q),
+                    BLOCK_HALF=block_half, BLOCK_D=block_d)
+        _launch(_attn_fwd_kernel, _attn_fwd_tuned, seq, batch * heads, args, meta, q.device)
+        ctx.save_for_backward(q, k, v, cos, sin, mask, out, lse)
+        ctx.interleaved = interleaved
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, cos, sin, mask, out, lse = ctx.saved_tensors
+        batch, seq, heads, half, block_half, block_d = _dims(q)
+        head_dim = q.shape[-1]
+        # delta_i = sum_d dO_i * O_i, the softmax-Jacobian correction, laid out like lse.
+        delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).reshape(batch * heads, seq).contiguous()
+        dq = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
+        dk = torch.empty_like(dq, dtype=k.dtype)
+        dv = torch.empty_like(dq, dtype=v.dtype)
+        has_mask = mask is not None
+        mask_arg = mask if has_mask else lse
+        mask_strides = mask.stride() if has_mask else (0, 0)
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        qk_scale = ctx.softmax_scale * _LOG2E
+        common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+        tables = (*cos.stride(), *sin.stride(), *mask_strides)
+        scalars = (heads, seq, half, head_dim, qk_scale, ctx.softmax_scale)
+        meta = dict(HAS_MASK=has_mask, INTERLEAVED=ctx.interleaved, DOT_PRECISION=precision, UPCAST_DOT=_upcast(q),
+                    BLOCK_HALF=block_half, BLOCK_D=block_d)
+        dkdv_args = (q, k, v, cos, sin, mask_arg, grad_out, lse, delta, dk, dv,
+                     *common, *dk.stride(), *dv.stride(), *tables, *scalars)
+        _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, seq, batch * heads, dkdv_args, meta, q.device)
+        dq_args = (q, k, v, cos, sin, mask_arg, grad_out, lse, delta, dq,
+                   *common, *dq.stride(), *tables, *scalars)
+        _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, seq, batch * heads, dq_args, meta, q.device)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def rotary_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    interleaved: bool = True,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Non-causal attention with RoPE applied to q and k inside the kernel (Triton).
+
+    q, k, v: [batch, seq, heads, head_dim] (any strides, float32/float16/bfloat16, even head_dim);
+    cos, sin: [seq, head_dim // 2]; attention_mask: [batch, seq], nonzero for real tokens.
+    ``softmax_scale`` defaults to head_dim ** -0.5. Gradients flow to q, k, v (not to the tables).
+    """
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    _check_tables(q, cos, sin)
+    batch, seq = q.shape[0], q.shape[1]
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(f"attention_mask must be [batch, seq] = {[batch, seq]}, got {list(attention_mask.shape)}")
+    tensors = (q, k, v, cos, sin) + (() if attention_mask is None else (attention_mask,))
+    check_kernel_inputs("rotary_attention", *tensors)
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        raise TypeError(f"rotary_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("rotary_attention (Triton) gives no gradients for cos/sin; detach the tables")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    mask = None
+    if attention_mask is not None:
+        # int32 [batch, seq]: a cheap copy that spares the kernel bool/int64 pointer handling.
+        mask = attention_mask.to(torch.int32)
+    if q.numel() == 0:
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device) + 0 * (q.sum() + k.sum() + v.sum())
+    return _RotaryAttention.apply(q, k, v, cos, sin, mask, interleaved, scale)

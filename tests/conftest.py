@@ -1,0 +1,73 @@
+"""Session-wide fixtures: a small synthetic audio set, its prepared shards, and a random-init codec.
+
+All are built lazily (only when a test asks) and once per session, because encoding costs real
+CPU time. Other test packages may reuse ``prepared_shards`` for an end-to-end data set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``n`` torch threads: on a shared 2-core CI box, 2 threads fighting other
+    processes made the codec's encoder 10x slower than 1 thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+SYNTH_CLIPS = 16
+SYNTH_SECONDS = 1.0
+SYNTH_RATE = 16000
+
+
+@pytest.fixture(scope="session")
+def synthetic_audio(tmp_path_factory) -> Path:
+    """16 one-second 16 kHz wav files of the synthetic classes + labels.csv (train/val/test splits)."""
+    from af_train_tools import make_synthetic_audio
+
+    out = tmp_path_factory.mktemp("synthetic_audio")
+    argv = ["--out", str(out), "--num-clips", str(SYNTH_CLIPS), "--clip-seconds", str(SYNTH_SECONDS),
+            "--sample-rate", str(SYNTH_RATE), "--seed", "0", "--multi-label-prob", "0.4", "--quiet"]
+    assert make_synthetic_audio.main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_shards(synthetic_audio, tmp_path_factory) -> Path:
+    """``synthetic_audio`` prepared with a random-init codec (seed 0): DIR/{train,val,test} shards."""
+    from af_train_tools import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / "shards"
+    argv = ["--format", "csv", "--input", str(synthetic_audio / "labels.csv"),
+            "--labels", str(synthetic_audio / "vocabulary.txt"), "--out", str(out),
+            "--codec-random-init", "0", "--clip-seconds", str(SYNTH_SECONDS),
+            "--workers", "0", "--chunk-size", "4", "--batch-size", "4", "--quiet"]
+    assert prepare_dataset.main([*argv, "--threads", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_codec():
+    """The seed-0 random-init codec at 3 kbps (the one ``prepared_shards`` uses), on the CPU."""
+    from af_train.codec import AcousticCodec
+
+    with torch_threads(1):
+        return AcousticCodec(random_init_seed=0, device="cpu")
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Use in codec-heavy tests (autouse in tests/codec and the prepare tests)."""
+    with torch_threads(1):
+        yield
