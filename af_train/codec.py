@@ -33,6 +33,7 @@ import hashlib
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -193,21 +194,29 @@ def _kmeans(data: torch.Tensor, k: int, iters: int, seed: list[int]) -> torch.Te
     return torch.from_numpy(centres).float()
 
 
-def _calibrate_codebooks(model: torch.nn.Module, seed: int, num_layers: int) -> None:
-    """Fill the first ``num_layers`` residual codebooks with k-means centroids (see module doc)."""
-    with torch.inference_mode():
-        emb = model.encoder(calibration_audio(seed))  # [S, D, frames]
-    residual = emb.transpose(1, 2).reshape(-1, emb.shape[1]).clone()  # [N, D]
-    for index, layer in enumerate(model.quantizer.vq.layers[:num_layers]):
-        centres = _kmeans(residual, CODEBOOK_SIZE, _KMEANS_ITERS, seed=[seed, index])
-        book = layer._codebook
-        with torch.no_grad():
-            book.embed.copy_(centres)
-            book.embed_avg.copy_(centres)
-            book.cluster_size.fill_(1.0)
-            book.inited.fill_(1.0)
-        nearest = torch.cdist(residual, centres).argmin(dim=1)
-        residual = residual - centres[nearest]
+@dataclass
+class _RandomInitModel:
+    """A random-init model whose first ``calibrated`` codebooks are filled (see module doc)."""
+
+    model: torch.nn.Module
+    seed: int
+    residual: torch.Tensor  # [N, D] calibration residual after the calibrated layers
+    calibrated: int = 0
+
+    def calibrate(self, num_layers: int) -> None:
+        """Fill codebooks up to ``num_layers``; layer k depends only on the seed and layers < k, so
+        calibrating more layers later never changes the earlier ones."""
+        for index in range(self.calibrated, num_layers):
+            centres = _kmeans(self.residual, CODEBOOK_SIZE, _KMEANS_ITERS, seed=[self.seed, index])
+            book = self.model.quantizer.vq.layers[index]._codebook
+            with torch.no_grad():
+                book.embed.copy_(centres)
+                book.embed_avg.copy_(centres)
+                book.cluster_size.fill_(1.0)
+                book.inited.fill_(1.0)
+            nearest = torch.cdist(self.residual, centres).argmin(dim=1)
+            self.residual = self.residual - centres[nearest]
+            self.calibrated = index + 1
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -217,17 +226,25 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 @functools.lru_cache(maxsize=4)
-def _random_init_model(seed: int, calibrated_layers: int) -> torch.nn.Module:
-    """The random-init CPU model for ``seed``. Cached because it is a pure function of its arguments
-    and costs seconds of encoder time; the codecs sharing it only run inference (the bandwidth is
-    passed per call, not stored in the model), so sharing is safe as long as nobody trains it."""
+def _random_init_state(seed: int) -> _RandomInitModel:
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG streams untouched
         torch.manual_seed(seed)
         model = _build_encodec()
-    _calibrate_codebooks(model, seed, calibrated_layers)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.eval()
+    with torch.inference_mode():
+        emb = model.encoder(calibration_audio(seed))  # [S, D, frames]
+    residual = emb.transpose(1, 2).reshape(-1, emb.shape[1]).clone()
+    return _RandomInitModel(model.eval(), seed, residual)
+
+
+def _random_init_model(seed: int, calibrated_layers: int) -> torch.nn.Module:
+    """The random-init CPU model for ``seed``, cached because it costs seconds of encoder time.
+    Codecs share it: they only run inference and pass their bandwidth per call (nothing about the
+    bandwidth is stored in the model), so sharing is safe as long as nobody trains it."""
+    state = _random_init_state(seed)
+    state.calibrate(calibrated_layers)
+    return state.model
 
 
 class AcousticCodec:

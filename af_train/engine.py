@@ -161,6 +161,8 @@ class Trainer:
         self.checkpoints = ckpt.CheckpointManager(self.run_dir / "checkpoints", self.rank, cfg.keep_last, cfg.best_mode)
         self._stop_signal: int | None = None
         self._last_saved_step: int | None = None
+        self._train_iter = None
+        self._pending_rng: dict[str, Any] | None = None
         if resume_from is not None:
             self._load(resume_from, universal)
         self.start_step = self.progress.step
@@ -171,7 +173,6 @@ class Trainer:
         self.peak_flops, self.peak_note = peak_flops_per_device(self.device, cfg.precision, cfg.peak_flops)
         if self.rank == 0:
             self._write_run_files(resume_from)
-        self._train_iter = None
 
     # ------------------------------------------------------------------------------------------
     # Setup helpers
@@ -222,12 +223,14 @@ class Trainer:
             raise ckpt.CheckpointError(f"DeepSpeed could not load {load_path}")
         saved_world = meta["world_size"]
         state = ckpt.load_rank_state(load_path, self.rank % saved_world)
-        if saved_world == self.world_size:
-            ckpt.set_rng_state(state["rng"])
-        else:
-            seed_everything(self.recipe.train.seed + 1000 * self.rank + 1 + meta["step"])
         if state.get("loader") is not None:
             self.train_loader.load_state_dict(state["loader"])
+        if saved_world == self.world_size:
+            # Restored after the first batch is drawn: starting a DataLoader iterator draws a seed from
+            # the global RNG, which the uninterrupted run did at its start, not at this step.
+            self._pending_rng = state["rng"]
+        else:
+            seed_everything(self.recipe.train.seed + 1000 * self.rank + 1 + meta["step"])
         p = meta["progress"]
         self.progress = Progress(**p)
         if path.parent.resolve() == self.checkpoints.root.resolve():
@@ -280,7 +283,11 @@ class Trainer:
             if self._train_iter is None:
                 self._train_iter = iter(self.train_loader)
             try:
-                return next(self._train_iter)
+                batch = next(self._train_iter)
+                if self._pending_rng is not None:
+                    ckpt.set_rng_state(self._pending_rng)
+                    self._pending_rng = None
+                return batch
             except StopIteration:
                 self._train_iter = None
                 self.progress.epoch += 1
@@ -473,7 +480,8 @@ class Trainer:
             self._ids_file.flush()
             os.fsync(self._ids_file.fileno())
         loader_state = self.train_loader.state_dict()
-        rank_state = {"rng": ckpt.rng_state(), "loader": loader_state}
+        rng = self._pending_rng if self._pending_rng is not None else ckpt.rng_state()  # (no batch drawn yet)
+        rank_state = {"rng": rng, "loader": loader_state}
         path = self.checkpoints.save(self.engine, p.step, meta, rank_state)
         self._last_saved_step = p.step
         if self.recipe.train.save_weights_every_checkpoint:

@@ -272,7 +272,8 @@ class _MPCLoss(torch.autograd.Function):
         grad_lse = anchor_weight * grad_loss
         grad_z = _lse_backward(z, lse, grad_lse, temperature)
         # Positive term -sum_i c_i P_i, c_i = grad_lse_i / (t |P(i)|):
-        # d/dz_j = -(c_j G_g(j) - 2 c_j z_j + C_g(j)), C_g = sum_{i in g} c_i z_i.
+        # d/dz_j = -(c_j G_g(j) - 2 c_j z_j + C_g(j)), C_g = sum_{i in g} c_i z_i. (The z_j part is
+        # removed again by the normalisation's projection below; kept so grad_z is the true dL/dz.)
         coeff = grad_lse / (temperature * num_positives.clamp(min=1))
         sums = _group_sums(z, group_index, ctx.num_groups)
         weighted_sums = _group_sums(z, group_index, ctx.num_groups, coeff)

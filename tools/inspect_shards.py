@@ -30,8 +30,9 @@ def find_split_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file()) if root.is_dir() else []
 
 
-def inspect_split(directory: Path, num_samples: int, first_codes: int, out=sys.stdout) -> dict:
-    """Print one split; returns the facts it printed (for tests and scripts)."""
+def inspect_split(directory: Path, num_samples: int, first_codes: int, out=None) -> dict:
+    """Print one split (to ``out``, default stdout); returns the facts it printed (for tests and scripts)."""
+    out = sys.stdout if out is None else out
     manifest = Manifest.load(directory)
     c = manifest.codec
     p = lambda *a: print(*a, file=out)  # noqa: E731

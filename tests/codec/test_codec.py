@@ -121,9 +121,9 @@ def test_missing_weights_error_explains_how_to_provide_them(tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def saved_checkpoint(tmp_path_factory):
-    """A random-init (seed 3) state dict saved under the official file name, plus its sha256."""
-    codec = AcousticCodec(random_init_seed=3, device="cpu")
+def saved_checkpoint(tmp_path_factory, random_codec):
+    """The random-init codec's state dict saved under the official file name, plus its sha256."""
+    codec = random_codec
     folder = tmp_path_factory.mktemp("ckpt") / "checkpoints"
     folder.mkdir()
     path = folder / OFFICIAL_CHECKPOINT

@@ -1,0 +1,249 @@
+"""The engine's pure parts: DeepSpeed config from the recipe, batch plans, lr schedule, parameter groups,
+checkpoint bookkeeping, log truncation, the launcher command and recipe files. No processes started."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REPO, TINY
+
+from af_train import checkpoint as ckpt
+from af_train.config import OptimConfig, Recipe, RecipeError
+from af_train.ds_config import build_ds_config, optimizer_groups, plan_batch
+from af_train.run_logging import RunLogger, encoder_forward_flops_per_token, peak_flops_per_device, read_metrics
+from af_train.schedule import LRSchedule, build_lr_scheduler
+
+
+def recipe(*overrides: str) -> Recipe:
+    return Recipe.load(TINY, list(overrides))
+
+
+def test_ds_config_follows_the_recipe():
+    r = recipe("train.micro_batch_size=6", "train.grad_accum_steps=3", "train.zero_stage=3", "train.precision=bf16",
+               "optim.grad_clip=0.5", "optim.lr=2e-4", "optim.betas=[0.9,0.95]", "train.offload_optimizer=true")
+    plan = plan_batch(r, world_size=4)
+    config = build_ds_config(r, plan, on_cpu=False)
+    assert plan.global_batch == 72 and config["train_batch_size"] == 72
+    assert config["train_micro_batch_size_per_gpu"] == 6 and config["gradient_accumulation_steps"] == 3
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["bf16"] == {"enabled": True} and "fp16" not in config
+    assert config["gradient_clipping"] == 0.5
+    assert config["optimizer"]["params"]["lr"] == 2e-4 and config["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert "torch_adam" not in config["optimizer"]["params"]  # CUDA: DeepSpeed's fused / CPU Adam
+    cpu = build_ds_config(recipe("train.precision=fp32"), plan_batch(recipe(), 1), on_cpu=True)
+    assert cpu["optimizer"]["params"]["torch_adam"] is True and "bf16" not in cpu
+
+
+def test_user_deepspeed_section_merges_and_conflicts_name_both_values():
+    r = recipe("deepspeed.zero_optimization.overlap_comm=false", "deepspeed.communication_data_type=fp32")
+    config = build_ds_config(r, plan_batch(r, 2), on_cpu=True)
+    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": False}
+    assert config["communication_data_type"] == "fp32"
+    same = recipe("deepspeed.zero_optimization.stage=2")  # equal values are not a conflict
+    build_ds_config(same, plan_batch(same, 2), on_cpu=True)
+    bad = recipe("deepspeed.zero_optimization.stage=3")
+    with pytest.raises(RecipeError, match=r"deepspeed.zero_optimization.stage=3 conflicts with 2 set from "
+                                          r"train.zero_stage"):
+        build_ds_config(bad, plan_batch(bad, 2), on_cpu=True)
+    bad_batch = recipe("deepspeed.train_micro_batch_size_per_gpu=16")
+    with pytest.raises(RecipeError, match="train.micro_batch_size"):
+        build_ds_config(bad_batch, plan_batch(bad_batch, 1), on_cpu=True)
+    scheduler = recipe("deepspeed.scheduler.type=WarmupLR")
+    with pytest.raises(RecipeError, match="optim.schedule"):
+        build_ds_config(scheduler, plan_batch(scheduler, 1), on_cpu=True)
+    with pytest.raises(RecipeError, match="fp16 is not supported"):
+        fp16 = recipe("train.precision=fp16")
+        build_ds_config(fp16, plan_batch(fp16, 1), on_cpu=True, fp16_supported=False)
+
+
+def test_impossible_batch_settings_fail_with_all_numbers():
+    r = recipe("train.micro_batch_size=4", "train.grad_accum_steps=2", "train.global_batch_size=24")
+    with pytest.raises(RecipeError) as error:
+        plan_batch(r, world_size=2)
+    message = str(error.value)
+    for number in ("global_batch_size=24", "micro_batch_size=4", "grad_accum_steps=2", "world size 2", "= 16"):
+        assert number in message, message
+    assert plan_batch(r, world_size=3).global_batch == 24
+    with pytest.raises(RecipeError, match="must be a multiple of"):
+        recipe("train.micro_batch_size=4", "train.grad_accum_steps=2", "train.global_batch_size=20")
+    # resuming at another world size keeps the global batch through the accumulation steps
+    assert plan_batch(recipe("train.micro_batch_size=4"), 1, keep_global_batch=16).grad_accum == 4
+    with pytest.raises(RecipeError, match="not a multiple of 4 x 3"):
+        plan_batch(recipe("train.micro_batch_size=4"), 3, keep_global_batch=16)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.max_step=10", "unknown key 'train.max_step'"),
+    ("train.zero_stage=4", "zero_stage must be 0, 1, 2 or 3"),
+    ("train.precision=fp8", "'fp8' is not allowed"),
+    ("train.best_metric=test/mAP", "allow_test_selection"),
+    ("train.best_metric=mAP", "must name a split"),
+    ("train.offload_optimizer=true", "zero_stage >= 1"),
+])
+def test_bad_recipes_fail_with_clear_messages(override, match):
+    extra = ["train.zero_stage=0"] if override.startswith("train.offload") else []
+    with pytest.raises(RecipeError, match=match):
+        recipe(override, *extra)
+
+
+def test_test_split_selection_is_allowed_only_explicitly():
+    r = recipe("train.best_metric=test/mAP", "train.allow_test_selection=true", "data.test=/data/test")
+    assert r.train.best_metric == "test/mAP"
+    with pytest.raises(RecipeError, match="needs data.test"):
+        recipe("train.best_metric=test/mAP", "train.allow_test_selection=true")
+
+
+def test_train_cli_reports_bad_keys_without_traceback(capsys):
+    from af_train.train import main
+
+    assert main(["--recipe", str(TINY), "train.bogus=1"]) == 2
+    assert "unknown key 'train.bogus'" in capsys.readouterr().err
+    assert main(["--recipe", "/nonexistent.yaml"]) == 2
+
+
+def test_lr_schedule_warmup_then_decay():
+    cosine = LRSchedule(OptimConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), total_steps=104)
+    assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cosine(4) == pytest.approx(1.0)
+    assert cosine(54) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine(104) == pytest.approx(0.1) and cosine(500) == pytest.approx(0.1)
+    linear = LRSchedule(OptimConfig(warmup_steps=0, schedule="linear", min_lr_ratio=0.0), total_steps=10)
+    assert [round(linear(s), 6) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    assert LRSchedule(OptimConfig(warmup_steps=2, schedule="constant"), 10)(7) == 1.0
+    # the torch scheduler stores only its step count, so a longer max_steps on resume takes effect
+    param = torch.nn.Parameter(torch.zeros(1))
+    scheduler = build_lr_scheduler(torch.optim.SGD([param], lr=1.0), OptimConfig(warmup_steps=0), 10)
+    assert "lr_lambdas" not in scheduler.state_dict() or scheduler.state_dict()["lr_lambdas"] == [None]
+
+
+def test_no_weight_decay_for_norms_biases_and_frozen_parameters():
+    module = torch.nn.Module()
+    module.dense = torch.nn.Linear(4, 4)
+    module.LayerNorm = torch.nn.LayerNorm(4)
+    module.frozen = torch.nn.Linear(4, 4)
+    module.frozen.requires_grad_(False)
+    groups = optimizer_groups(module, weight_decay=0.1)
+    decay, plain = groups
+    assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [(4, 4)]
+    assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3  # dense.bias, LayerNorm weight + bias
+    frozen_ids = {id(p) for p in module.frozen.parameters()}
+    assert not frozen_ids & {id(p) for g in groups for p in g["params"]}
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        optimizer_groups(module.frozen, 0.1)
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    path = root / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (path / ckpt.META).write_text(json.dumps({"step": step}))
+        (path / ckpt.MARKER).write_text("complete\n")
+    return path
+
+
+def test_latest_and_resume_resolution_skip_incomplete_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert ckpt.resolve_resume("auto", tmp_path) is None
+    _fake_checkpoint(root, 10)
+    _fake_checkpoint(root, 20)
+    _fake_checkpoint(root, 30, complete=False)  # a crash mid-save
+    (root / ckpt.LATEST).write_text("step_00000030\n")  # even a stale pointer is not trusted blindly
+    assert ckpt.resolve_resume("auto", tmp_path) == root / "step_00000020"
+    assert ckpt.resolve_resume(str(root / "step_00000010"), tmp_path) == root / "step_00000010"
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "other") == root / "step_00000020"
+    with pytest.raises(ckpt.CheckpointError, match="no COMPLETE marker"):
+        ckpt.resolve_resume(str(root / "step_00000030"), tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="already holds checkpoints"):
+        ckpt.resolve_resume("none", tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="no such file"):
+        ckpt.resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+def test_retention_keeps_last_k_and_the_best(tmp_path):
+    root = tmp_path / "checkpoints"
+    manager = ckpt.CheckpointManager(root, rank=0, keep_last=2, best_mode="max")
+    for step in (10, 20, 30):
+        _fake_checkpoint(root, step)
+    manager.mark_best(10, "val/mAP", 0.7)
+    _fake_checkpoint(root, 25, complete=False)  # older than the newest complete one: garbage
+    _fake_checkpoint(root, 40)
+    manager.prune()
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000010", "step_00000030", "step_00000040"]
+    assert manager.is_better(0.8) and not manager.is_better(0.6)
+    assert not ckpt.CheckpointManager(root, 0, 2, best_mode="min").is_better(0.8)
+
+
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    expected = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    torch.rand(5)
+    ckpt.set_rng_state(state)
+    again = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+def test_resuming_across_zero3_boundary_is_refused():
+    from af_train.engine import Trainer
+
+    fake = SimpleNamespace(recipe=recipe("train.zero_stage=3"), rank=0, world_size=2)
+    meta = {"zero_stage": 2, "world_size": 2, "global_batch": 8, "recipe_hash": fake.recipe.hash()}
+    with pytest.raises(ckpt.CheckpointError, match="Crossing between ZeRO-1/2 and ZeRO-3"):
+        Trainer._check_resume_compatible(fake, meta, Path("ckpt"))
+    fake.recipe = recipe("train.zero_stage=1")
+    assert Trainer._check_resume_compatible(fake, meta, Path("ckpt")) == (False, None)  # 2 -> 1: same layout
+    fake.world_size = 4
+    assert Trainer._check_resume_compatible(fake, meta, Path("ckpt")) == (True, 8)
+
+
+def test_metrics_log_truncates_steps_after_the_resume_point(tmp_path):
+    logger = RunLogger(tmp_path, enabled=True, resume_step=None)
+    for step in range(1, 6):
+        logger.log({"step": step, "loss": 1.0 / step, "val/mAP": float("nan")})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss"')  # a line cut by kill -9
+    RunLogger(tmp_path, enabled=True, resume_step=3).close()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3] and records[0]["val/mAP"] is None
+
+
+def test_flops_and_peak_table():
+    # BERT-base-like encoder: 12 x (4 H^2 + 2 H I) matmul weights ~ 85M -> ~170 MFLOP/token forward + attention
+    flops = encoder_forward_flops_per_token(768, 12, 3072, seq_len=752)
+    assert flops == pytest.approx(12 * 2 * (4 * 768**2 + 2 * 768 * 3072 + 2 * 752 * 768))
+    peak, note = peak_flops_per_device(torch.device("cpu"), "bf16", None)
+    assert peak is None and "cpu" in note
+    peak, note = peak_flops_per_device(torch.device("cpu"), "bf16", 1e12)
+    assert peak == 1e12 and "train.peak_flops" in note
+
+
+def test_af_train_launcher_command(capsys):
+    from af_train.train import launch_main
+
+    assert launch_main(["--num_cpu_ranks", "2", "--master_port", "29999", "--dry-run", "--recipe", "r.yaml",
+                        "train.max_steps=5"]) == 0
+    line = capsys.readouterr().out
+    for part in ("--no_ssh", "--num_gpus 2", "--master_port 29999", "--module af_train.train", "--recipe r.yaml",
+                 "train.max_steps=5"):
+        assert part in line, line
+    assert launch_main(["--hostfile", "hosts", "--dry-run", "--recipe", "r.yaml"]) == 0
+    line = capsys.readouterr().out
+    assert "--hostfile hosts" in line and "--no_ssh" not in line
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads_and_documents_itself(path):
+    r = Recipe.load(path)
+    header = path.read_text().splitlines()[:12]
+    assert header[0].startswith("#"), f"{path.name} needs a header comment"
+    text = "\n".join(header).lower()
+    for topic in ("reproduces", "data", "cost"):
+        assert topic in text, f"{path.name}: header should say what it {topic}"
+    assert r.train.max_steps >= 1 and not math.isnan(r.optim.lr)

@@ -1,0 +1,190 @@
+"""The Trainer in this process as a 1-rank DeepSpeed job: RNG-exact resume, NaN skipping, crash mid-save."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, base_overrides, free_port, release_shm
+from torch import nn
+
+import af_train.checkpoint as ckpt
+import af_train.objectives
+from af_train.config import Recipe
+from af_train.run_logging import read_metrics
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    saved = {k: os.environ.get(k) for k in ENV_KEYS}
+    port = free_port()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    release_shm(port)
+
+
+def make_trainer(data_root: Path, run_dir: Path, overrides: list[str], resume: str = "auto"):
+    from af_train.engine import Trainer
+
+    recipe = Recipe.load(TINY, base_overrides(data_root, run_dir) + overrides)
+    return Trainer(recipe, resume=resume)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_resume_restores_dropout_rng_bit_for_bit(one_rank, data_root, tmp_path):
+    overrides = ["model.hidden_dropout_prob=0.1", "train.max_steps=6", "train.save_every=3", "data.val=null"]
+    first = make_trainer(data_root, tmp_path / "a", overrides)
+    first.fit()
+    first.close()
+    second = make_trainer(data_root, tmp_path / "b", overrides, resume=str(tmp_path / "a/checkpoints/step_00000003"))
+    assert second.progress.step == 3
+    second.fit()
+    second.close()
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == [4, 5, 6]
+    assert all(a[s] == b[s] for s in (4, 5, 6)), (a, b)
+
+
+class NaNAtCalls(nn.Module):
+    """Wraps a training module; its loss is NaN on the given forward calls. Snapshots weights per call."""
+
+    def __init__(self, inner: nn.Module, bad_calls: set[int] | None = None, bad_from: int | None = None):
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "encoder", inner.encoder)  # what the engine reads (not a second submodule)
+        self.bad_calls, self.bad_from = bad_calls or set(), bad_from
+        self.calls = 0
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def forward(self, batch):
+        self.calls += 1
+        self.snapshots[self.calls] = {k: v.detach().float().clone() for k, v in self.inner.state_dict().items()}
+        out = self.inner(batch)
+        if self.calls in self.bad_calls or (self.bad_from is not None and self.calls >= self.bad_from):
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (2, "bf16")])
+def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(one_rank, data_root, tmp_path, monkeypatch,
+                                                                  zero_stage, precision):
+    from af_train.engine import TrainingStopped
+
+    wrappers = []
+    build = af_train.objectives.build_training_module
+
+    def build_with_nans(*args, **kwargs):
+        # 2 micro batches per step: step 2 has one bad micro batch, steps 4, 5, 6 are all bad.
+        wrappers.append(NaNAtCalls(build(*args, **kwargs), bad_calls={4}, bad_from=7))
+        return wrappers[-1]
+
+    monkeypatch.setattr(af_train.objectives, "build_training_module", build_with_nans)
+    run_dir = tmp_path / "nan"
+    trainer = make_trainer(data_root, run_dir, [
+        "train.max_steps=50", "train.grad_accum_steps=2", "train.max_nonfinite_steps=3", "data.val=null",
+        f"train.zero_stage={zero_stage}", f"train.precision={precision}", "train.save_every=0"])
+    with pytest.raises(TrainingStopped, match="max_nonfinite_steps=3"):
+        trainer.fit()
+    wrapper = wrappers[0]
+    after_step = {step: wrapper.snapshots[2 * step + 1] for step in range(1, 6)}  # weights entering step+1
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(after_step[1], after_step[2])  # step 2 skipped: no parameter change
+    assert not same(after_step[2], after_step[3])  # step 3 applied
+    assert same(after_step[3], after_step[5])  # steps 4, 5 skipped
+    # the optimizer and the lr schedule advanced only for the two applied steps
+    base = _base_optimizer(trainer.engine)
+    assert {int(s["step"]) for s in base.state.values()} == {2}
+    assert trainer.lr_scheduler.last_epoch == 2
+    p = trainer.progress
+    assert (p.step, p.nonfinite_steps, p.skipped_steps, p.consecutive_nonfinite) == (6, 4, 4, 3)
+    # the stop left a complete checkpoint and a log record that says what happened
+    assert ckpt.latest_complete(run_dir / "checkpoints").name == "step_00000006"
+    last = [r for r in read_metrics(run_dir) if "loss" in r][-1]
+    assert last["step"] == 6 and last["nonfinite_steps"] == 4
+    trainer.close()
+
+
+def test_crash_during_save_keeps_previous_checkpoint(one_rank, data_root, tmp_path, monkeypatch):
+    run_dir = tmp_path / "crash"
+    overrides = ["train.max_steps=4", "train.save_every=2", "data.val=null"]
+    trainer = make_trainer(data_root, run_dir, overrides)
+    real_write = ckpt._atomic_write
+
+    def crash_on_second_marker(path, text):
+        if path.name == ckpt.MARKER and path.parent.name == "step_00000004":
+            raise OSError("simulated crash while saving")
+        real_write(path, text)
+
+    monkeypatch.setattr(ckpt, "_atomic_write", crash_on_second_marker)
+    with pytest.raises(OSError, match="simulated crash"):
+        trainer.fit()
+    trainer.close()
+    monkeypatch.setattr(ckpt, "_atomic_write", real_write)
+    root = run_dir / "checkpoints"
+    assert (root / "step_00000004" / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed's files were written
+    assert not ckpt.is_complete(root / "step_00000004")
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert ckpt.resolve_resume("auto", run_dir) == root / "step_00000002"
+    crashed_losses = losses(run_dir)
+
+    resumed = make_trainer(data_root, run_dir, overrides)
+    assert resumed.progress.step == 2 and resumed.progress.samples == 2 * 4
+    resumed.fit()
+    resumed.close()
+    assert ckpt.is_complete(root / "step_00000004")
+    assert losses(run_dir) == crashed_losses  # steps 3-4 replayed identically
+    meta = json.loads((root / "step_00000004" / "af_meta.json").read_text())
+    assert meta["progress"]["step"] == 4 and meta["recipe_hash"] == resumed.recipe.hash()
+
+
+def test_ft2_trains_only_the_trainable_row_and_consolidates_frozen_encoders(one_rank, data_root, tmp_path):
+    from af_train.model import AudioFormerConfig, RoFormerEncoder, save_encoder
+
+    frozen_paths = []
+    for row in (1, 2, 3):
+        torch.manual_seed(row)
+        path = tmp_path / f"row{row}.pt"
+        save_encoder(RoFormerEncoder(AudioFormerConfig.preset("tiny")), path, code_row=row)
+        frozen_paths.append(str(path))
+    run_dir = tmp_path / "ft2"
+    trainer = make_trainer(data_root, run_dir, [
+        "objective.mode=ft2", "data.code_rows=[0,1,2,3]", f"objective.frozen_row_checkpoints=[{','.join(frozen_paths)}]",
+        "train.max_steps=4", "train.save_every=0", "train.zero_stage=2", "train.best_metric=val/mAP"])
+    assert trainer.frozen_params == 3 * sum(
+        p.numel() for p in RoFormerEncoder(AudioFormerConfig.preset("tiny")).parameters())
+    metrics = trainer.fit()
+    trainer.close()
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert all("mpc_loss" in r and "cls_loss" in r for r in records)
+    assert "val/mAP" in metrics and "val/mpc_loss" in metrics
+    state = torch.load(run_dir / "final" / "model.pt", weights_only=True)["state_dict"]
+    for index, path in enumerate(frozen_paths):
+        original = torch.load(path, weights_only=True)["state_dict"]
+        for name, tensor in original.items():
+            assert torch.equal(state[f"frozen_encoders.{index}.{name}"], tensor), name  # untouched, consolidated
+    initial = torch.load(frozen_paths[0], weights_only=True)["state_dict"]  # same shapes as the trainable row
+    assert set(f"encoder.{k}" for k in initial) <= set(state)
