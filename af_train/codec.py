@@ -22,6 +22,13 @@ synthetic calibration audio generated from the same seed. Everything derives fro
 the same seed gives the same weights and the same codes, and the codes do carry acoustic
 information (different sounds get different codes), which the demo and the tests rely on.
 
+Numerics: a code is a nearest-centroid decision, and CPU kernels round differently for different
+batch sizes, so a frame close to a decision boundary may get another code in another batch. With
+the random codec this is frequent for near-silent frames (its centroids crowd there): up to a
+third of the frames of a sparse clip (clicks) were seen to differ between batch sizes 1 and 16.
+``tools/prepare_dataset.py`` pins batch and chunk size in its resume fingerprint, so an
+interrupted and resumed preparation reproduces the uninterrupted codes bit for bit.
+
 The weights identity written into shard manifests is ``"pretrained sha256:<16 hex> (<file>)"`` or
 ``"random-init seed N"``.
 """
@@ -110,11 +117,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _build_encodec() -> torch.nn.Module:
+def _build_encodec(seed: int = 0) -> torch.nn.Module:
+    """An untrained encodec 24 kHz model whose weights are drawn from ``seed``; the caller's RNG
+    streams are left untouched."""
     from encodec import EncodecModel
 
-    with warnings.catch_warnings():  # encodec uses the deprecated torch.nn.utils.weight_norm
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)
+        warnings.simplefilter("ignore", FutureWarning)  # encodec uses the deprecated weight_norm
         warnings.simplefilter("ignore", UserWarning)
         return EncodecModel.encodec_model_24khz(pretrained=False)
 
@@ -227,9 +237,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 @functools.lru_cache(maxsize=4)
 def _random_init_state(seed: int) -> _RandomInitModel:
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG streams untouched
-        torch.manual_seed(seed)
-        model = _build_encodec()
+    model = _build_encodec(seed)
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.inference_mode():

@@ -36,6 +36,7 @@ import csv
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -445,21 +446,32 @@ def _decode(task: Task) -> tuple[str, Any]:
     return "ok", (clip.samples, clip.valid_samples)
 
 
-def ordered_map(fn, items: Iterator, pool, max_in_flight: int) -> Iterator:
-    """Like ``pool.imap`` but with bounded look-ahead, so decoded audio never piles up in memory."""
+def ordered_map(fn, items: Iterator, pool, max_in_flight: int, timeout: float | None = None) -> Iterator:
+    """Like ``pool.imap`` but with bounded look-ahead, so decoded audio never piles up in memory.
+
+    A task whose worker does not answer within ``timeout`` seconds (a worker killed by a crash in
+    a decoder library loses its task; the pool replaces the worker) yields ``("reject", ...)``
+    instead of hanging the run.
+    """
     if pool is None:
         for item in items:
             yield item, fn(item)
         return
+
+    def collect(head, result):
+        try:
+            return head, result.get(timeout)
+        except multiprocessing.TimeoutError:
+            detail = f"no answer from the decoding worker within {timeout:g} s (decoder hung or crashed)"
+            return head, ("reject", (audio_io.UNREADABLE, detail))
+
     pending: deque = deque()
     for item in items:
         pending.append((item, pool.apply_async(fn, (item,))))
         if len(pending) >= max_in_flight:
-            head, result = pending.popleft()
-            yield head, result.get()
+            yield collect(*pending.popleft())
     while pending:
-        head, result = pending.popleft()
-        yield head, result.get()
+        yield collect(*pending.popleft())
 
 
 # ==================================================================================================
@@ -682,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="torch threads for encoding on the CPU (default: CPU cores minus --workers, at least 1)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per codec batch")
+    p.add_argument("--decode-timeout", type=float, default=600.0,
+                   help="seconds a worker may spend on one file before it is rejected (default 600)")
     p.add_argument("--chunk-size", type=int, default=1024, help="clips per committed chunk (the resume unit)")
     p.add_argument("--silence-threshold-db", type=float, default=audio_io.DEFAULT_SILENCE_DBFS,
                    help="reject clips whose peak is below this level in dBFS (default -80)")
@@ -815,9 +829,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = {"sample_rate": SAMPLE_RATE, "clip_seconds": clip_seconds, "silence_dbfs": silence}
     pool = None
     if args.workers > 0 and work:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(settings,))
+        pool = multiprocessing.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(settings,))
     else:
         _WORKER_SETTINGS.update(settings)
 
@@ -828,10 +840,10 @@ def _run(args: argparse.Namespace) -> int:
     audio_seconds = 0.0
     shown_rejects = 0
     writer: ChunkWriter | None = None
-    interrupted = False
+    interrupted = finished = False
     try:
         for (split, k, task), outcome in ordered_map(
-            _decode_item, iter(work), pool, max_in_flight=max(4, 4 * max(args.workers, 1))
+            _decode_item, iter(work), pool, max_in_flight=max(4, 4 * max(args.workers, 1)), timeout=args.decode_timeout
         ):
             if writer is None or (writer.split, writer.k) != (split, k):
                 writer = ChunkWriter(dirs[split], split, k, chunk_tasks[(split, k)], codec, frames, args.batch_size)
@@ -846,12 +858,13 @@ def _run(args: argparse.Namespace) -> int:
             bar.update(1)
             clips_per_s = (bar.n - done_before) / elapsed
             bar.set_postfix_str(f"{clips_per_s:.1f} clips/s, {audio_seconds / elapsed:.1f}x realtime", refresh=False)
+        finished = True
     except KeyboardInterrupt:
         interrupted = True
-    finally:
+    finally:  # on any failure: stop the workers, drop the partial chunk, keep the committed ones
         bar.close()
         if pool is not None:
-            pool.terminate() if interrupted else pool.close()
+            pool.close() if finished else pool.terminate()
             pool.join()
         if writer is not None:
             writer.abandon()

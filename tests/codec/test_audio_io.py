@@ -108,3 +108,14 @@ def test_helpers_reject_wrong_inputs():
         audio_io.clip_length(0.0, 24000)
     assert torch.equal(audio_io.pcm_to_float(torch.tensor([0, 128, 255], dtype=torch.uint8)),
                        torch.tensor([-1.0, 0.0, 127 / 128]))
+
+
+def test_mp3_decodes_where_libsndfile_supports_it(tmp_path):
+    if "MP3" not in sf.available_formats():
+        pytest.skip(f"libsndfile {sf.__libsndfile_version__} has no MP3 support")
+    signal = _sine(16000, 0.5, 440.0, amp=0.4)
+    sf.write(str(tmp_path / "s.mp3"), signal, 16000, format="MP3")
+    clip = load_clip(tmp_path / "s.mp3", sample_rate=24000, clip_seconds=0.5)
+    assert clip.valid_samples > 0.9 * 12000 and clip.source_sample_rate == 16000
+    rms = float(np.sqrt(np.mean(clip.samples[: clip.valid_samples] ** 2)))
+    assert abs(rms - 0.4 / np.sqrt(2)) < 0.2 * 0.4 / np.sqrt(2)  # lossy, but the same sound level

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from af_train import codec as codec_module
 from af_train.audio_io import AudioRejected
 from af_train.codec import (
     OFFICIAL_CHECKPOINT,
@@ -75,7 +76,9 @@ def test_random_init_is_deterministic_informative_and_leaves_rng_alone(random_co
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
+    codec_module._random_init_state.cache_clear()  # really rebuild, not reuse the cached model
     again = AcousticCodec(random_init_seed=0, device="cpu")
+    assert again.model is not random_codec.model
     assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream is untouched
     other = AcousticCodec(random_init_seed=1, device="cpu")
 

@@ -122,3 +122,28 @@ def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | N
             raise AssertionError(f"process ended (rc {process.returncode}) before {what}:\n{tail}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Pids of the process group that are alive (zombies do not count: nobody may reap orphans here)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+def wait_group_exit(process: subprocess.Popen, timeout: float) -> None:
+    """Wait until no process of the launcher's process group (runner, launch.py, ranks) is left."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        process.poll()  # reap our direct child
+        if not _live_members(process.pid):
+            return
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError(f"processes {_live_members(process.pid)} of group {process.pid} still running after {timeout} s")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_overrides, free_port, run, start, wait, wait_for
+from conftest import base_overrides, free_port, run, start, wait, wait_for, wait_group_exit
 
 from af_train.checkpoint import is_complete, latest_complete, step_of
 from af_train.run_logging import read_metrics
@@ -110,6 +110,7 @@ def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, d
     wait_for(lambda: latest_complete(root) is not None and logged_steps(run_dir) >= 10, 180,
              "a checkpoint and step 10", process, log)
     os.killpg(process.pid, signal.SIGKILL)
+    wait_group_exit(process, timeout=30)
     process.wait()
     killed_at = logged_steps(run_dir)
     resumed_from = step_of(latest_complete(root).name)
@@ -117,10 +118,12 @@ def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, d
 
     # 2) resume, then SIGTERM: a clean checkpoint at the step where it stopped
     process = start(2, long, log)
-    wait_for(lambda: "resumed from" in log.read_text(errors="replace") and logged_steps(run_dir) >= resumed_from + 3,
-             180, "the resumed run to train", process, log)
-    os.killpg(process.pid, signal.SIGTERM)
-    wait(process, log, timeout=120, expect_rc=None)
+    # "resume: <path>" is logged after metrics.jsonl was cut back to the checkpoint's step
+    wait_for(lambda: "  resume: " in log.read_text(errors="replace").split("resumed from")[-1]
+             and logged_steps(run_dir) >= resumed_from + 3, 180, "the resumed run to train", process, log)
+    os.killpg(process.pid, signal.SIGTERM)  # as Ctrl-C or a scheduler would: every process of the job
+    wait_group_exit(process, timeout=60)
+    process.wait()
     text = log.read_text(errors="replace")
     assert "stopped by SIGTERM" in text, text[-3000:]
     stopped = step_of(latest_complete(root).name)

@@ -349,3 +349,22 @@ def test_runs_as_a_plain_script_and_reports_missing_weights(tmp_path):
     assert result.returncode == 2
     assert "encodec_24khz-d7cc33bc.th" in result.stderr and "--codec-random-init" in result.stderr
     shutil.rmtree(tmp_path / "torch_home", ignore_errors=True)
+
+
+def _sleep_then_echo(item: float):
+    time.sleep(item)
+    return "ok", item
+
+
+def test_ordered_map_keeps_order_and_survives_a_hung_worker():
+    from multiprocessing.pool import ThreadPool
+
+    with ThreadPool(2) as pool:
+        results = list(prep.ordered_map(_sleep_then_echo, iter([0.0, 3.0, 0.1, 0.0]), pool, max_in_flight=2,
+                                        timeout=0.5))
+    assert [item for item, _ in results] == [0.0, 3.0, 0.1, 0.0]
+    assert results[0][1] == ("ok", 0.0) and results[2][1] == ("ok", 0.1) and results[3][1] == ("ok", 0.0)
+    status, (reason, detail) = results[1][1]
+    assert (status, reason) == ("reject", "unreadable_audio") and "within 0.5 s" in detail
+    assert [r for _, r in prep.ordered_map(lambda x: ("ok", x), iter([3, 1, 2]), None, 2)] == [
+        ("ok", 3), ("ok", 1), ("ok", 2)]
