@@ -603,10 +603,12 @@ def _guard_plain_optimizer(optimizer: torch.optim.Optimizer) -> None:
             if grads else torch.tensor(0.0)
         optimizer._global_grad_norm = float(norm)
         optimizer.overflow = not math.isfinite(float(norm))
+        optimizer._opt_called = True  # what torch's lr scheduler checks (it wrapped the original step)
         if optimizer.overflow:
             return None
         return original_step(*args, **kwargs)
 
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     optimizer.overflow = False
     optimizer.step = step
 

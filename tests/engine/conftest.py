@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -32,10 +33,8 @@ _USED_PORTS: list[int] = []
 def release_shm(port: int) -> None:
     """DeepSpeed's CPU all-reduce leaves ~66 MB /dev/shm buffers named after the master port."""
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
 
 
 @pytest.fixture(autouse=True)
@@ -89,9 +88,9 @@ def start(ranks: int, overrides: list[str], log: Path, *, resume: str = "auto", 
     port = port or free_port()
     _USED_PORTS.append(port)
     command = (prefix or []) + launch_command(ranks, overrides, port=port, resume=resume, **kwargs)
-    out = open(log, "ab")
-    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=launcher_env(), cwd=REPO,
-                            start_new_session=True)
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=launcher_env(), cwd=REPO,
+                                start_new_session=True)
 
 
 def wait(process: subprocess.Popen, log: Path, timeout: float = 240, expect_rc: int | None = 0) -> int:
@@ -146,4 +145,4 @@ def wait_group_exit(process: subprocess.Popen, timeout: float) -> None:
             return
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
-    raise AssertionError(f"processes {_live_members(process.pid)} of group {process.pid} still running after {timeout} s")
+    raise AssertionError(f"processes {_live_members(process.pid)} of group {process.pid} still run after {timeout} s")

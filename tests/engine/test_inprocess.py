@@ -172,7 +172,8 @@ def test_ft2_trains_only_the_trainable_row_and_consolidates_frozen_encoders(one_
         frozen_paths.append(str(path))
     run_dir = tmp_path / "ft2"
     trainer = make_trainer(data_root, run_dir, [
-        "objective.mode=ft2", "data.code_rows=[0,1,2,3]", f"objective.frozen_row_checkpoints=[{','.join(frozen_paths)}]",
+        "objective.mode=ft2", "data.code_rows=[0,1,2,3]",
+        f"objective.frozen_row_checkpoints=[{','.join(frozen_paths)}]",
         "train.max_steps=4", "train.save_every=0", "train.zero_stage=2", "train.best_metric=val/mAP"])
     assert trainer.frozen_params == 3 * sum(
         p.numel() for p in RoFormerEncoder(AudioFormerConfig.preset("tiny")).parameters())
