@@ -108,6 +108,10 @@ class Trainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         _setup_logging(self.rank)
         on_cpu = accelerator.device_name() == "cpu"
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if on_cpu and local_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # N ranks x all cores each would oversubscribe the CPU many times over
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
         self.device = torch.device("cpu") if on_cpu else torch.device(accelerator.device_name(self.local_rank))
         if not on_cpu:
             accelerator.set_device(self.local_rank)
@@ -131,11 +135,13 @@ class Trainer:
                                              seed=cfg.seed, local_cache=cache)
         self.manifest = self.train_loader.dataset.manifest
         eval_batch = cfg.eval_batch_size or cfg.micro_batch_size
-        self.eval_loaders = {}
-        for split in ("val", "test"):
-            if getattr(recipe.data, split) is not None or (recipe.data.remote and split == "val"):
-                self.eval_loaders[split] = lambda s=split: build_dataloader(
-                    recipe.data, s, eval_batch, mask=mask, seed=cfg.seed, local_cache=cache)
+        self._eval_builders = {
+            split: (lambda s=split: build_dataloader(recipe.data, s, eval_batch, mask=mask, seed=cfg.seed,
+                                                     local_cache=cache))
+            for split in ("val", "test")
+            if getattr(recipe.data, split) is not None or (recipe.data.remote and split == "val")
+        }
+        self.eval_loaders: dict[str, Any] = dict.fromkeys(self._eval_builders)  # built on first use, reused
         if cfg.eval_every and "val" not in self.eval_loaders:
             raise RecipeError(f"train.eval_every={cfg.eval_every} needs data.val (the validation shards)")
 
@@ -367,6 +373,10 @@ class Trainer:
                     record = self._record(window)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
                     self.logger.log(record)
+                    if self.rank == 0 and not sys.stderr.isatty():  # batch jobs: one line per log step
+                        log.info("step %d/%d loss %.4f lr %.3g grad_norm %s %.1f samples/s%s", step, cfg.max_steps,
+                                 record["loss"], record["lr"], _fmt(record["grad_norm"]), record["samples_per_s"],
+                                 f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
                     window = _Window()
                 if self.progress.consecutive_nonfinite >= cfg.max_nonfinite_steps:
                     stopped_by = "nonfinite"
@@ -440,8 +450,9 @@ class Trainer:
     # Evaluation and checkpoints
     # ------------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
-        loader = self.eval_loaders[split]()
-        return evaluate_module(self.engine.module, loader, self.device, split)
+        if self.eval_loaders[split] is None:
+            self.eval_loaders[split] = self._eval_builders[split]()
+        return evaluate_module(self.engine.module, self.eval_loaders[split], self.device, split)
 
     def _evaluate_and_select(self, split: str, step: int) -> dict[str, float]:
         metrics = self.evaluate(split)
@@ -630,6 +641,10 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
         elif a != b:
             changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changed
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def _safe_step(line: str) -> int:

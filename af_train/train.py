@@ -114,10 +114,13 @@ def launch_main(argv: list[str] | None = None) -> int:
     if "--recipe" not in rest:
         parser.error("--recipe FILE is required (it is passed to af_train.train)")
     command = launcher_command(args, rest)
+    env = dict(os.environ)
+    if args.num_cpu_ranks and "OMP_NUM_THREADS" not in env:  # share the cores instead of oversubscribing
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.num_cpu_ranks))
     print("af-train:", " ".join(command), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(command)
+    return subprocess.call(command, env=env)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def rotary_tables(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _check_rotary_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def check_rotary_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Raise a clear error unless x is [batch, seq, heads, even head_dim] and cos/sin [seq, head_dim // 2]."""
     if x.dim() != 4:
         raise ValueError(f"apply_rotary expects x of shape [batch, seq, heads, head_dim], got {tuple(x.shape)}")
     seq, head_dim = x.shape[1], x.shape[3]
@@ -53,7 +54,7 @@ def apply_rotary(
     ``interleaved=True`` rotates pairs (x[2i], x[2i+1]) as RoFormer does; ``False`` rotates halves
     (x[i], x[i + d/2]) as LLaMA does.
     """
-    _check_rotary_shapes(x, cos, sin)
+    check_rotary_shapes(x, cos, sin)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(compute)
     c = cos.to(compute)[None, :, None, :]

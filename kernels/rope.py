@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.reference import check_rotary_shapes
+
 __all__ = ["apply_rotary", "apply_rotary_", "kernels_interpreted", "check_kernel_inputs", "row_max", "row_sum"]
 
 
@@ -50,20 +52,6 @@ def check_kernel_inputs(name: str, *tensors: torch.Tensor) -> None:
                 f"{name}: the Triton kernels take float32/float16/bfloat16 (they compute in fp32), "
                 f"got {t.dtype}; use the reference backend for {t.dtype}"
             )
-
-
-def _check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"apply_rotary expects x of shape [batch, seq, heads, head_dim], got {tuple(x.shape)}")
-    seq, head_dim = x.shape[1], x.shape[3]
-    if head_dim % 2:
-        raise ValueError(f"apply_rotary needs an even head_dim, got {head_dim}")
-    want = (seq, head_dim // 2)
-    if tuple(cos.shape) != want or tuple(sin.shape) != want:
-        raise ValueError(
-            f"cos/sin must have shape [seq, head_dim // 2] = {list(want)}, "
-            f"got cos {list(cos.shape)} and sin {list(sin.shape)}"
-        )
 
 
 # Triton's own helpers (tl.zeros, tl.max, tl.sum, ...) are @triton.jit functions that become compiled
@@ -249,7 +237,7 @@ def apply_rotary(
     ``interleaved=True`` rotates pairs (x[2i], x[2i+1]) as RoFormer does; ``False`` rotates halves
     (x[i], x[i + d/2]) as LLaMA does. Any strides; the output has x's dtype and memory layout.
     """
-    _check_tables(x, cos, sin)
+    check_rotary_shapes(x, cos, sin)
     check_kernel_inputs("apply_rotary", x, cos, sin)
     return _ApplyRotary.apply(x, cos, sin, interleaved, False)
 
@@ -258,6 +246,6 @@ def apply_rotary_(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True
 ) -> torch.Tensor:
     """In-place :func:`apply_rotary`: rotates x's memory and returns x (autograd-aware)."""
-    _check_tables(x, cos, sin)
+    check_rotary_shapes(x, cos, sin)
     check_kernel_inputs("apply_rotary_", x, cos, sin)
     return _ApplyRotary.apply(x, cos, sin, interleaved, True)

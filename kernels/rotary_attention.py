@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rope import _check_tables, check_kernel_inputs, kernels_interpreted, row_max, row_sum
+from kernels.reference import check_rotary_shapes
+from kernels.rope import check_kernel_inputs, kernels_interpreted, row_max, row_sum
 
 __all__ = ["rotary_attention"]
 
@@ -400,7 +401,7 @@ def rotary_attention(
     """
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    _check_tables(q, cos, sin)
+    check_rotary_shapes(q, cos, sin)
     batch, seq = q.shape[0], q.shape[1]
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
         raise ValueError(f"attention_mask must be [batch, seq] = {[batch, seq]}, got {list(attention_mask.shape)}")
