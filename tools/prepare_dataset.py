@@ -67,6 +67,7 @@ CHUNK_PREFIX = "part-"
 CHUNK_DONE = "chunk.json"
 REJECTS_NAME = "rejects.jsonl"
 PREPARE_VERSION = 1
+SHARD_HASHES = ["sha1", "xxh64"]  # recorded per shard in index.json
 
 # Reasons decided while planning (from the label file); audio reasons live in af_train.audio_io.
 UNKNOWN_LABEL = "unknown_label"
@@ -507,14 +508,18 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool) -> str:
-    """Check/establish the resume state. Returns "fresh", "resume" or "complete"."""
+def prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, shown: str | None = None) -> str:
+    """Check/establish the resume state. Returns "fresh", "resume" or "complete".
+
+    ``shown``: how to name the output in messages (the remote URL when staging for a bucket).
+    """
+    shown = shown or str(split_dir)
     state_file = split_dir / STATE_DIR / "state.json"
     ours = state_file.is_file() or (split_dir / MANIFEST_NAME).is_file()
     if split_dir.exists() and any(split_dir.iterdir()):
         if not ours:
             raise SystemExit(
-                f"af-prepare: error: {split_dir} exists, is not empty and is not the output of a previous "
+                f"af-prepare: error: {shown} exists, is not empty and is not the output of a previous "
                 "preparation; choose another --out"
             )
         if overwrite:
@@ -524,14 +529,14 @@ def prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool) -> st
             if previous != fingerprint:
                 diff = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
                 raise SystemExit(
-                    f"af-prepare: error: {split_dir} was prepared with different settings ({', '.join(diff)} "
+                    f"af-prepare: error: {shown} was prepared with different settings ({', '.join(diff)} "
                     "differ); rerun with the original arguments to resume, or pass --overwrite to start over"
                 )
             if (split_dir / MANIFEST_NAME).is_file():
                 return "complete"
         else:
             raise SystemExit(
-                f"af-prepare: error: {split_dir} holds a manifest but no preparation state; pass --overwrite "
+                f"af-prepare: error: {shown} holds a manifest but no preparation state; pass --overwrite "
                 "to rebuild it"
             )
     (split_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
@@ -556,7 +561,8 @@ class ChunkWriter:
         self.split, self.k, self.tasks, self.codec = split, k, tasks, codec
         self.frames, self.batch_size = frames, batch_size
         self.remaining = len(tasks)
-        self.writer = MDSWriter(out=str(self.tmp), columns=shard_columns(codec.codebooks, frames))
+        # hashes: readers can verify every downloaded shard (data.validate_hash)
+        self.writer = MDSWriter(out=str(self.tmp), columns=shard_columns(codec.codebooks, frames), hashes=SHARD_HASHES)
         self.batch: list[tuple[Task, np.ndarray, int]] = []
         self.rejects: list[Reject] = []
         self.written_ids: list[str] = []
@@ -664,6 +670,110 @@ def finalize_split(
     return manifest
 
 
+class RemoteOutput:
+    """``--out s3://bucket/prefix``: work in a local staging folder, upload every committed chunk.
+
+    The bucket is the authority on what is done. Per split, ``.prepare/state.json`` (the settings
+    fingerprint) is uploaded first; a chunk's shards are uploaded before its ``chunk.json``, which
+    marks it committed in the bucket; ``index.json`` and ``rejects.jsonl`` follow when all chunks are
+    in, ``manifest.json`` last (readers take a split without a manifest as unfinished). A rerun
+    pulls that bookkeeping (small files, never shards) into the staging folder, so it resumes from
+    what the bucket holds, on this machine or any other; a chunk committed locally whose upload was
+    cut off is uploaded then. Uploaded shards are deleted locally: staging needs about one chunk.
+    """
+
+    def __init__(self, url: str, staging: Path, timeout: float = 120.0, retries: int = 2):
+        self.url = url.rstrip("/")
+        self.staging = staging
+        self.timeout, self.retries = timeout, retries
+
+    @staticmethod
+    def default_staging(url: str) -> Path:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "af_train" / "prepare"
+        return root / hashlib.sha1(url.rstrip("/").encode()).hexdigest()[:12]
+
+    def remote_for(self, split_dir: Path):
+        from af_train.remote import RemoteDir, join
+
+        rel = split_dir.relative_to(self.staging).as_posix()
+        return RemoteDir(join(self.url, "" if rel == "." else rel), timeout=self.timeout, retries=self.retries)
+
+    def check(self) -> None:
+        from af_train.remote import RemoteDir
+
+        RemoteDir(self.url, timeout=self.timeout, retries=self.retries).check_bucket()
+
+    def pull(self, split_dir: Path, overwrite: bool) -> None:
+        """Make the staging folder of one split agree with the bucket (see the class docstring)."""
+        remote = self.remote_for(split_dir)
+        state_rel = f"{STATE_DIR}/state.json"
+        if overwrite:
+            deleted = remote.delete_tree()
+            shutil.rmtree(split_dir, ignore_errors=True)
+            log.info("--overwrite: deleted %d objects under %s", deleted, remote.url)
+            return
+        names = set(remote.list())
+        if not names:  # nothing uploaded yet: local leftovers belong to an output that no longer exists
+            shutil.rmtree(split_dir, ignore_errors=True)
+            return
+        if state_rel not in names:
+            raise SystemExit(
+                f"af-prepare: error: {remote.url} is not empty and holds no preparation state (.prepare/state.json)"
+                "; choose another --out, or pass --overwrite to delete what is there"
+            )
+        local_state = split_dir / state_rel
+        remote_state = remote.read_bytes(state_rel)
+        if local_state.is_file() and local_state.read_bytes() != remote_state:
+            shutil.rmtree(split_dir)  # staged for other settings: the bucket decides
+        split_dir.joinpath(STATE_DIR).mkdir(parents=True, exist_ok=True)
+        local_state.write_bytes(remote_state)
+        if MANIFEST_NAME in names:
+            remote.download(MANIFEST_NAME, split_dir / MANIFEST_NAME)
+        else:
+            (split_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        uploaded = {n.split("/", 1)[0] for n in names if n.startswith(CHUNK_PREFIX) and n.endswith(f"/{CHUNK_DONE}")}
+        for chunk in sorted(split_dir.glob(f"{CHUNK_PREFIX}*")):
+            if chunk.name in uploaded:
+                continue
+            if (chunk / CHUNK_DONE).is_file() and all((chunk / f).is_file() for f in _chunk_shard_files(chunk)):
+                log.info("%s: uploading chunk %s (committed locally, upload cut off)", remote.url, chunk.name)
+                self.push_chunk(chunk)
+            else:
+                shutil.rmtree(chunk)
+        for name in sorted(uploaded):
+            chunk = split_dir / name
+            if (chunk / CHUNK_DONE).is_file():
+                continue
+            for rel in (f"{name}/index.json", f"{name}/{REJECTS_NAME}", f"{name}/{CHUNK_DONE}"):  # marker last
+                if rel in names:
+                    remote.download(rel, split_dir / rel)
+
+    def push_state(self, split_dir: Path) -> None:
+        self.remote_for(split_dir).upload(split_dir / STATE_DIR / "state.json", f"{STATE_DIR}/state.json")
+
+    def push_chunk(self, chunk: Path) -> None:
+        """Upload a committed chunk (shards first, chunk.json last), then drop its local shards."""
+        remote = self.remote_for(chunk.parent)
+        files = sorted(p for p in chunk.rglob("*") if p.is_file() and p.name != CHUNK_DONE)
+        for path in [*files, chunk / CHUNK_DONE]:
+            remote.upload(path, f"{chunk.name}/{path.relative_to(chunk).as_posix()}")
+        for name in _chunk_shard_files(chunk):
+            (chunk / name).unlink()
+
+    def push_final(self, split_dir: Path) -> None:
+        remote = self.remote_for(split_dir)
+        for name in ("index.json", REJECTS_NAME, MANIFEST_NAME):  # manifest last: it marks the split complete
+            remote.upload(split_dir / name, name)
+
+
+def _chunk_shard_files(chunk: Path) -> list[str]:
+    index = chunk / "index.json"
+    if not index.is_file():
+        return []
+    shards = json.loads(index.read_text(encoding="utf-8"))["shards"]
+    return [s[key]["basename"] for s in shards for key in ("raw_data", "zip_data") if s.get(key)]
+
+
 # ==================================================================================================
 # Command line
 # ==================================================================================================
@@ -677,7 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--format", required=True, choices=FORMATS, help="source layout")
     p.add_argument("--input", required=True, help="label file or data set root (see the module doc)")
-    p.add_argument("--out", required=True, help="output directory; one subfolder per split when there are several")
+    p.add_argument("--out", required=True, help="output directory or object-store URL (s3://bucket/prefix; "
+                   "endpoint and credentials from the AWS environment); one subfolder per split when there are several")
     p.add_argument("--audio-dir", help="where the audio files are (default depends on the format)")
     p.add_argument("--labels", help="vocabulary file (csv: one name per line; audioset: class_labels_indices.csv)")
     p.add_argument("--split", default="train", help="split name for single-split sources (default train)")
@@ -708,6 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fold", type=int, default=5, help="esc50: fold used for validation (default 5)")
     p.add_argument("--test-fold", type=int, help="esc50: fold held out as test (default: none)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier output in --out and start over")
+    p.add_argument("--staging-dir", help="with --out s3://...: local working folder (default: under "
+                   "~/.cache/af_train); it holds about one chunk of shards at a time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -791,10 +904,31 @@ def _run(args: argparse.Namespace) -> int:
         "val_fold": args.val_fold if args.format == "esc50" else None,
         "test_fold": args.test_fold if args.format == "esc50" else None,
     }
-    out = Path(args.out)
+    from af_train.remote import RemoteError, is_remote
+
+    remote_out = None
+    if is_remote(args.out):
+        staging = Path(args.staging_dir) if args.staging_dir else RemoteOutput.default_staging(args.out)
+        remote_out = RemoteOutput(args.out, staging)
+        logging.getLogger("botocore").setLevel(logging.WARNING)  # not one line per credential lookup
+        log.info("writing to %s through the staging folder %s", args.out, staging)
+    out = remote_out.staging if remote_out else Path(args.out)
     dirs = split_dirs(out, list(plans), source.split_folders)
-    log.info("%s: %s → %s (%s)", args.format, source.description, out, codec)
-    states = {split: prepare_split_dir(d, fingerprint, args.overwrite) for split, d in dirs.items()}
+    shown = {split: remote_out.remote_for(d).url if remote_out else str(d) for split, d in dirs.items()}
+    log.info("%s: %s → %s (%s)", args.format, source.description, args.out, codec)
+    try:
+        if remote_out:
+            remote_out.check()
+            for d in dirs.values():
+                remote_out.pull(d, args.overwrite)
+        states = {split: prepare_split_dir(d, fingerprint, args.overwrite, shown[split]) for split, d in dirs.items()}
+        if remote_out:
+            for split, d in dirs.items():
+                if states[split] != "complete":
+                    remote_out.push_state(d)
+    except RemoteError as exc:
+        print(f"af-prepare: error: {exc}", file=sys.stderr)
+        return 2
 
     manifest_base = {
         "codec": codec.info(),
@@ -841,6 +975,7 @@ def _run(args: argparse.Namespace) -> int:
     shown_rejects = 0
     writer: ChunkWriter | None = None
     interrupted = finished = False
+    upload_error: RemoteError | None = None
     try:
         for (split, k, task), outcome in ordered_map(
             _decode_item, iter(work), pool, max_in_flight=max(4, 4 * max(args.workers, 1)), timeout=args.decode_timeout
@@ -854,6 +989,8 @@ def _run(args: argparse.Namespace) -> int:
             if writer.remaining == 0:
                 writer.commit()
                 writer = None
+                if remote_out:
+                    remote_out.push_chunk(dirs[split] / chunk_name(k))
             elapsed = max(time.monotonic() - start, 1e-9)
             bar.update(1)
             clips_per_s = (bar.n - done_before) / elapsed
@@ -861,6 +998,8 @@ def _run(args: argparse.Namespace) -> int:
         finished = True
     except KeyboardInterrupt:
         interrupted = True
+    except RemoteError as exc:
+        upload_error = exc
     finally:  # on any failure: stop the workers, drop the partial chunk, keep the committed ones
         bar.close()
         if pool is not None:
@@ -871,6 +1010,10 @@ def _run(args: argparse.Namespace) -> int:
     if interrupted:
         print("\ninterrupted: committed chunks are kept; rerun the same command to continue", file=sys.stderr)
         return 130
+    if upload_error is not None:
+        print(f"af-prepare: error: {upload_error}\ncommitted chunks are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return 1
 
     elapsed = time.monotonic() - start
     exit_code = 0
@@ -883,10 +1026,16 @@ def _run(args: argparse.Namespace) -> int:
         else:
             manifest = finalize_split(dirs[split], split, tasks, planned_rejects, num_chunks, manifest_base)
             note = ""
+            if remote_out:
+                try:
+                    remote_out.push_final(dirs[split])
+                except RemoteError as exc:
+                    print(f"af-prepare: error: {exc}; rerun the same command to finish the upload", file=sys.stderr)
+                    return 1
         print(
             f"  {split:>6}: written {manifest.written}, rejected {sum(manifest.rejected.values())} "
             f"[{_format_counts(manifest.rejected)}], {manifest.seconds_of_audio / 3600:.3f} h of audio "
-            f"→ {dirs[split]}{note}"
+            f"→ {shown[split]}{note}"
         )
         if manifest.written == 0:
             print(

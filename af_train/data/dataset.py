@@ -13,9 +13,9 @@ deterministically from (seed, epoch, global sample index). Samples are returned 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 
+from af_train import remote as remote_io
 from af_train.data.masking import MaskingConfig, mask_codes, masking_generator
 from af_train.data.tokens import SpecialTokens
 from af_train.shards import MANIFEST_NAME, Manifest, ManifestError
@@ -45,11 +46,18 @@ class DataError(ValueError):
 
 def is_remote(path: str) -> bool:
     """``s3://bucket/x`` and friends are remote; plain paths are local."""
-    return "://" in path
+    return remote_io.is_remote(path)
 
 
-def load_manifest(path: str | os.PathLike, *, cache_dir: str | None = None, timeout: float = 60.0) -> Manifest:
-    """Read ``manifest.json`` of a shard directory, local or remote (``s3://…``, fetched into ``cache_dir``)."""
+def load_manifest(
+    path: str | os.PathLike, *, cache_dir: str | None = None, timeout: float = 60.0, retries: int = 2
+) -> Manifest:
+    """Read ``manifest.json`` of a shard directory, local or remote (``s3://…``).
+
+    A remote manifest is fetched fresh (``retries`` retries, ``timeout`` seconds each); a failure
+    says why (no such bucket, nothing under the prefix, credentials, unreachable endpoint).
+    ``cache_dir`` is kept for compatibility (the manifest is read into memory, not cached).
+    """
     path = str(path)
     if not is_remote(path):
         if not Path(path).is_dir():
@@ -58,20 +66,15 @@ def load_manifest(path: str | os.PathLike, *, cache_dir: str | None = None, time
                 "(or fix data.train / data.val / data.test in the recipe)"
             )
         return Manifest.load(path)
-    from streaming.base.storage.download import CloudDownloader
-
-    if cache_dir is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-    # A private temporary directory: ranks sharing cache_dir must not read each other's half-written copy.
-    with tempfile.TemporaryDirectory(prefix="manifest-", dir=cache_dir) as tmp:
-        try:
-            CloudDownloader.direct_download(f"{path.rstrip('/')}/{MANIFEST_NAME}", str(Path(tmp) / MANIFEST_NAME),
-                                            timeout)
-        except Exception as exc:  # the downloaders raise provider-specific errors
-            raise ManifestError(
-                f"could not fetch {MANIFEST_NAME} from '{path}': {exc}; check the remote path and credentials"
-            ) from exc
-        return Manifest.load(tmp)
+    try:
+        text = remote_io.RemoteDir(path, timeout=timeout, retries=retries).read_bytes(MANIFEST_NAME)
+    except remote_io.RemoteError as exc:
+        raise ManifestError(f"could not fetch {MANIFEST_NAME} from '{path}': {exc}") from None
+    try:
+        data = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{remote_io.join(path, MANIFEST_NAME)}: not valid JSON ({exc})") from None
+    return Manifest.from_dict(data, remote_io.join(path, MANIFEST_NAME))
 
 
 def setup_distributed_env() -> None:
@@ -159,6 +162,72 @@ class AudioCodeDataset(StreamingDataset):
                 shm.cleanup()
             except BufferError:  # a numpy view is still alive; streaming's atexit hook retries
                 logger.debug("shared memory still referenced; left for streaming's exit handler")
+
+    # -- shard downloads: failures name the shard ------------------------------------------------
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's download (+ hash check) of one shard; a failure raises a DataError naming it.
+
+        The failed shard goes back to "remote" (so other ranks do not wait for it forever) and its
+        bad local copy is deleted (so a restart cannot read it unchecked).
+        """
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as exc:
+            error = self._shard_error(shard_id, exc)
+            self._forget_shard(shard_id)
+            self._shard_failure = error
+            raise error from exc
+
+    def _shard_error(self, shard_id: int, exc: BaseException) -> DataError:
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        names = [raw.basename for raw, _ in self.shards[shard_id].file_pairs]
+        name = ", ".join(names)
+        source = stream.remote or stream.local
+        text = str(exc)
+        if text.startswith("Checksum failure"):
+            return DataError(
+                f"shard '{name}' of '{source}' failed its {stream.validate_hash} check: the downloaded bytes "
+                "differ from the hash recorded in index.json at preparation. The object in the store is corrupt "
+                "or was overwritten; re-upload it from the prepared data set or re-run tools/prepare_dataset.py"
+            )
+        if text.startswith("Hash algorithm"):
+            return DataError(
+                f"data.validate_hash={stream.validate_hash} but shard '{name}' of '{source}' records no such hash "
+                "(its index.json was written without it); re-prepare the shards with tools/prepare_dataset.py "
+                "(it records sha1 and xxh64) or set data.validate_hash=null"
+            )
+        return DataError(f"could not download shard '{name}' from '{source}' ({self.download_retry} attempts, "
+                         f"timeout {self.download_timeout:g} s): {type(exc).__name__}: {exc}")
+
+    def _forget_shard(self, shard_id: int) -> None:
+        from streaming.base.dataset import _ShardState
+
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        if stream.remote is None:  # never delete the user's own shard files
+            return
+        for raw, zipped in self.shards[shard_id].file_pairs:
+            for info in (raw, zipped):
+                if info is not None:
+                    Path(stream.local, stream.split or "", info.basename).unlink(missing_ok=True)
+        if getattr(self, "_shard_states", None) is not None:
+            self._shard_states[shard_id] = _ShardState.REMOTE
+
+    def __iter__(self):
+        # streaming ends the epoch early (silently) when its download thread fails, and only says
+        # "Background thread failed" on the next epoch; raise the shard's error right away instead.
+        self._shard_failure: DataError | None = None
+        try:
+            yield from super().__iter__()
+        except RuntimeError as exc:
+            if self._shard_failure is not None and "Background thread failed" in str(exc):
+                raise self._shard_failure from exc
+            raise
+        if self._shard_failure is not None:
+            raise self._shard_failure
+        event = getattr(self, "_event", None)
+        if event is not None and event.is_set():
+            raise DataError(f"streaming's download thread failed while reading '{self.streams[0].remote}' "
+                            "(see the traceback above); the epoch was not read completely")
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         raw = super().get_item(sample_id, retry)

@@ -7,7 +7,8 @@ Where the shards come from:
   ``<remote>/<data.<split> or split name>`` into a private cache directory
   ``<cache root>/<split>-<hash of the remote>``; the cache root is ``data.local_cache`` if set, else
   the ``local_cache`` argument (the engine passes one inside the run directory). ``cache_limit``,
-  ``download_retry``, ``download_timeout`` and ``predownload`` go to streaming unchanged.
+  ``download_retry``, ``download_timeout``, ``predownload`` and ``validate_hash`` go to streaming
+  unchanged. Credentials and endpoint come from the AWS environment (see ``af_train.remote``).
 
 Ordering: the training split is shuffled with ``data.shuffle_seed`` over ``data.num_canonical_nodes``
 canonical nodes (explicit, so the global order does not depend on the physical node count); val and
@@ -130,7 +131,7 @@ def build_dataset(
         manifest = load_manifest(local)
     else:
         local = cache_dir_for(cfg, split, remote, local_cache)
-        manifest = load_manifest(remote, cache_dir=local, timeout=cfg.download_timeout)
+        manifest = load_manifest(remote, cache_dir=local, timeout=cfg.download_timeout, retries=cfg.download_retry)
 
     if mask and cfg.mask_rate == 0.0:
         logger.warning("data.mask_rate is 0: MLM batches will have no targets")
@@ -158,6 +159,7 @@ def build_dataset(
         cache_limit=cfg.cache_limit,
         download_retry=cfg.download_retry,
         download_timeout=cfg.download_timeout,
+        validate_hash=cfg.validate_hash,
     )
     if remote is not None:
         _LIVE_REMOTE_CACHES[os.path.abspath(local)] = weakref.ref(dataset)

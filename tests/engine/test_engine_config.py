@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, TINY
+from engine_helpers import REPO, TINY
 
 from af_train import checkpoint as ckpt
 from af_train.config import OptimConfig, Recipe, RecipeError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, base_overrides, free_port, release_shm
+from engine_helpers import TINY, base_overrides, free_port, release_shm
 from torch import nn
 
 import af_train.checkpoint as ckpt

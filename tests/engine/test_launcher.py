@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_overrides, free_port, run, start, wait, wait_for, wait_group_exit
+from engine_helpers import base_overrides, free_port, run, start, wait, wait_for, wait_group_exit
 
 from af_train.checkpoint import is_complete, latest_complete, step_of
 from af_train.run_logging import read_metrics
@@ -119,8 +119,11 @@ def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, d
     # 2) resume, then SIGTERM: a clean checkpoint at the step where it stopped
     process = start(2, long, log)
     # "resume: <path>" is logged after metrics.jsonl was cut back to the checkpoint's step
-    wait_for(lambda: "  resume: " in log.read_text(errors="replace").split("resumed from")[-1]
-             and logged_steps(run_dir) >= resumed_from + 3, 180, "the resumed run to train", process, log)
+    def resumed_and_training() -> bool:
+        parts = log.read_text(errors="replace").split("resumed from")
+        return len(parts) > 1 and "  resume: " in parts[-1] and logged_steps(run_dir) >= resumed_from + 3
+
+    wait_for(resumed_and_training, 180, "the resumed run to train", process, log)
     os.killpg(process.pid, signal.SIGTERM)  # as Ctrl-C or a scheduler would: every process of the job
     wait_group_exit(process, timeout=60)
     process.wait()
@@ -143,7 +146,6 @@ def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, d
 def test_resume_on_one_rank_converts_through_universal_checkpoint(reference, data_root, tmp_path):
     run_dir = tmp_path / "one_rank"
     source = reference / "checkpoints" / "step_00000008"
-    # save_every=0: no checkpoint before the end, so the universal form is still there to inspect
     run(1, base_overrides(data_root, run_dir) + ["train.max_steps=16", "train.save_every=0", "train.zero_stage=2"],
         run_dir.parent / "one_rank.log", resume=str(source))
     log = (run_dir.parent / "one_rank.log").read_text(errors="replace")
@@ -158,12 +160,15 @@ def test_resume_on_one_rank_converts_through_universal_checkpoint(reference, dat
     for step in range(9, 17):
         assert mine[step]["samples"] == theirs[step]["samples"]
         assert mine[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=1e-2), step
-    # The universal form holds exactly the fp32 master weights of the 2-rank checkpoint.
+    assert not (reference / "checkpoints" / "step_00000008_universal").exists()  # the source run is only read
+    # The universal form holds exactly the fp32 master weights of the 2-rank checkpoint (the run removed
+    # its copy once it had checkpoints of its own; convert again here to inspect it).
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from af_train.checkpoint import convert_to_universal
+
     master = get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name)
-    universal = run_dir / "checkpoints" / "step_00000008_universal" / "zero"
-    assert not (reference / "checkpoints" / "step_00000008_universal").exists()  # the source run is only read
+    universal = convert_to_universal(source, rank=0, out_root=tmp_path / "converted") / "zero"
     converted = [name for name in master if (universal / name / "fp32.pt").is_file()]
     assert len(converted) >= 10, sorted(p.name for p in universal.iterdir())
     for name in converted:

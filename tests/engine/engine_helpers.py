@@ -1,0 +1,131 @@
+"""Helpers for the engine tests: the real ``deepspeed`` launcher, process groups, /dev/shm cleanup."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "recipes" / "tiny_pretrain.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+USED_PORTS: list[int] = []  # master ports of launched jobs; conftest releases their /dev/shm buffers
+
+
+def release_shm(port: int) -> None:
+    """DeepSpeed's CPU all-reduce leaves ~66 MB /dev/shm buffers named after the master port."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def base_overrides(data: Path, run_dir: Path) -> list[str]:
+    """The tiny pretraining recipe on the synthetic shards, sized for 2 CPU cores."""
+    return [
+        f"data.train={data / 'train'}", f"data.val={data / 'val'}", "data.max_length=32",
+        f"train.run_dir={run_dir}", "train.log_every=1", "train.micro_batch_size=4",
+        "train.record_sample_ids=true", "optim.warmup_steps=2", "optim.lr=3e-3", "optim.schedule=constant",
+        # No dropout: runs at other world sizes draw other dropout masks; RNG restore is tested in-process.
+        "model.hidden_dropout_prob=0.0", "train.best_metric=null", "train.eval_every=0",
+    ]
+
+
+def launcher_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": "1",  # 2 shared cores: more threads per rank only contend
+        "PYTHONPATH": f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra or {})
+    return env
+
+
+def launch_command(ranks: int, overrides: list[str], *, port: int, resume: str = "auto",
+                   node_rank: int = 0, hostfile: Path | None = None, recipe: Path = TINY) -> list[str]:
+    command = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if hostfile is not None:
+        command += ["--hostfile", str(hostfile)]
+    else:
+        command += ["--num_gpus", str(ranks)]
+    command += ["--no_ssh", "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                "--module", "af_train.train", "--recipe", str(recipe), "--resume", resume, *overrides]
+    return command
+
+
+def start(ranks: int, overrides: list[str], log: Path, *, resume: str = "auto", port: int | None = None,
+          prefix: list[str] | None = None, **kwargs) -> subprocess.Popen:
+    port = port or free_port()
+    USED_PORTS.append(port)
+    command = (prefix or []) + launch_command(ranks, overrides, port=port, resume=resume, **kwargs)
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=launcher_env(), cwd=REPO,
+                                start_new_session=True)
+
+
+def wait(process: subprocess.Popen, log: Path, timeout: float = 240, expect_rc: int | None = 0) -> int:
+    try:
+        rc = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise AssertionError(f"launcher timed out; log tail:\n{log.read_text(errors='replace')[-4000:]}") from None
+    if expect_rc is not None and rc != expect_rc:
+        raise AssertionError(f"launcher exit {rc} (expected {expect_rc}); log tail:\n"
+                             f"{log.read_text(errors='replace')[-6000:]}")
+    return rc
+
+
+def run(ranks: int, overrides: list[str], log: Path, timeout: float = 240, expect_rc: int | None = 0,
+        **kwargs) -> int:
+    return wait(start(ranks, overrides, log, **kwargs), log, timeout, expect_rc)
+
+
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log else ""
+            raise AssertionError(f"process ended (rc {process.returncode}) before {what}:\n{tail}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Pids of the process group that are alive (zombies do not count: nobody may reap orphans here)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+def wait_group_exit(process: subprocess.Popen, timeout: float) -> None:
+    """Wait until no process of the launcher's process group (runner, launch.py, ranks) is left."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        process.poll()  # reap our direct child
+        if not _live_members(process.pid):
+            return
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError(f"processes {_live_members(process.pid)} of group {process.pid} still run after {timeout} s")

@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""``make demo``: the whole af_train pipeline on the embedded synthetic data, end to end.
+
+    python3 tools/demo.py [--out runs/demo] [--data data/demo] [--plan] [--redo STAGE ...]
+
+Stages (each one is a command you can also run by hand; ``--plan`` prints them):
+
+1. ``synth``       af-synth-audio: a labelled multi-label audio set (8 synthetic sound classes, 2 s clips)
+2. ``prepare``     af-prepare: EnCodec 24 kHz at 3 kbps -> MDS shards (train/val/test). The official
+                   weights are used when ``encodec_24khz-d7cc33bc.th`` is in the torch hub cache (or
+                   ``--codec-checkpoint``); otherwise a random-initialised codec, announced loudly and
+                   recorded in the manifest.
+3. ``pretrain_rowR`` af-train: MLM pretraining of the tiny RoFormer on code row R through the DeepSpeed
+                   launcher (all GPUs when present, else ``--num-cpu-ranks`` CPU processes): row 0 for
+                   fine-tuning, the other rows as FT2's frozen encoders.
+4. ``ft1``, ``ft2`` af-train: fine-tuning from the row-0 encoder (FT1: classification; FT2: + MPC
+                   against the frozen row encoders); the checkpoint is selected on val/mAP.
+5. ``evaluate_ft1``, ``evaluate_ft2`` af-evaluate on the held-out test clips with the selected
+                   checkpoint, plus per-class AP and the label-prior baseline (cross-checked).
+6. ``plots``       tools/plot_run.py: loss curves, validation mAP, per-class AP (PNG) in every run.
+
+Then a results table (``OUT/results.md``, ``OUT/results.json``). TensorBoard logs are in every run
+directory (``tensorboard --logdir runs/demo``). Rerunning reuses finished stages (markers in
+``OUT/.stages`` keyed by a hash of the stage's configuration and its inputs) and resumes an interrupted
+training run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make af_train and the sibling modules importable
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import demo_eval  # noqa: I001
+    import demo_stages as st
+else:
+    from . import demo_eval
+    from . import demo_stages as st
+
+ENCODEC_WEIGHTS = "encodec_24khz-d7cc33bc.th"
+RECIPES = REPO / "recipes"
+
+
+@dataclass
+class Settings:
+    """The demo's size; ``--smoke`` shrinks it to seconds for the README test."""
+
+    num_clips: int = 400
+    clip_seconds: float = 2.0
+    seed: int = 0
+    frozen_rows: tuple[int, ...] = (1, 2, 3)
+    pretrain_steps: int = 400
+    ft_steps: int = 300
+    eval_every: int = 50
+    micro_batch_size: int = 8
+    max_length: int | None = None  # default: the recipe's (2 s clips: 152)
+
+
+SMOKE = Settings(num_clips=24, clip_seconds=1.0, frozen_rows=(1,), pretrain_steps=3, ft_steps=3, eval_every=3,
+                 micro_batch_size=4, max_length=77)
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------
+
+
+def find_codec_weights(explicit: str | None) -> Path | None:
+    """The official EnCodec checkpoint: ``--codec-checkpoint`` or the torch hub cache (never downloads)."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"--codec-checkpoint {explicit}: no such file. Download {ENCODEC_WEIGHTS} "
+                             "(https://dl.fbaipublicfiles.com/encodec/v0/encodec_24khz-d7cc33bc.th) or leave the "
+                             "option out to use a random-initialised codec")
+        return path
+    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    candidate = hub / ENCODEC_WEIGHTS
+    return candidate if candidate.is_file() else None
+
+
+def ranks_args(num_gpus: int | None, num_cpu_ranks: int) -> list[str]:
+    """af-train's resource flags: all visible GPUs when there are any, else CPU ranks."""
+    if num_gpus is None:
+        try:
+            import torch
+
+            num_gpus = torch.cuda.device_count()
+        except Exception:  # noqa: BLE001 - a broken CUDA setup still lets the demo run on the CPU
+            num_gpus = 0
+    return ["--num_gpus", str(num_gpus)] if num_gpus > 0 else ["--num_cpu_ranks", str(num_cpu_ranks)]
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint selected on validation (``checkpoints/best``), else the latest complete one."""
+    root = run_dir / "checkpoints"
+    best = root / "best"
+    if best.is_file():
+        tag = json.loads(best.read_text(encoding="utf-8"))["tag"]
+        return root / tag
+    latest = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").exists())
+    if not latest:
+        raise FileNotFoundError(f"{root}: no complete checkpoint; did the training stage finish?")
+    return latest[-1]
+
+
+def build_plan(out: Path, data: Path, s: Settings, ranks: list[str], codec: Path | None, codec_seed: int,
+               ) -> list[st.Stage]:
+    audio, shards = data / "audio", data / "shards"
+    splits = {split: shards / split for split in ("train", "val", "test")}
+    data_overrides = [f"data.{k}={v}" for k, v in splits.items()]
+    if s.max_length is not None:
+        data_overrides.append(f"data.max_length={s.max_length}")
+    batch = [f"train.micro_batch_size={s.micro_batch_size}"]
+    codec_args = ["--codec-checkpoint", str(codec)] if codec else ["--codec-random-init", str(codec_seed)]
+    stages = [
+        st.Stage("synth", f"synthesise {s.num_clips} labelled clips of {s.clip_seconds:g} s",
+                 ["af-synth-audio", "--out", str(audio), "--num-clips", str(s.num_clips),
+                  "--clip-seconds", f"{s.clip_seconds:g}", "--seed", str(s.seed)],
+                 outputs=[audio / "labels.csv", audio / "vocabulary.txt"], owned=[audio]),
+        st.Stage("prepare", "tokenize with EnCodec (3 kbps, 4 code rows) into MDS shards",
+                 ["af-prepare", "--format", "csv", "--input", str(audio / "labels.csv"),
+                  "--labels", str(audio / "vocabulary.txt"), "--out", str(shards),
+                  "--clip-seconds", f"{s.clip_seconds:g}", *codec_args],
+                 outputs=[p / "manifest.json" for p in splits.values()], owned=[shards], depends=["synth"],
+                 files=[codec] if codec else []),
+    ]
+    pretrain_recipe = RECIPES / "tiny_pretrain.yaml"
+    for row in (0, *s.frozen_rows):
+        run = out / f"pretrain_row{row}"
+        every = max(1, s.pretrain_steps // 4)
+        stages.append(st.Stage(
+            f"pretrain_row{row}", f"MLM pretraining on code row {row} ({s.pretrain_steps} steps)",
+            ["af-train", *ranks, "--recipe", _rel(pretrain_recipe), *data_overrides[:2],
+             *data_overrides[3:], f"data.code_rows=[{row}]", f"train.run_dir={run}",
+             f"train.max_steps={s.pretrain_steps}", f"train.eval_every={every}", f"train.save_every={every}",
+             f"optim.warmup_steps={max(1, s.pretrain_steps // 20)}", *batch],
+            outputs=[run / "final" / "model.pt"], owned=[run], depends=["prepare"], files=[pretrain_recipe]))
+    row0 = out / "pretrain_row0" / "final" / "model.pt"
+    frozen = ",".join(str(out / f"pretrain_row{r}" / "final" / "model.pt") for r in s.frozen_rows)
+    for mode in ("ft1", "ft2"):
+        run = out / mode
+        recipe = RECIPES / f"tiny_{mode}.yaml"
+        extra = []
+        depends = ["pretrain_row0"]
+        if mode == "ft2":
+            extra = [f"data.code_rows=[{','.join(str(r) for r in (0, *s.frozen_rows))}]",
+                     f"objective.frozen_row_checkpoints=[{frozen}]"]
+            depends += [f"pretrain_row{r}" for r in s.frozen_rows]
+        stages.append(st.Stage(
+            mode, ("fine-tune: classification (FT1)" if mode == "ft1" else
+                   f"fine-tune: classification + MPC against frozen rows {list(s.frozen_rows)} (FT2)")
+            + f", {s.ft_steps} steps",
+            ["af-train", *ranks, "--recipe", _rel(recipe), *data_overrides, *extra,
+             f"objective.init_checkpoint={row0}", f"train.run_dir={run}", f"train.max_steps={s.ft_steps}",
+             f"train.eval_every={s.eval_every}", f"train.save_every={s.eval_every}",
+             f"optim.warmup_steps={max(1, s.ft_steps // 20)}", *batch],
+            outputs=[run / "final" / "model.pt"], owned=[run], depends=depends, files=[recipe]))
+    for mode in ("ft1", "ft2"):
+        run = out / mode
+        stages.append(st.Stage(
+            f"evaluate_{mode}", f"{mode.upper()} on the held-out test clips (checkpoint selected on val/mAP)",
+            ["af-evaluate", str(run), "--split", "test", "--out", str(run / "eval_test.json")],
+            outputs=[run / "eval_test.json", run / "per_class_ap.json", run / "test_scores.npz"],
+            owned=[run / "eval_test.json", run / "per_class_ap.json", run / "test_scores.npz"],
+            depends=[mode], params={"checkpoint": "best by val/mAP", "per_class": 1},
+            # the selected checkpoint is known only once training is done
+            late_args=lambda run=run: ["--checkpoint", str(best_checkpoint(run))],
+            late_note="--checkpoint <the checkpoint selected on val/mAP>",
+            function=lambda run=run: evaluate_follow_up(run)))
+    runs = [out / f"pretrain_row{r}" for r in (0, *s.frozen_rows)] + [out / "ft1", out / "ft2"]
+    stages.append(st.Stage(
+        "plots", "PNG plots: loss curves, validation mAP, per-class AP",
+        ["python3", _rel(REPO / "tools" / "plot_run.py"), *map(str, runs), "--compare", str(out / "plots")],
+        outputs=[out / "plots" / "compare_val.png", out / "ft1" / "plots" / "per_class_ap.png"],
+        depends=["evaluate_ft1", "evaluate_ft2", *[f"pretrain_row{r}" for r in (0, *s.frozen_rows)]],
+        files=[REPO / "tools" / "plot_run.py"]))
+    return stages
+
+
+def _rel(path: Path) -> str:
+    """Paths inside the repository as the README writes them (the demo runs from the repository root)."""
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running stages
+# --------------------------------------------------------------------------------------------------
+
+# Lines worth showing on the terminal (everything goes to the stage's log file).
+_SHOW = re.compile(
+    r"af_train\.(engine|evaluate)|af_train\.data\.loader: data\.train|^wrote |summary|written \d+|codec|"
+    r"Traceback|Error|error:|exits with return code|^\s+\w+: written|^\s*\"test/mAP\"|random", re.IGNORECASE)
+_HIDE = re.compile(r"streaming\.base|real_accelerator|MFU not computed|Setting accelerator", re.IGNORECASE)
+_TQDM = re.compile(r"\d+%\|")
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\[rank\d+\] )?(INFO |WARNING )?")
+
+
+def _reader(stream, lines: queue.Queue) -> None:
+    buffer = b""
+    while True:
+        chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+        if not chunk:
+            break
+        buffer += chunk
+        *parts, buffer = re.split(rb"[\r\n]", buffer)
+        for part in parts:
+            lines.put(part.decode("utf-8", errors="replace"))
+    if buffer:
+        lines.put(buffer.decode("utf-8", errors="replace"))
+    lines.put(None)
+
+
+def run_command(command: list[str], log_path: Path, verbose: bool, heartbeat: float = 20.0) -> int:
+    """Run ``command``, all output to ``log_path``, the informative lines (and a heartbeat) to the terminal."""
+    executable = sys.executable if command[0] == "python3" else shutil.which(command[0])
+    if executable is None:
+        raise SystemExit(f"'{command[0]}' is not on PATH: install af_train first (make install, or "
+                         f"python3 -m pip install -c constraints.txt -e .)")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = last_shown = last_bar = time.time()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n$ {' '.join(command)}   # {st.now()}\n")
+        process = subprocess.Popen([executable, *command[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   cwd=REPO, env=env, start_new_session=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_reader, args=(process.stdout, lines), daemon=True).start()
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    break
+                if line:
+                    log.write(line + "\n")
+                    show = verbose or (_SHOW.search(line) is not None and _HIDE.search(line) is None)
+                    is_bar = _TQDM.search(line) is not None
+                    if is_bar and not verbose:
+                        show = time.time() - last_bar > 15.0 or line.strip().startswith("100%")
+                        last_bar = time.time() if show else last_bar
+                    if show:
+                        print("    " + _LOG_PREFIX.sub("", line.rstrip())[:200], flush=True)
+                        last_shown = time.time()
+                if time.time() - last_shown > heartbeat:
+                    print(f"    ... still running ({st.format_seconds(time.time() - started)}; full log: {log_path})",
+                          flush=True)
+                    last_shown = time.time()
+            return process.wait()
+        except KeyboardInterrupt:
+            # The launcher forwards SIGINT; the engine saves a checkpoint and exits. Rerun to resume.
+            process.wait()
+            raise
+
+
+def run_stages(stages: list[st.Stage], out: Path, *, redo: set[str], verbose: bool) -> list[dict[str, Any]]:
+    """Run (or reuse) every stage in order; returns the timing rows of the results table."""
+    hashes: dict[str, str] = {}
+    timings = []
+    for index, stage in enumerate(stages, 1):
+        digest = st.stage_hash(stage, hashes)
+        hashes[stage.name] = digest
+        marker = st.read_marker(out, stage.name)
+        state, reason = st.decide(stage, digest, marker)
+        if stage.name in redo and state != st.FRESH:
+            state, reason = st.FRESH, "--redo"
+        header = f"[{index}/{len(stages)}] {stage.name}: {stage.title}"
+        if state == st.REUSE:
+            print(f"{header}\n    reused: {reason}", flush=True)
+            timings.append({"stage": stage.name, "title": stage.title, "state": "reused",
+                            "seconds": marker.get("seconds")})
+            continue
+        print(f"{header}\n    {'resuming' if state == st.RESUME else 'running'}: {reason}", flush=True)
+        if state == st.FRESH:
+            for path in st.clear_outputs(stage):
+                print(f"    removed earlier output {path}", flush=True)
+        print(f"    $ {stage.shell()}", flush=True)
+        st.write_marker(out, stage.name, {"hash": digest, "status": "running", "started": st.now()})
+        started = time.time()
+        if stage.command:
+            rc = run_command(stage.argv(), out / "logs" / f"{stage.name}.log", verbose)
+            if rc != 0:
+                log = out / "logs" / f"{stage.name}.log"
+                tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
+                raise SystemExit(f"\nstage '{stage.name}' failed (exit {rc}). Last lines of {log}:\n{tail}\n\n"
+                                 f"Fix the cause and rerun `make demo`: finished stages are reused.")
+        if stage.function is not None:
+            stage.function()
+        seconds = time.time() - started
+        st.write_marker(out, stage.name, {"hash": digest, "status": "done", "seconds": seconds,
+                                          "finished": st.now(), "command": stage.shell()})
+        print(f"    done in {st.format_seconds(seconds)}", flush=True)
+        timings.append({"stage": stage.name, "title": stage.title, "state": "resumed" if state == st.RESUME else "ran",
+                        "seconds": seconds})
+    return timings
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation follow-ups and the report
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_follow_up(run: Path) -> None:
+    """After af-evaluate: per-class AP + label prior on the same checkpoint; the two mAPs must agree."""
+    checkpoint = best_checkpoint(run)
+    scored = demo_eval.score_run(run, checkpoint, "test")
+    summary = demo_eval.summarize(scored, "test", f"checkpoint {checkpoint.name}, selected on val/mAP")
+    official = json.loads((run / "eval_test.json").read_text(encoding="utf-8"))
+    if abs(official["test/mAP"] - summary["mAP"]) > 1e-6:
+        raise SystemExit(f"{run}: af-evaluate test/mAP {official['test/mAP']:.6f} differs from the per-class "
+                         f"evaluation {summary['mAP']:.6f}; the two must score the same clips with the same weights")
+    summary["checkpoint"] = str(checkpoint)
+    demo_eval.write_json(run / "per_class_ap.json", summary)
+    demo_eval.save_scores(run / "test_scores.npz", scored)
+    print(f"    test mAP {summary['mAP']:.3f} (label-prior baseline {summary['prior_mAP']:.3f}) on "
+          f"{summary['num_clips']} clips; per-class AP in {run / 'per_class_ap.json'}", flush=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def collect_results(out: Path, s: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of the model table (from eval/per-class files) and the pretraining table (from metrics.jsonl)."""
+    models = []
+    for mode in ("ft1", "ft2"):
+        run = out / mode
+        per_class, official = _read_json(run / "per_class_ap.json"), _read_json(run / "eval_test.json")
+        best = _read_json(run / "final" / "metrics.json").get("best", {})
+        models.append({
+            "name": mode.upper(), "best_step": best.get("step"), "val_mAP": best.get("value"),
+            "test_mAP": official.get("test/mAP"), "test_auc": official.get("test/auc"),
+            "test_d_prime": official.get("test/d_prime"), "test_accuracy": official.get("test/accuracy"),
+            "prior_mAP": per_class.get("prior_mAP"), "num_test": per_class.get("num_clips"),
+        })
+    pretraining = []
+    for row in (0, *s.frozen_rows):
+        run = out / f"pretrain_row{row}"
+        final = _read_json(run / "final" / "metrics.json")
+        pretraining.append({"name": run.name, "row": row, "steps": final.get("step"),
+                            "val_mlm_loss": final.get("val/mlm_loss"),
+                            "val_mlm_accuracy": final.get("val/mlm_accuracy")})
+    return models, pretraining
+
+
+def report(out: Path, s: Settings, timings: list[dict[str, Any]], codec_note: str, wall: float) -> int:
+    models, pretraining = collect_results(out, s)
+    difference = None
+    a, b = out / "ft1" / "test_scores.npz", out / "ft2" / "test_scores.npz"
+    if a.is_file() and b.is_file():
+        sa, sb = demo_eval.load_scores(a), demo_eval.load_scores(b)
+        if sa["ids"] != sb["ids"]:
+            raise SystemExit("FT1 and FT2 were scored on different test clips; rerun with --redo evaluate_ft1 "
+                             "evaluate_ft2")
+        difference = demo_eval.paired_bootstrap(sa["scores"], sb["scores"], sa["targets"])
+    text = st.results_tables(models, pretraining, timings)
+    checks = st.verdicts({m["name"]: m for m in models if m["test_mAP"] is not None and m["prior_mAP"] is not None},
+                         difference)
+    lines = [f"af_train demo results ({st.now()}; codec: {codec_note})", "", text]
+    lines += [("PASS  " if ok else "CHECK ") + sentence for ok, sentence in checks]
+    lines += ["", f"wall time of this invocation: {st.format_seconds(wall)}",
+              f"plots: {out}/*/plots/*.png and {out}/plots/; TensorBoard: tensorboard --logdir {out}"]
+    body = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(body, encoding="utf-8")
+    demo_eval.write_json(out / "results.json", {"models": models, "pretraining": pretraining, "timings": timings,
+                                                "ft2_minus_ft1": difference, "codec": codec_note,
+                                                "checks": [{"passed": ok, "check": c} for ok, c in checks],
+                                                "wall_seconds": wall})
+    print("\n" + body, flush=True)
+    print(f"(also in {out / 'results.md'} and {out / 'results.json'})")
+    return 0 if all(ok for ok, _ in checks) else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Stages: synth, prepare, pretrain_row0.., ft1, ft2, evaluate_ft1, "
+                                            "evaluate_ft2, plots. Exit status 1 when a result check fails.")
+    parser.add_argument("--out", default="runs/demo", help="run directory of the demo (default runs/demo)")
+    parser.add_argument("--data", default="data/demo",
+                        help="where the synthetic audio and its shards go (default data/demo, where recipes/tiny_* "
+                             "look for them)")
+    parser.add_argument("--plan", action="store_true", help="print the stages, their commands and state; run nothing")
+    parser.add_argument("--redo", nargs="+", default=[], metavar="STAGE", help="run these stages again from scratch")
+    parser.add_argument("--verbose", action="store_true", help="show every line of every command")
+    parser.add_argument("--num-cpu-ranks", type=int, default=2, help="CPU processes when there is no GPU (default 2)")
+    parser.add_argument("--num-gpus", type=int, help="GPUs to use (default: all visible; 0 forces the CPU)")
+    codec = parser.add_mutually_exclusive_group()
+    codec.add_argument("--codec-checkpoint", help=f"official EnCodec weights ({ENCODEC_WEIGHTS}); default: the torch "
+                                                  "hub cache when the file is there")
+    codec.add_argument("--codec-random-init", type=int, metavar="SEED",
+                       help="use a random-initialised codec even when the official weights are present")
+    size = parser.add_argument_group("size (defaults fit 15 minutes on 2 CPU cores)")
+    size.add_argument("--num-clips", type=int, help=f"synthetic clips (default {Settings.num_clips})")
+    size.add_argument("--frozen-rows", help="FT2's frozen code rows, comma-separated (default 1,2,3)")
+    size.add_argument("--pretrain-steps", type=int, help=f"per pretraining run (default {Settings.pretrain_steps})")
+    size.add_argument("--ft-steps", type=int, help=f"per fine-tuning run (default {Settings.ft_steps})")
+    size.add_argument("--smoke", action="store_true", help="a seconds-long miniature (tests): 24 clips of 1 s, "
+                                                           "3 steps per run, one frozen row")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = Settings(**vars(SMOKE)) if args.smoke else Settings()
+    if args.num_clips is not None:
+        s.num_clips = args.num_clips
+    if args.frozen_rows is not None:
+        try:
+            rows = tuple(int(r) for r in args.frozen_rows.split(",") if r.strip())
+        except ValueError:
+            raise SystemExit(f"--frozen-rows {args.frozen_rows!r}: give code rows like 1,2,3") from None
+        if not rows or any(r < 1 or r > 3 for r in rows) or len(set(rows)) != len(rows):
+            raise SystemExit(f"--frozen-rows {args.frozen_rows!r}: distinct rows among 1, 2, 3 (3 kbps has 4 rows; "
+                             "row 0 is the trainable one)")
+        s.frozen_rows = rows
+    if args.pretrain_steps is not None:
+        s.pretrain_steps = args.pretrain_steps
+    if args.ft_steps is not None:
+        s.ft_steps = args.ft_steps
+        s.eval_every = max(1, min(s.eval_every, args.ft_steps))
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    s = settings_from(args)
+    # Commands run from the repository root; paths inside it are written relative to it (readable, as in README).
+    out, data = (Path(_rel(Path(p).resolve())) for p in (args.out, args.data))
+    os.chdir(REPO)
+    codec = None if args.codec_random_init is not None else find_codec_weights(args.codec_checkpoint)
+    codec_seed = args.codec_random_init if args.codec_random_init is not None else 0
+    if codec is not None:
+        codec_note = f"official EnCodec weights {codec}"
+    else:
+        codec_note = f"RANDOM-INITIALISED EnCodec (seed {codec_seed})"
+    ranks = ranks_args(args.num_gpus, args.num_cpu_ranks)
+    stages = build_plan(out, data, s, ranks, codec, codec_seed)
+    names = {stage.name for stage in stages}
+    unknown = sorted(set(args.redo) - names)
+    if unknown:
+        raise SystemExit(f"--redo {' '.join(unknown)}: no such stage; stages are {', '.join(sorted(names))}")
+    if args.plan:
+        hashes: dict[str, str] = {}
+        for stage in stages:
+            hashes[stage.name] = digest = st.stage_hash(stage, hashes)
+            state, reason = st.decide(stage, digest, st.read_marker(out, stage.name))
+            print(f"# {stage.name} [{state}: {reason}]\n{stage.shell()}")
+        return 0
+
+    print(f"af_train demo -> {out}  (data in {data}; {' '.join(ranks[:2])})", flush=True)
+    if codec is None:
+        print("\n" + "!" * 100 + f"\n!! The official EnCodec weights ({ENCODEC_WEIGHTS}) are not in the torch hub "
+              f"cache ({Path.home() / '.cache/torch/hub/checkpoints'}).\n!! Tokenizing with a RANDOM-INITIALISED codec "
+              f"(seed {codec_seed}): fine for this demo, recorded in the manifest; real data needs the real "
+              "weights.\n" + "!" * 100 + "\n", flush=True)
+    started = time.time()
+    timings = run_stages(stages, out, redo=set(args.redo), verbose=args.verbose)
+    return report(out, s, timings, codec_note, time.time() - started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
