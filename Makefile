@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
 STAMP = .make/installed
 
-.PHONY: install test lint pytest clean
+.PHONY: install test lint pytest clean demo
 
 $(STAMP): setup.py constraints.txt
 	$(PIP_INSTALL) -e '.[dev]'
@@ -18,6 +18,11 @@ pytest: install
 	$(PYTHON) -m pytest
 
 test: lint pytest
+
+# The whole pipeline on synthetic data (~10 min on 2 CPU cores); reruns reuse finished stages.
+# Options: make demo DEMO_ARGS='--plan' (see python3 tools/demo.py --help).
+demo: install
+	$(PYTHON) tools/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf .make .pytest_cache .ruff_cache build *.egg-info

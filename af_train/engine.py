@@ -305,50 +305,55 @@ class Trainer:
                         "train.micro_batch_size or add data") from None
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepResult:
-        """One optimizer step over ``grad_accum`` micro batches (collective across ranks)."""
+        """One optimizer step over ``grad_accum`` micro batches (collective across ranks).
+
+        Sums stay on the device (float64) so a step syncs with the host once, at the all-reduce.
+        """
         engine = self.engine
-        loss_sum, log_sums, nonfinite_local = 0.0, {}, 0
-        samples = tokens = padded = 0
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_sum, nonfinite_local, tokens = zero.clone(), zero.clone(), zero.clone()
+        log_sums: dict[str, torch.Tensor] = {}
+        samples = padded = 0
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
             out = engine(batch)
             loss = out["loss"]
-            if torch.isfinite(loss).item():
-                engine.backward(loss)
-            else:
-                # NaN gradients everywhere: the reduced gradient is non-finite on all ranks, and
-                # DeepSpeed's overflow check skips this optimizer step on every rank together.
-                nonfinite_local += 1
-                engine.backward(loss * float("nan"))
+            finite = torch.isfinite(loss.detach())
+            # A non-finite loss is back-propagated as NaN: the reduced gradient is then non-finite on
+            # every rank and DeepSpeed's overflow check skips this optimizer step everywhere at once.
+            scale = torch.where(finite, 1.0, float("nan")).to(loss.dtype)
+            engine.backward(loss * scale)
             engine.step()
-            loss_sum += float(loss.detach().float())
+            nonfinite_local += (~finite).double()
+            loss_sum += loss.detach().double()
             for name, value in out.get("logs", {}).items():
-                log_sums[name] = log_sums.get(name, 0.0) + float(value)
+                log_sums[name] = log_sums.get(name, zero) + value.detach().double().to(self.device)
             mask = batch["attention_mask"]
+            rows = int(batch["input_ids"].shape[1])
             samples += int(mask.shape[0])
-            tokens += int(mask.sum()) * int(batch["input_ids"].shape[1])
-            padded += int(mask.numel()) * int(batch["input_ids"].shape[1])
+            tokens += mask.sum().double() * rows
+            padded += int(mask.numel()) * rows
             if self._ids_file is not None:
                 self._ids_file.write(json.dumps({"step": self.progress.step + 1, "ids": list(batch["ids"])}) + "\n")
         applied = bool(engine.was_step_applied())
         # One small all-reduce carries the counters, the losses and the stop request.
         names = sorted(log_sums)
-        values = [samples, tokens, padded, nonfinite_local, float(self._stop_signal is not None), loss_sum]
-        values += [log_sums[n] for n in names]
-        reduced = torch.tensor(values, dtype=torch.float64, device=self.device)
+        host = torch.tensor([samples, padded, float(self._stop_signal is not None)], dtype=torch.float64,
+                            device=self.device)
+        reduced = torch.cat([host, torch.stack([tokens, nonfinite_local, loss_sum, *(log_sums[n] for n in names)])])
         dist.all_reduce(reduced)
-        reduced = reduced.tolist()
+        values = reduced.tolist()
         count = len(micro_batches) * self.world_size
-        nonfinite = reduced[3] > 0 or (not applied and self.recipe.train.precision != "fp16")
+        nonfinite = values[4] > 0 or (not applied and self.recipe.train.precision != "fp16")
         return StepResult(
-            loss=reduced[5] / count,
-            logs={n: v / count for n, v in zip(names, reduced[6:])},
+            loss=values[5] / count,
+            logs={n: v / count for n, v in zip(names, values[6:])},
             applied=applied,
             nonfinite=nonfinite,
-            samples=int(reduced[0]),
-            tokens=int(reduced[1]),
-            padded_tokens=int(reduced[2]),
-            stop_requested=reduced[4] > 0,
+            samples=int(values[0]),
+            tokens=int(values[3]),
+            padded_tokens=int(values[1]),
+            stop_requested=values[2] > 0,
         )
 
     def fit(self) -> dict[str, float]:

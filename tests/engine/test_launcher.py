@@ -226,6 +226,15 @@ def test_zero1_fine_tuning_from_pretrained_weights(reference, data_root, tmp_pat
     standalone = json.loads((run_dir / "eval_test.json").read_text())
     assert standalone["test/mAP"] == pytest.approx(final["test/mAP"], abs=1e-5)
     assert standalone["test/num_samples"] == 40
+    # ... and so does it from the DeepSpeed checkpoint of the last step (consolidated on the fly)
+    out = tmp_path / "val_from_checkpoint.json"
+    result = subprocess.run(
+        [os.sys.executable, "-m", "af_train.evaluate", str(run_dir), "--split", "val", "--out", str(out),
+         "--checkpoint", str(run_dir / "checkpoints" / "step_00000030")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["val/mAP"] == pytest.approx(final["val/mAP"], abs=1e-5)
 
 
 def test_zero3_bf16_pretraining_learns(data_root, tmp_path):
