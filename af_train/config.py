@@ -252,6 +252,7 @@ class DataConfig:
     download_retry: int = 2
     download_timeout: float = 60.0
     predownload: int | None = None
+    shuffle_block_size: int | None = None  # samples shuffled together; with cache_limit keep a block's shards cached
     validate_hash: Literal["sha1", "xxh64"] | None = None  # check each downloaded shard against index.json
     dynamic_padding: bool = False  # pad each batch to its longest sequence (multiple of 8), not max_length
 
@@ -269,10 +270,10 @@ class DataConfig:
         _require(self.max_length >= 4, f"data.max_length must be >= 4, got {self.max_length}")
         _require(self.num_canonical_nodes >= 1, "data.num_canonical_nodes must be >= 1")
         _require(self.num_workers >= 0, "data.num_workers must be >= 0")
-        _require(self.remote is None or "://" in self.remote,
-                 f"data.remote must be a URL like s3://bucket/prefix, got {self.remote!r}")
-        _require(self.download_retry >= 0 and self.download_timeout > 0,
-                 "data.download_retry must be >= 0 and data.download_timeout > 0 (seconds)")
+        _require(self.shuffle_block_size is None or self.shuffle_block_size >= 1,
+                 "data.shuffle_block_size must be >= 1")
+        _require(self.download_retry >= 1 and self.download_timeout > 0,
+                 "data.download_retry must be >= 1 and data.download_timeout > 0 (seconds)")
         _require(self.cache_limit is None or bool(re.fullmatch(r"\d+(\.\d+)?([kmgtp]?b)?", self.cache_limit.lower())),
                  f"data.cache_limit must be a size like '512mb' or '20gb', got {self.cache_limit!r}")
 

@@ -27,6 +27,12 @@ folder that is renamed into place only when complete (``part-NNNNNN/``). An inte
 one, so every accepted clip ends up in the shards exactly once. When all chunks of a split are
 done, a merged ``index.json`` (streaming's merge_index layout), ``rejects.jsonl`` and finally
 ``manifest.json`` are written atomically. Every refused clip is logged with its reason and counted.
+
+Object storage: ``--out s3://bucket/prefix`` (endpoint and credentials from the AWS environment,
+``S3_ENDPOINT_URL`` for MinIO/Ceph) works the same way in a local staging folder and uploads each
+committed chunk, then the merged index and the manifest last; the bucket is the resume state, so a
+rerun on any machine continues where the uploads stopped (see ``RemoteOutput``). Each shard's sha1
+and xxh64 go into ``index.json`` (``data.validate_hash`` checks them when streaming).
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@ Where the shards come from:
   ``<remote>/<data.<split> or split name>`` into a private cache directory
   ``<cache root>/<split>-<hash of the remote>``; the cache root is ``data.local_cache`` if set, else
   the ``local_cache`` argument (the engine passes one inside the run directory). ``cache_limit``,
-  ``download_retry``, ``download_timeout``, ``predownload`` and ``validate_hash`` go to streaming
-  unchanged. Credentials and endpoint come from the AWS environment (see ``af_train.remote``).
+  ``download_retry``, ``download_timeout``, ``predownload``, ``shuffle_block_size`` and
+  ``validate_hash`` go to streaming unchanged. Credentials and endpoint come from the AWS
+  environment (see ``af_train.remote``). A restarted job reuses the shards already in its cache
+  directory, unless the remote ``index.json`` changed (the data set was re-prepared): then the cache
+  is emptied first.
 
 Ordering: the training split is shuffled with ``data.shuffle_seed`` over ``data.num_canonical_nodes``
 canonical nodes (explicit, so the global order does not depend on the physical node count); val and
@@ -25,12 +28,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import weakref
 from pathlib import Path
 
 from streaming import StreamingDataLoader
 
+from af_train import remote as remote_io
 from af_train.config import DataConfig
 from af_train.data.collate import Collator
 from af_train.data.dataset import INDEX_NAME, AudioCodeDataset, DataError, load_manifest, setup_distributed_env
@@ -65,6 +70,15 @@ def cache_dir_for(cfg: DataConfig, split: str, remote: str, local_cache: str | N
     if root is None:
         root = os.path.join(tempfile.gettempdir(), "af_train_cache")
         logger.warning("data.local_cache is not set; caching remote shards under %s", root)
+    elif cfg.local_cache is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world))))
+        if world > per_node:  # several nodes: the run directory is shared, a cache folder must not be
+            node = int(os.environ.get("RANK", "0")) // max(per_node, 1)
+            root = os.path.join(root, f"node{node}")
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                logger.warning("data.local_cache is not set: node %d caches remote shards in %s (inside the run "
+                               "directory); set data.local_cache to a node-local disk", node, root)
     digest = hashlib.sha1(remote.encode()).hexdigest()[:10]
     path = os.path.join(root, f"{split}-{digest}")
     os.makedirs(path, exist_ok=True)
@@ -82,6 +96,32 @@ def _close_previous(local: str) -> None:
     if dataset is not None:
         logger.info("closing the previous dataset on cache dir %s before building a new one", local)
         dataset.close()
+
+
+def _drop_stale_cache(local: str, remote: str, cfg: DataConfig) -> None:
+    """Empty a cache directory whose shards belong to an older version of the remote data set.
+
+    streaming trusts a cached ``index.json`` and cached shard files by name; after the data set in
+    the bucket was re-prepared, a restarted job would silently train on the old shards.
+    """
+    cached = Path(local) / INDEX_NAME
+    if not cached.is_file():
+        return
+    try:
+        if remote_io.is_remote(remote):
+            fresh = remote_io.RemoteDir(remote, timeout=cfg.download_timeout, retries=cfg.download_retry).read_bytes(
+                INDEX_NAME)
+        else:  # a shared filesystem (NFS, Lustre) streamed into node-local cache
+            fresh = (Path(remote) / INDEX_NAME).read_bytes()
+    except (remote_io.RemoteError, OSError) as exc:
+        raise DataError(f"cannot read the shard index of '{remote}': {exc}") from None
+    if fresh == cached.read_bytes():
+        return
+    files = [p for p in Path(local).rglob("*") if p.is_file()]
+    logger.warning("the shards in %s changed since they were cached in %s: dropping the %d cached files",
+                   remote, local, len(files))
+    shutil.rmtree(local)
+    os.makedirs(local, exist_ok=True)
 
 
 def _clean_stale_shm_then_sync() -> None:
@@ -140,6 +180,8 @@ def build_dataset(
     )
     if remote is not None:
         _close_previous(local)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the others wait in the barrier below
+            _drop_stale_cache(local, remote, cfg)
     _clean_stale_shm_then_sync()
     dataset = AudioCodeDataset(
         manifest=manifest,
@@ -154,6 +196,7 @@ def build_dataset(
         batch_size=batch_size,
         shuffle=cfg.shuffle and split == "train" if shuffle is None else shuffle,
         shuffle_seed=cfg.shuffle_seed,
+        shuffle_block_size=cfg.shuffle_block_size,
         num_canonical_nodes=cfg.num_canonical_nodes,
         predownload=cfg.predownload,
         cache_limit=cfg.cache_limit,

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import record_hashes, upload_tree
+from s3_helpers import record_hashes, upload_tree
 
 from af_train.config import DataConfig
 from af_train.data import DataError, build_dataloader, load_manifest
@@ -87,8 +87,12 @@ def test_corrupt_remote_shard_is_named_and_not_kept(remote_shards, tmp_path, loa
 
     cache = tmp_path / "cache"
     cfg = DataConfig(remote=f"s3://{bucket}/set", local_cache=str(cache), max_length=24, shuffle=False,
-                     validate_hash="xxh64", download_retry=1)
+                     validate_hash="xxh64", download_retry=1, download_timeout=7, cache_limit="64kb", predownload=6)
     loaders.append(loader := build_dataloader(cfg, "train", 4, mask=False, seed=0, drop_last=False))
+    stream = loader.dataset.streams[0]  # the recipe's settings reach streaming
+    assert (stream.remote, stream.download_retry, stream.download_timeout, stream.validate_hash) == (
+        f"s3://{bucket}/set/train", 1, 7, "xxh64")
+    assert (loader.dataset.cache_limit, loader.dataset.predownload) == (64 * 1024, 6)
     seen = []
     with pytest.raises(DataError, match=rf"shard '{victim}' of 's3://{bucket}/set/train' failed its xxh64 check"):
         for batch in loader:
@@ -108,3 +112,58 @@ def test_corrupt_remote_shard_is_named_and_not_kept(remote_shards, tmp_path, loa
     loaders.append(loader := build_dataloader(cfg, "val", 4, mask=False, seed=0))
     with pytest.raises(DataError, match="data.validate_hash=xxh64 but shard 'shard.00000.mds' .* records no such hash"):
         next(iter(loader))
+
+
+def test_restart_reuses_the_cache_unless_the_remote_data_set_changed(remote_shards, tmp_path, loaders, caplog):
+    client, bucket, local, stored = remote_shards
+    cfg = DataConfig(remote=f"s3://{bucket}/set", local_cache=str(tmp_path / "cache"), max_length=24,
+                     validate_hash="sha1")
+
+    def read_all() -> dict[str, list[int]]:
+        """clip id -> the codes of row 0 as read (between BOA and EOA)."""
+        loaders.append(loader := build_dataloader(cfg, "train", 4, mask=False, seed=0, drop_last=False))
+        out = {}
+        for batch in loader:
+            for clip, row in zip(batch["ids"], batch["input_ids"][:, 0]):
+                out[clip] = row[1:21].tolist()
+        loader.dataset.close()
+        return out
+
+    def codes(samples: dict) -> dict[str, list[int]]:
+        return {clip: sample["codes"][0, :20].tolist() for clip, sample in samples.items()}
+
+    assert read_all() == codes(stored)
+    # A restart reads from the cache: the shard objects are not needed any more.
+    index = json.loads((local / "index.json").read_text())
+    for shard in index["shards"]:
+        client.delete_object(Bucket=bucket, Key=f"set/train/{shard['raw_data']['basename']}")
+    assert read_all() == codes(stored)
+    assert "changed since they were cached" not in caplog.text
+
+    # The data set in the bucket is re-prepared: the stale cache is dropped and the new clips are read.
+    newer = tmp_path / "newer"
+    new_stored = write_shards(newer, 12, frames=20, num_classes=4, seed=4, size_limit=1 << 10)
+    record_hashes(newer)
+    upload_tree(client, newer, bucket, "set/train")
+    with caplog.at_level("WARNING", logger="af_train.data.loader"):
+        assert read_all() == codes(new_stored)
+    assert f"the shards in s3://{bucket}/set/train changed since they were cached" in caplog.text
+
+
+def test_each_node_gets_its_own_default_cache_folder(monkeypatch, tmp_path):
+    from af_train.data.loader import cache_dir_for
+
+    run_cache = str(tmp_path / "run" / "cache")
+    folders = {}
+    for rank in range(4):  # two nodes of two ranks, the run directory shared between them
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank % 2))
+        folders[rank] = cache_dir_for(DataConfig(remote="s3://a/set"), "train", "s3://a/set/train", run_cache)
+    assert folders[0] == folders[1] != folders[2] == folders[3]
+    assert Path(folders[2]).parent.name == "node1" and Path(folders[2]).name.startswith("train-")
+    # an explicit node-local cache is used as given
+    nvme = tmp_path / "nvme"
+    assert Path(cache_dir_for(DataConfig(remote="s3://a/set", local_cache=str(nvme)), "train", "s3://a/set/train",
+                              run_cache)).parent == nvme

@@ -316,3 +316,23 @@ def test_demo_runs_as_a_plain_script_from_anywhere(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "# synth [fresh: not run before]" in result.stdout
     assert f"af-synth-audio --out {tmp_path / 'd' / 'audio'}" in result.stdout
+
+
+def test_ctrl_c_is_passed_to_the_running_command_and_logged(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    child = ("import signal, sys, time\n"
+             "def stop(signum, frame):\n    print('saving a checkpoint, then exiting', flush=True); sys.exit(5)\n"
+             "signal.signal(signal.SIGINT, stop)\nprint('wrote ready', flush=True)\ntime.sleep(60)\n")
+    stage = st.Stage("slow", "a long training run", command=["python3", "-c", child])
+    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_stages([stage], tmp_path, redo=set(), verbose=False)
+    assert time.time() - started < 30  # the child stopped on the forwarded SIGINT, not after its sleep
+    assert "saving a checkpoint, then exiting" in (tmp_path / "logs" / "slow.log").read_text()
+    assert st.read_marker(tmp_path, "slow")["status"] == "running"  # the next run resumes it
