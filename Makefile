@@ -19,7 +19,7 @@ pytest: install
 
 test: lint pytest
 
-# The whole pipeline on synthetic data (~10 min on 2 CPU cores); reruns reuse finished stages.
+# The whole pipeline on synthetic data (~6 min on 2 CPU cores); reruns reuse finished stages.
 # Options: make demo DEMO_ARGS='--plan' (see python3 tools/demo.py --help).
 demo: install
 	$(PYTHON) tools/demo.py $(DEMO_ARGS)

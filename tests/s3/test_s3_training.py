@@ -7,6 +7,7 @@ of the shards at a time, so streaming evicts and re-downloads while training.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,9 +56,24 @@ def logged_step(run_dir: Path) -> int:
 
 
 @pytest.fixture
-def launcher(s3):
-    """Start/wait helpers of tests/engine with the S3 environment; releases DeepSpeed's /dev/shm buffers."""
+def launcher(s3, monkeypatch):
+    """Start/wait helpers of tests/engine with the S3 environment. Afterwards: no launched job is left
+    running (also when the test failed while waiting) and DeepSpeed's /dev/shm buffers are released."""
+    started = []
+    real_start = engine_helpers.start
+
+    def start(*args, **kwargs):
+        started.append(process := real_start(*args, **kwargs))
+        return process
+
+    monkeypatch.setattr(engine_helpers, "start", start)
     yield engine_helpers
+    for process in started:
+        if process.poll() is None or engine_helpers._live_members(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            engine_helpers.wait_group_exit(process, timeout=30)
+            process.wait()
     while engine_helpers.USED_PORTS:
         engine_helpers.release_shm(engine_helpers.USED_PORTS.pop())
 
