@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -159,6 +160,9 @@ def check_command(command: str) -> str:
     if program == "python3" and args[:2] == ["-m", "af_train.train"]:
         check_training_args(args[2:], command)
         return "train"
+    if program == "python3" and args[:1] == ["-m"] and args[1] not in ("pytest",):
+        assert importlib.util.find_spec(args[1]) is not None, f"`{command}`: no module {args[1]}"
+        return "module"
     if program == "python3" and args and args[0].startswith("tools/"):
         module = importlib.import_module(f"af_train_tools.{Path(args[0]).stem}")
         parse_with(module.main, args[1:], command)
@@ -287,3 +291,24 @@ def test_readme_export_commands_on_the_demo_output(smoke_demo, tmp_path):
     assert classifier["labels"][:2] == ["tone", "chirp"] and classifier["multi_label"] is True
     RoFormerModel.from_pretrained(tmp_path / "hf" / "audioformer-demo-ft1")
     RoFormerForMaskedLM.from_pretrained(tmp_path / "hf" / "audioformer-demo-mlm")
+
+    # The README's inference snippet gives the probabilities af_train's own FT1 module gives.
+    import torch
+
+    from af_train.config import Recipe
+    from af_train.model.checkpoint import check_and_load_state, read_checkpoint
+    from af_train.objectives import build_training_module
+
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme(), re.DOTALL)
+    snippet = snippet.replace('"hf/', f'"{tmp_path}/hf/').replace("(150,)", "(75,)")  # the smoke clips last 1 s
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(snippet, "README.md (python block)", "exec"), namespace)
+    assert "'tone':" in printed.getvalue()
+    run = root / "demo" / "ft1"
+    recipe = Recipe.load(run / "config.yaml", ["objective.init_checkpoint=null"])
+    module = build_training_module(recipe, len(classifier["labels"]), True).eval()
+    check_and_load_state(module, read_checkpoint(run / "final" / "model.pt")["state_dict"], "ft1")
+    with torch.no_grad():
+        scores = module({"input_ids": namespace["input_ids"][:, None], "attention_mask": namespace["attention_mask"]})
+    torch.testing.assert_close(namespace["probabilities"], torch.sigmoid(scores["scores"]), atol=1e-5, rtol=1e-5)

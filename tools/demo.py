@@ -60,7 +60,7 @@ DEFAULT_DATA = Path("data/demo")
 
 @dataclass
 class Settings:
-    """The demo's size; ``--smoke`` shrinks it to seconds for the README test."""
+    """The demo's size; ``--smoke`` shrinks it to about a minute for the README test."""
 
     num_clips: int = 400
     clip_seconds: float = 2.0
@@ -380,7 +380,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def collect_results(out: Path, s: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows of the model table (from eval/per-class files) and the pretraining table (from metrics.jsonl)."""
+    """Rows of the model table (eval and per-class files) and the pretraining table (final/metrics.json)."""
     models = []
     for mode in ("ft1", "ft2"):
         run = out / mode
@@ -440,7 +440,7 @@ def report(out: Path, s: Settings, timings: list[dict[str, Any]], codec_note: st
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Stages: synth, prepare, pretrain_row0.., ft1, ft2, evaluate_ft1, "
                                             "evaluate_ft2, plots. Exit status 1 when a result check fails.")
@@ -452,19 +452,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redo", nargs="+", default=[], metavar="STAGE", help="run these stages again from scratch")
     parser.add_argument("--verbose", action="store_true", help="show every line of every command")
     parser.add_argument("--num-cpu-ranks", type=int, default=2, help="CPU processes when there is no GPU (default 2)")
-    parser.add_argument("--num-gpus", type=int, help="GPUs to use (default: all visible; 0 forces the CPU)")
+    parser.add_argument("--num-gpus", type=int, help="GPUs to use (default: all visible; 0: start --num-cpu-ranks "
+                                                     "processes as on a machine without GPU)")
     codec = parser.add_mutually_exclusive_group()
     codec.add_argument("--codec-checkpoint", help=f"official EnCodec weights ({ENCODEC_WEIGHTS}); default: the torch "
                                                   "hub cache when the file is there")
     codec.add_argument("--codec-random-init", type=int, metavar="SEED",
                        help="use a random-initialised codec even when the official weights are present")
-    size = parser.add_argument_group("size (defaults fit 15 minutes on 2 CPU cores)")
+    size = parser.add_argument_group("size (defaults: about 6 minutes on 2 CPU cores)")
     size.add_argument("--num-clips", type=int, help=f"synthetic clips (default {Settings.num_clips})")
     size.add_argument("--frozen-rows", help="FT2's frozen code rows, comma-separated (default 1,2,3)")
     size.add_argument("--pretrain-steps", type=int, help=f"per pretraining run (default {Settings.pretrain_steps})")
     size.add_argument("--ft-steps", type=int, help=f"per fine-tuning run (default {Settings.ft_steps})")
-    size.add_argument("--smoke", action="store_true", help="a seconds-long miniature (tests): 24 clips of 1 s, "
-                                                           "3 steps per run, one frozen row")
+    size.add_argument("--smoke", action="store_true", help="a miniature for tests (about a minute): 24 clips of "
+                                                           "1 s, 3 steps per run, one frozen row; checks not enforced")
     return parser.parse_args(argv)
 
 
@@ -491,10 +492,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    s = settings_from(args)
     # Commands run from the repository root; paths inside it are written relative to it (readable, as in README).
     out, data = (Path(_rel(Path(p).resolve())) for p in (args.out, args.data))
+    previous = os.getcwd()
     os.chdir(REPO)
+    try:
+        return _main(args, out, data)
+    finally:
+        os.chdir(previous)
+
+
+def _main(args: argparse.Namespace, out: Path, data: Path) -> int:
+    s = settings_from(args)
     codec = None if args.codec_random_init is not None else find_codec_weights(args.codec_checkpoint)
     codec_seed = args.codec_random_init if args.codec_random_init is not None else 0
     if codec is not None:

@@ -187,7 +187,7 @@ def plot_training(metrics: RunMetrics, path: Path) -> Path | None:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    titles = {"lr": "learning rate", "grad_norm": "gradient norm (before clipping)", "samples_per_s": "samples / s"}
+    titles = {"lr": "learning rate", "grad_norm": "global gradient norm", "samples_per_s": "samples / s"}
     for ax, key in zip(axes[0], panels):
         steps, values = metrics.train[key]
         ax.plot(steps, values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import signal
 import socket
@@ -129,3 +130,14 @@ def wait_group_exit(process: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     raise AssertionError(f"processes {_live_members(process.pid)} of group {process.pid} still run after {timeout} s")
+
+
+def batch_ids(run_dir: Path) -> dict[tuple[int, int], list[str]]:
+    """(step, rank) -> clip ids of that rank's micro batches in that step."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for path in sorted((run_dir / "sample_ids").glob("rank_*.jsonl")):
+        rank = int(path.stem.split("_")[1])
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            out.setdefault((record["step"], rank), []).extend(record["ids"])
+    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import base_overrides, free_port, run, start, wait, wait_for, wait_group_exit
+from engine_helpers import base_overrides, batch_ids, free_port, run, start, wait, wait_for, wait_group_exit
 
 from af_train.checkpoint import is_complete, latest_complete, step_of
 from af_train.run_logging import read_metrics
@@ -28,17 +28,6 @@ REFERENCE_STEPS = 40
 
 def train_records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
-
-
-def batch_ids(run_dir: Path) -> dict[tuple[int, int], list[str]]:
-    """(step, rank) -> clip ids of that rank's micro batches in that step."""
-    out: dict[tuple[int, int], list[str]] = {}
-    for path in sorted((run_dir / "sample_ids").glob("rank_*.jsonl")):
-        rank = int(path.stem.split("_")[1])
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            out.setdefault((record["step"], rank), []).extend(record["ids"])
-    return out
 
 
 def global_ids(run_dir: Path) -> dict[int, list[str]]:

@@ -32,17 +32,6 @@ CACHE_LIMIT = "48kb"  # index.json (9 kB) + about 9 of the 19 shards
 SHUFFLE_BLOCK = 48
 
 
-def batch_ids(run_dir: Path) -> dict[tuple[int, int], list[str]]:
-    """(step, rank) -> clip ids of that rank's micro batches (the engine's train.record_sample_ids)."""
-    out: dict[tuple[int, int], list[str]] = {}
-    for path in sorted((run_dir / "sample_ids").glob("rank_*.jsonl")):
-        rank = int(path.stem.split("_")[1])
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            out.setdefault((record["step"], rank), []).extend(record["ids"])
-    return out
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
@@ -128,14 +117,14 @@ def test_two_ranks_stream_from_s3_with_eviction_kill_and_resume(s3, launcher, tm
     assert f"step_{resumed_from:08d} at step {resumed_from}" in resumed
 
     # same batches, bit-identical losses as the local-disk run
-    assert batch_ids(run_dir) == batch_ids(reference)
+    assert engine_helpers.batch_ids(run_dir) == engine_helpers.batch_ids(reference)
     mine, theirs = losses(run_dir), losses(reference)
     assert sorted(mine) == list(range(1, STEPS + 1))
     assert all(mine[s] == theirs[s] for s in mine), [(s, mine[s], theirs[s]) for s in mine if mine[s] != theirs[s]]
     assert (run_dir / "final" / "model.pt").is_file()
 
     # the cache stayed under its limit although more shards were read than it holds: shards were evicted
-    touched = {shard_of[int(clip[len("train"):])] for ids in batch_ids(run_dir).values() for clip in ids}
+    touched = {shard_of[int(clip[len("train"):])] for ids in engine_helpers.batch_ids(run_dir).values() for clip in ids}
     cached = {int(p.name.split(".")[1]) for p in cache_dirs[0].rglob("shard.*.mds")}
     assert cached and len(touched) > len(cached) + 4, (sorted(touched), sorted(cached))
     assert sum(shards[i]["raw_data"]["bytes"] for i in cached) <= 48 * 1024
