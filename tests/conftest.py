@@ -71,3 +71,12 @@ def single_torch_thread():
     """Use in codec-heavy tests (autouse in tests/codec and the prepare tests)."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture
+def loaders():
+    """Collects DataLoaders built in a test and releases their shared memory afterwards."""
+    built: list = []
+    yield built
+    for loader in built:
+        loader.dataset.close()

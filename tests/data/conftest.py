@@ -22,15 +22,6 @@ def _streaming_shm_cleanup():
     clean_stale_streaming_shm(min_age_s=0)  # ours are all closed by now; live segments are kept anyway
 
 
-@pytest.fixture
-def loaders():
-    """Collects DataLoaders built in a test and releases their shared memory afterwards."""
-    built: list = []
-    yield built
-    for loader in built:
-        loader.dataset.close()
-
-
 @pytest.fixture(scope="module")
 def multi_label_shards(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("shards_multi")

@@ -23,14 +23,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def loaders():
-    built: list = []
-    yield built
-    for loader in built:
-        loader.dataset.close()
-
-
-@pytest.fixture
 def remote_shards(s3, tmp_path):
     """30 clips in ~6 shards with sha1/xxh64 recorded, uploaded to s3://<bucket>/set/train."""
     client, bucket = s3
