@@ -454,10 +454,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Evaluation and checkpoints
     # ------------------------------------------------------------------------------------------
-    def evaluate(self, split: str) -> dict[str, float]:
+    def evaluate(self, split: str, module: torch.nn.Module | None = None) -> dict[str, float]:
+        """Collective: metrics of ``module`` (default: the engine's) on a split."""
         if self.eval_loaders[split] is None:
             self.eval_loaders[split] = self._eval_builders[split]()
-        return evaluate_module(self.engine.module, self.eval_loaders[split], self.device, split)
+        return evaluate_module(module or self.engine.module, self.eval_loaders[split], self.device, split)
 
     def _evaluate_and_select(self, split: str, step: int) -> dict[str, float]:
         metrics = self.evaluate(split)
@@ -528,22 +529,50 @@ class Trainer:
         metrics: dict[str, float] = {}
         if "val" in self.eval_loaders:
             metrics.update(self._evaluate_and_select("val", self.progress.step))
-        if cfg.test_at_end and "test" in self.eval_loaders:
-            if cfg.best_metric and cfg.best_metric.startswith("test/"):
-                metrics.update(self._evaluate_and_select("test", self.progress.step))
-            else:
-                metrics.update(self.evaluate("test"))
-                self.logger.log({"step": self.progress.step, **{k: v for k, v in metrics.items()
-                                                                  if k.startswith("test/")}})
         final = self.run_dir / "final"
         self.save_weights(final / "model.pt", path)
+        tested = None
+        if cfg.test_at_end and "test" in self.eval_loaders:
+            if cfg.best_metric and cfg.best_metric.startswith("test/"):
+                tested = path.name
+                metrics.update(self._evaluate_and_select("test", self.progress.step))
+            else:
+                tested, test_metrics = self._evaluate_selected_on_test(path)
+                metrics.update(test_metrics)
+                self.logger.log({"step": self.progress.step, **test_metrics})
         if self.rank == 0:
             summary = {"step": self.progress.step, "samples": self.progress.samples, "tokens": self.progress.tokens,
-                       "checkpoint": str(path), "best": self.progress.best, **metrics}
+                       "checkpoint": str(path), "best": self.progress.best, "test_checkpoint": tested, **metrics}
             (final / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             log.info("finished at step %d; weights in %s", self.progress.step, final / "model.pt")
         self.logger.flush()
         return metrics
+
+    def _evaluate_selected_on_test(self, last: Path) -> tuple[str, dict[str, float]]:
+        """Collective: test metrics of the checkpoint selected on validation (the last one without a
+        selection metric). A selected checkpoint other than the last is consolidated to fp32 and
+        evaluated in a fresh module, so the engine's own weights stay untouched."""
+        best = self._agree(self.checkpoints.best() if self.rank == 0 else None)
+        if best is None or best[0] == last.name:
+            return last.name, self.evaluate("test")
+        from af_train.model.checkpoint import check_and_load_state
+        from af_train.objectives import build_training_module
+
+        tag = best[0]
+        selected = self.checkpoints.root / tag
+        if self.recipe.train.zero_stage == 0:
+            model_states = selected / "mp_rank_00_model_states.pt"
+            state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints.root), tag=tag)
+        module = build_training_module(self.recipe, self.manifest.num_classes, self.manifest.multi_label)
+        check_and_load_state(module, {k: v.float() for k, v in state.items()}, f"checkpoint '{selected}'")
+        module.to(self.device)
+        if self.rank == 0:
+            log.info("test split: evaluating %s, selected on %s = %.4f", tag, self.recipe.train.best_metric, best[1])
+        return tag, self.evaluate("test", module)
 
     def close(self) -> None:
         self.logger.close()

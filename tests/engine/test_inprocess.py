@@ -189,3 +189,35 @@ def test_ft2_trains_only_the_trainable_row_and_consolidates_frozen_encoders(one_
             assert torch.equal(state[f"frozen_encoders.{index}.{name}"], tensor), name  # untouched, consolidated
     initial = torch.load(frozen_paths[0], weights_only=True)["state_dict"]  # same shapes as the trainable row
     assert set(f"encoder.{k}" for k in initial) <= set(state)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_test_split_is_scored_with_the_checkpoint_selected_on_validation(one_rank, data_root, tmp_path,
+                                                                          monkeypatch, zero_stage):
+    from af_train.evaluate import main as evaluate_main
+
+    # Only the first validation counts as an improvement: the selected checkpoint is step 2, not the last.
+    verdicts = iter([True])
+    monkeypatch.setattr(ckpt.CheckpointManager, "is_better", lambda self, value: next(verdicts, False))
+    run_dir = tmp_path / "ft1"
+    trainer = make_trainer(data_root, run_dir, [
+        "objective.mode=ft1", f"data.test={data_root / 'test'}", "train.max_steps=4", "train.eval_every=2",
+        "train.save_every=2", "train.keep_last=1", f"train.zero_stage={zero_stage}", "train.best_metric=val/mAP"])
+    metrics = trainer.fit()
+    trainer.close()
+    final = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert final["best"]["step"] == 2 and final["test_checkpoint"] == "step_00000002"
+    assert final["test/mAP"] == metrics["test/mAP"]
+    # an independent single-process evaluation of that checkpoint gives the same test metrics
+    selected = run_dir / "checkpoints" / "step_00000002"
+    if zero_stage == 0:  # no ZeRO partitions to consolidate: compare against the module weights in the checkpoint
+        state = torch.load(selected / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        weights = tmp_path / "selected.pt"
+        torch.save({"format": "af_train.module/1", "state_dict": state}, weights)
+        args = ["--weights", str(weights)]
+    else:
+        args = ["--checkpoint", str(selected)]
+    out = tmp_path / "eval.json"
+    assert evaluate_main([str(run_dir), "--split", "test", "--out", str(out), *args]) == 0
+    standalone = json.loads(out.read_text())
+    assert standalone["test/mAP"] == pytest.approx(final["test/mAP"], abs=1e-5)

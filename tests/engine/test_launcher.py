@@ -206,9 +206,13 @@ def test_zero1_fine_tuning_from_pretrained_weights(reference, data_root, tmp_pat
     final = json.loads((run_dir / "final" / "metrics.json").read_text())
     assert final["val/mAP"] > 0.5 and "test/mAP" in final and "test/d_prime" in final
     assert final["best"]["metric"] == "val/mAP"
+    # the test split is scored with the checkpoint selected on validation, not the last one
+    selected = json.loads((run_dir / "checkpoints" / "best").read_text())["tag"]
+    assert final["test_checkpoint"] == selected
     # the evaluate CLI (one process, consolidated weights) agrees with the engine's distributed evaluation
     result = subprocess.run(
-        [os.sys.executable, "-m", "af_train.evaluate", str(run_dir), "--split", "test", "--batch-size", "7"],
+        [os.sys.executable, "-m", "af_train.evaluate", str(run_dir), "--split", "test", "--batch-size", "7",
+         "--checkpoint", str(run_dir / "checkpoints" / selected)],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
