@@ -517,6 +517,7 @@ class Trainer:
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
                 state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+                state = self._with_frozen_params(state)
             save_module_weights(self.engine.module, out, self.recipe.to_dict(), self.manifest.num_classes,
                                 self.manifest.multi_label, state_dict=state)
             log.info("wrote consolidated weights %s", out)
@@ -548,6 +549,18 @@ class Trainer:
         self.logger.flush()
         return metrics
 
+    def _with_frozen_params(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints (it saves them from stage 2 on):
+        take them from the live module, where they are whole below stage 3 and never change."""
+        if self.recipe.train.zero_stage >= 3:
+            return state
+        frozen = {name for name, p in self.engine.module.named_parameters() if not p.requires_grad}
+        missing = frozen - set(state)
+        if not missing:
+            return state
+        live = self.engine.module.state_dict()
+        return {**state, **{name: live[name].detach().float().cpu() for name in missing}}
+
     def _evaluate_selected_on_test(self, last: Path) -> tuple[str, dict[str, float]]:
         """Collective: test metrics of the checkpoint selected on validation (the last one without a
         selection metric). A selected checkpoint other than the last is consolidated to fp32 and
@@ -566,7 +579,8 @@ class Trainer:
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints.root), tag=tag)
+            root = str(self.checkpoints.root)
+            state = self._with_frozen_params(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
         module = build_training_module(self.recipe, self.manifest.num_classes, self.manifest.multi_label)
         check_and_load_state(module, {k: v.float() for k, v in state.items()}, f"checkpoint '{selected}'")
         module.to(self.device)
