@@ -156,6 +156,20 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt / META} cannot be read ({exc}); the checkpoint is damaged") from None
 
 
+def consolidated_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 module weights of a complete checkpoint, at any ZeRO stage (one process, CPU).
+
+    DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints; callers holding the live module
+    complete them from it.
+    """
+    if read_meta(ckpt)["zero_stage"] == 0:  # no partitions: the module states file holds every weight
+        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in state.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
 def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
     path = ckpt / RANK_DIR / f"rank_{rank:05d}.pt"
     if not path.is_file():

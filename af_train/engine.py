@@ -511,13 +511,7 @@ class Trainer:
         from af_train.model.checkpoint import save_module_weights
 
         if self.rank == 0:
-            if self.recipe.train.zero_stage == 0:
-                state = {k: v.float() for k, v in self.engine.module.state_dict().items()}
-            else:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
-                state = self._with_frozen_params(state)
+            state = self._with_frozen_params(ckpt.consolidated_state(checkpoint_dir))
             save_module_weights(self.engine.module, out, self.recipe.to_dict(), self.manifest.num_classes,
                                 self.manifest.multi_label, state_dict=state)
             log.info("wrote consolidated weights %s", out)
@@ -573,16 +567,9 @@ class Trainer:
 
         tag = best[0]
         selected = self.checkpoints.root / tag
-        if self.recipe.train.zero_stage == 0:
-            model_states = selected / "mp_rank_00_model_states.pt"
-            state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            root = str(self.checkpoints.root)
-            state = self._with_frozen_params(get_fp32_state_dict_from_zero_checkpoint(root, tag=tag))
+        state = self._with_frozen_params(ckpt.consolidated_state(selected))
         module = build_training_module(self.recipe, self.manifest.num_classes, self.manifest.multi_label)
-        check_and_load_state(module, {k: v.float() for k, v in state.items()}, f"checkpoint '{selected}'")
+        check_and_load_state(module, state, f"checkpoint '{selected}'")
         module.to(self.device)
         if self.rank == 0:
             log.info("test split: evaluating %s, selected on %s = %.4f", tag, self.recipe.train.best_metric, best[1])

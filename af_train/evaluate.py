@@ -100,10 +100,9 @@ def evaluate_module(module: torch.nn.Module, loader: Any, device: torch.device, 
 
 def _load_state(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     if args.checkpoint:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from af_train.checkpoint import consolidated_state
 
-        ckpt = Path(args.checkpoint)
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name), str(ckpt)
+        return consolidated_state(Path(args.checkpoint)), args.checkpoint
     weights = Path(args.weights) if args.weights else run_dir / "final" / "model.pt"
     from af_train.model.checkpoint import read_checkpoint
 
