@@ -7,9 +7,35 @@ CPU time. Other test packages may reuse ``prepared_shards`` for an end-to-end da
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# A whole-session bound: pytest-timeout's per-test alarm fires once, so a teardown that hangs after it
+# (a thread that never stops) would otherwise hold CI until its own limit with nothing printed. Past
+# this budget every thread's stack is printed and the run exits non-zero. (pytest's faulthandler_timeout
+# ini option would cancel this timer: leave it unset.)
+SESSION_BUDGET_S = float(os.environ.get("AF_TEST_SESSION_BUDGET_S", "2400"))
+
+
+def _terminal_stderr(config):
+    """A file on the real stderr: fd 2 is pytest's capture file by now, lost when the process exits."""
+    capture = getattr(config.pluginmanager.getplugin("capturemanager"), "_global_capturing", None)
+    saved_fd = getattr(getattr(capture, "err", None), "targetfd_save", None)
+    return os.fdopen(os.dup(saved_fd), "w") if saved_fd is not None else sys.__stderr__
+
+
+def pytest_configure(config) -> None:
+    if SESSION_BUDGET_S > 0:
+        config._af_watchdog_file = _terminal_stderr(config)  # kept alive: faulthandler holds only its fd
+        faulthandler.dump_traceback_later(SESSION_BUDGET_S, exit=True, file=config._af_watchdog_file)
+
+
+def pytest_unconfigure(config) -> None:
+    faulthandler.cancel_dump_traceback_later()
 
 
 @contextlib.contextmanager

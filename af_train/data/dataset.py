@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from af_train.shards import MANIFEST_NAME, Manifest, ManifestError
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"  # streaming's shard index
+THREAD_EXIT_TIMEOUT_S = 30.0  # close(): how long to wait for streaming's download threads
 
 if not hasattr(StreamingDataset, "_resume_incr_epoch"):  # pragma: no cover - guarded by constraints.txt
     raise ImportError(
@@ -139,11 +141,10 @@ class AudioCodeDataset(StreamingDataset):
         dataset cannot be iterated afterwards. Without it streaming releases everything at exit.
         """
         iterator = getattr(self, "_iterator", None)
-        if iterator is not None:
-            iterator.exit()
+        threads_stopped = iterator is None or self._stop_threads(iterator, timeout=THREAD_EXIT_TIMEOUT_S)
         executor = getattr(self, "_executor", None)
         if executor is not None:
-            executor.shutdown(wait=True)
+            executor.shutdown(wait=threads_stopped, cancel_futures=True)
         holders = [
             getattr(self, "_locals_shm", None),
             getattr(self, "_resume_shm", None),
@@ -173,6 +174,7 @@ class AudioCodeDataset(StreamingDataset):
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as exc:
+            self._release_cache_lock_after_failure()
             error = self._shard_error(shard_id, exc)
             self._forget_shard(shard_id)
             self._shard_failure = error
@@ -212,14 +214,56 @@ class AudioCodeDataset(StreamingDataset):
         if getattr(self, "_shard_states", None) is not None:
             self._shard_states[shard_id] = _ShardState.REMOTE
 
+    def _release_cache_lock_after_failure(self) -> None:
+        # streaming's prepare_shard can raise while this thread holds the cache lock (e.g. eviction
+        # finding nothing to evict); every other download would then wait for it forever.
+        lock = getattr(self, "_cache_filelock", None)
+        if lock is not None and lock.is_locked:  # thread-local: True only if this thread holds it
+            lock.release(force=True)
+
+    # streaming's background threads report their exit to the epoch's iterator only when they end
+    # normally; one that dies with an exception never does, and iterator.exit() (next epoch,
+    # close()) then waits forever. Report it on the way out too.
+    def _prepare_thread(self, it) -> None:
+        try:
+            super()._prepare_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    def _ready_thread(self, it) -> None:
+        try:
+            super()._ready_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    @staticmethod
+    def _stop_threads(iterator, timeout: float) -> bool:
+        """Ask the epoch's download threads to stop; False if they are still running after ``timeout``."""
+        iterator.non_blocking_exit()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with iterator._lock:
+                if iterator._num_exited >= iterator._num_threads_to_exit:
+                    return True
+            time.sleep(0.01)
+        logger.warning("streaming's download threads did not stop within %g s; left running", timeout)
+        return False
+
     def __iter__(self):
         # streaming ends the epoch early (silently) when its download thread fails, and only says
         # "Background thread failed" on the next epoch; raise the shard's error right away instead.
         self._shard_failure: DataError | None = None
         try:
             yield from super().__iter__()
-        except RuntimeError as exc:
-            if self._shard_failure is not None and "Background thread failed" in str(exc):
+        except Exception as exc:
+            # The epoch is over for this consumer: stop downloading ahead for it.
+            iterator = getattr(self, "_iterator", None)
+            if iterator is not None:
+                iterator.non_blocking_exit()
+            if isinstance(exc, RuntimeError) and self._shard_failure is not None \
+                    and "Background thread failed" in str(exc):
                 raise self._shard_failure from exc
             raise
         if self._shard_failure is not None:
