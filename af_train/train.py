@@ -84,6 +84,8 @@ def launcher_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
     command = [deepspeed] if deepspeed else [sys.executable, "-m", "deepspeed.launcher.runner"]
     if args.hostfile:
         command += ["--hostfile", args.hostfile]
+        if args.no_ssh:  # one launcher per node, started by the user (e.g. srun): this node's rank
+            command += ["--no_ssh", "--node_rank", str(args.node_rank)]
         if args.master_addr:
             command += ["--master_addr", args.master_addr]
     else:
@@ -109,10 +111,22 @@ def launch_main(argv: list[str] | None = None) -> int:
                         help="CPU processes when there is no GPU (gloo); default 1")
     parser.add_argument("--master_port", "--master-port", type=int, help="rendezvous port (default: a free one)")
     parser.add_argument("--master_addr", "--master-addr", help="with --hostfile: address of the first host")
+    parser.add_argument("--no_ssh", "--no-ssh", action="store_true",
+                        help="with --hostfile: start only this node's ranks (run one af-train per node, e.g. "
+                             "under srun); needs --node_rank and --master_addr")
+    parser.add_argument("--node_rank", "--node-rank", type=int,
+                        help="with --no_ssh: this node's line in the hostfile, from 0 (SLURM: $SLURM_NODEID)")
     parser.add_argument("--dry-run", action="store_true", help="print the launcher command and exit")
     args, rest = parser.parse_known_args(argv)
     if "--recipe" not in rest:
         parser.error("--recipe FILE is required (it is passed to af_train.train)")
+    if args.no_ssh and not args.hostfile:
+        parser.error("--no_ssh is for multi-node runs with --hostfile; on one machine af-train never uses ssh")
+    if args.no_ssh and (args.node_rank is None or not args.master_addr):
+        parser.error("--no_ssh needs --node_rank N (this node's line in the hostfile, from 0) and "
+                     "--master_addr HOST (the node of rank 0), the same on every node")
+    if args.node_rank is not None and not args.no_ssh:
+        parser.error("--node_rank only applies with --hostfile --no_ssh (one launcher per node)")
     command = launcher_command(args, rest)
     env = dict(os.environ)
     if args.num_cpu_ranks and "OMP_NUM_THREADS" not in env:  # share the cores instead of oversubscribing

@@ -79,6 +79,7 @@ def test_close_gives_up_on_threads_that_never_stop(tmp_path, monkeypatch, caplog
     assert "download threads did not stop within 0.3 s; left running" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:predownload < batch_size")  # small on purpose
 @pytest.mark.parametrize("predownload", [1, 2, 64])
 def test_corrupt_remote_shard_fails_cleanly_whichever_thread_meets_it(tmp_path, predownload):
     """predownload=1 makes the main thread and the download thread race for the bad shard."""

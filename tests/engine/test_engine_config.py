@@ -236,6 +236,24 @@ def test_af_train_launcher_command(capsys):
     assert launch_main(["--hostfile", "hosts", "--dry-run", "--recipe", "r.yaml"]) == 0
     line = capsys.readouterr().out
     assert "--hostfile hosts" in line and "--no_ssh" not in line
+    assert launch_main(["--hostfile", "hosts", "--no_ssh", "--node_rank", "1", "--master_addr", "node-a",
+                        "--dry-run", "--recipe", "r.yaml"]) == 0
+    line = capsys.readouterr().out
+    assert "--hostfile hosts --no_ssh --node_rank 1 --master_addr node-a" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no_ssh"], "--no_ssh is for multi-node runs with --hostfile"),
+    (["--hostfile", "h", "--no_ssh", "--master_addr", "a"], "--no_ssh needs --node_rank N"),
+    (["--hostfile", "h", "--no_ssh", "--node_rank", "0"], "--no_ssh needs --node_rank N"),
+    (["--hostfile", "h", "--node_rank", "1"], "--node_rank only applies with --hostfile --no_ssh"),
+])
+def test_af_train_launcher_refuses_incomplete_multi_node_flags(argv, message, capsys):
+    from af_train.train import launch_main
+
+    with pytest.raises(SystemExit):
+        launch_main([*argv, "--dry-run", "--recipe", "r.yaml"])
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
