@@ -213,8 +213,11 @@ class Trainer:
                         ", ".join(changed) or "(unknown)")
         if saved_world == self.world_size:
             return False, None
-        if saved_stage == 0:
-            return False, meta["global_batch"]  # ZeRO-0 state is not partitioned: loads at any size
+        if saved_stage == 0:  # ZeRO-0 state is not partitioned: it loads at any world size as it is
+            log.info("checkpoint %s was saved by %d ranks, resuming on %d: ZeRO-0 state is not partitioned, loading "
+                     "it directly, keeping the global batch %d", path, saved_world, self.world_size,
+                     meta["global_batch"])
+            return False, meta["global_batch"]
         log.info("checkpoint %s was saved by %d ranks, resuming on %d: converting through DeepSpeed's universal "
                  "checkpoint, keeping the global batch %d", path, saved_world, self.world_size, meta["global_batch"])
         return True, meta["global_batch"]

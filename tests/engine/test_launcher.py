@@ -164,6 +164,24 @@ def test_resume_on_one_rank_converts_through_universal_checkpoint(reference, dat
         assert torch.equal(torch.load(universal / name / "fp32.pt", weights_only=False)["param"], master[name]), name
 
 
+def test_zero0_checkpoint_resumes_on_another_world_size(data_root, tmp_path):
+    """ZeRO-0 keeps whole (unpartitioned) states: 2 -> 1 ranks loads them directly, same global batches."""
+    two, one = tmp_path / "zero0_two", tmp_path / "zero0_one"
+    common = ["train.save_every=4", "train.zero_stage=0", "train.eval_every=0"]
+    run(2, base_overrides(data_root, two) + ["train.max_steps=8", *common], tmp_path / "two.log")
+    run(1, base_overrides(data_root, one) + ["train.max_steps=8", *common], tmp_path / "one.log",
+        resume=str(two / "checkpoints" / "step_00000004"))
+    log = (tmp_path / "one.log").read_text(errors="replace")
+    assert "saved by 2 ranks, resuming on 1: ZeRO-0 state is not partitioned" in log, log[-3000:]
+    assert "global batch 8 = micro batch 4 x gradient accumulation 2 x world size 1" in log
+    mine, theirs = train_records(one), train_records(two)
+    assert sorted(mine) == [5, 6, 7, 8]
+    assert all(global_ids(one)[s] == global_ids(two)[s] for s in range(5, 9))
+    for step in range(5, 9):  # same clips, other micro-batch grouping (the loss is a mean of micro-batch token means)
+        assert mine[step]["samples"] == theirs[step]["samples"]
+        assert mine[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=1e-2), step
+
+
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
                     reason="simulated nodes need `unshare -m` and root to mount a private /dev/shm")
 def test_two_simulated_nodes_match_one_node(reference, data_root, tmp_path):
