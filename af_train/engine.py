@@ -37,7 +37,7 @@ from af_train import checkpoint as ckpt
 from af_train.config import Recipe, RecipeError
 from af_train.ds_config import BatchPlan, build_ds_config, optimizer_groups, plan_batch
 from af_train.evaluate import evaluate_module, move_batch
-from af_train.run_logging import RunLogger, memory_gb, peak_flops_per_device, training_flops_per_sample
+from af_train.run_logging import RunLogger, memory_gb, peak_flops_per_device, training_flops_per_token
 from af_train.schedule import build_lr_scheduler
 
 log = logging.getLogger("af_train.engine")
@@ -151,8 +151,8 @@ class Trainer:
         self.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.frozen_params = sum(p.numel() for p in module.parameters() if not p.requires_grad)
         encoder_config = module.encoder.config
-        self.flops_per_sample = training_flops_per_sample(recipe, encoder_config, recipe.data.max_length,
-                                                          encoder_config.vocab_size)
+        self.flops_per_token = training_flops_per_token(recipe, encoder_config, recipe.data.max_length,
+                                                        encoder_config.vocab_size)
         groups = optimizer_groups(module, recipe.optim.weight_decay)
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=module, model_parameters=groups, config=self.ds_config,
@@ -271,7 +271,8 @@ class Trainer:
             f"  ZeRO stage {self.recipe.train.zero_stage}, {self.recipe.train.precision}, "
             f"offload_optimizer={self.recipe.train.offload_optimizer}",
             f"  parameters: {self.trainable_params:,} trainable, {self.frozen_params:,} frozen",
-            f"  model FLOPs per sample (fwd+bwd): {self.flops_per_sample:.3e}; {self.peak_note}",
+            f"  model FLOPs per real token (fwd+bwd, all rows; MFU ignores padding): {self.flops_per_token:.3e}; "
+            f"{self.peak_note}",
             f"  data: {self.train_loader.dataset.size} training clips, {self.manifest.num_classes} classes "
             f"({'multi-label' if self.manifest.multi_label else 'single-label'})",
             f"  resume: {resume_from if resume_from is not None else 'fresh start'}",
@@ -450,7 +451,7 @@ class Trainer:
             "memory_gb": memory_gb(self.device),
         }
         if self.peak_flops is not None:
-            achieved = self.flops_per_sample * window.samples / window.seconds
+            achieved = self.flops_per_token * window.tokens / window.seconds
             record["mfu"] = achieved / (self.peak_flops * self.world_size)
         return record
 

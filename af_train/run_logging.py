@@ -68,8 +68,14 @@ def encoder_forward_flops_per_token(hidden: int, layers: int, intermediate: int,
     return layers * 2.0 * (projections + attention)
 
 
-def training_flops_per_sample(recipe: Any, encoder_config: Any, seq_len: int, vocab_size: int) -> float:
-    """Model FLOPs of one training sample (forward + backward) for the recipe's objective."""
+def training_flops_per_token(recipe: Any, encoder_config: Any, seq_len: int, vocab_size: int) -> float:
+    """Model FLOPs (forward + backward) per real token of a batch, counted over all its code rows.
+
+    MFU = this x real tokens/s / peak: padding is not useful work and is not counted. Attention is
+    costed at a span of ``seq_len`` (an upper bound when batches are padded only to their longest
+    clip). Trainable encoders cost 3x a forward, frozen FT2 row encoders 1x; the MLM head runs on
+    the masked positions only (it gathers them first), i.e. on ``data.mask_rate`` of the tokens.
+    """
     c = encoder_config
     per_token = encoder_forward_flops_per_token(c.hidden_size, c.num_hidden_layers, c.intermediate_size, seq_len)
     rows = len(recipe.data.code_rows)
@@ -77,9 +83,9 @@ def training_flops_per_sample(recipe: Any, encoder_config: Any, seq_len: int, vo
     if mode == "pretrain":
         trainable_rows = rows if recipe.objective.joint_rows else 1
         head = 2.0 * (c.hidden_size * c.hidden_size + c.hidden_size * vocab_size)
-        return 3.0 * trainable_rows * seq_len * (per_token + head)
+        return 3.0 * trainable_rows * (per_token + recipe.data.mask_rate * head) / rows
     frozen_rows = rows - 1 if mode == "ft2" else 0
-    return 3.0 * seq_len * per_token + 1.0 * frozen_rows * seq_len * per_token
+    return (3.0 + 1.0 * frozen_rows) * per_token / rows
 
 
 def memory_gb(device: torch.device) -> float:

@@ -15,7 +15,13 @@ from engine_helpers import REPO, TINY
 from af_train import checkpoint as ckpt
 from af_train.config import OptimConfig, Recipe, RecipeError
 from af_train.ds_config import build_ds_config, optimizer_groups, plan_batch
-from af_train.run_logging import RunLogger, encoder_forward_flops_per_token, peak_flops_per_device, read_metrics
+from af_train.run_logging import (
+    RunLogger,
+    encoder_forward_flops_per_token,
+    peak_flops_per_device,
+    read_metrics,
+    training_flops_per_token,
+)
 from af_train.schedule import LRSchedule, build_lr_scheduler
 
 
@@ -222,6 +228,23 @@ def test_flops_and_peak_table():
     assert peak is None and "cpu" in note
     peak, note = peak_flops_per_device(torch.device("cpu"), "bf16", 1e12)
     assert peak == 1e12 and "train.peak_flops" in note
+
+
+def test_training_flops_count_real_tokens_masked_head_and_frozen_rows():
+    from af_train.model import AudioFormerConfig
+
+    base = AudioFormerConfig.preset("base")
+    encoder = encoder_forward_flops_per_token(768, 12, 3072, seq_len=752)
+    head = 2.0 * (768 * 768 + 768 * base.vocab_size)
+    pretrain = Recipe.load(REPO / "recipes" / "pretrain_audioset2m_row0.yaml")
+    assert pretrain.data.mask_rate == 0.25
+    assert training_flops_per_token(pretrain, base, 752, base.vocab_size) == pytest.approx(3 * (encoder + 0.25 * head))
+    ft1 = Recipe.load(REPO / "recipes" / "ft1_audioset20k.yaml")
+    assert training_flops_per_token(ft1, base, 752, base.vocab_size) == pytest.approx(3 * encoder)
+    # FT2 over 4 rows: per token of the batch, the trainable row costs 3 forwards, each frozen row 1
+    ft2 = Recipe.load(REPO / "recipes" / "ft2_audioset20k_stage1.yaml")
+    assert len(ft2.data.code_rows) == 4
+    assert training_flops_per_token(ft2, base, 752, base.vocab_size) == pytest.approx((3 + 3) * encoder / 4)
 
 
 def test_af_train_launcher_command(capsys):
