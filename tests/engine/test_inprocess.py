@@ -62,6 +62,22 @@ def test_resume_restores_dropout_rng_bit_for_bit(one_rank, data_root, tmp_path):
     assert all(a[s] == b[s] for s in (4, 5, 6)), (a, b)
 
 
+def test_mfu_counts_the_model_flops_of_real_tokens(one_rank, data_root, tmp_path):
+    trainer = make_trainer(data_root, tmp_path / "mfu", ["train.max_steps=3", "train.save_every=0", "data.val=null",
+                                                         "train.peak_flops=1e9"])
+    trainer.fit()
+    trainer.close()
+    records = [r for r in read_metrics(tmp_path / "mfu") if "loss" in r]
+    assert len(records) == 3
+    previous = 0
+    for r in records:
+        step_tokens = r["tokens"] - previous
+        previous = r["tokens"]
+        # real tokens only: at most a full global batch of max_length (32) positions
+        assert 0 < step_tokens <= trainer.plan.global_batch * 32
+        assert r["mfu"] == pytest.approx(trainer.flops_per_token * r["tokens_per_s"] / 1e9, rel=1e-9)
+
+
 class NaNAtCalls(nn.Module):
     """Wraps a training module; its loss is NaN on the given forward calls. Snapshots weights per call."""
 
