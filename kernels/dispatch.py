@@ -70,14 +70,16 @@ def apply_rotary(x, cos, sin, interleaved: bool = True) -> torch.Tensor:
 
 
 def rotary_attention(
-    q, k, v, cos, sin, attention_mask=None, interleaved: bool = True, softmax_scale: float | None = None
+    q, k, v, cos, sin, attention_mask=None, interleaved: bool = True, softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Non-causal attention with RoPE on q, k; see ``kernels.rotary_attention.rotary_attention``."""
+    """Non-causal attention with RoPE on q, k and optional dropout (``dropout_p``) on the attention
+    probabilities; see ``kernels.rotary_attention.rotary_attention``."""
     if use_triton(q):
         from kernels.rotary_attention import rotary_attention as triton_rotary_attention
 
-        return triton_rotary_attention(q, k, v, cos, sin, attention_mask, interleaved, softmax_scale)
-    return reference.rotary_attention(q, k, v, cos, sin, attention_mask, interleaved, softmax_scale)
+        return triton_rotary_attention(q, k, v, cos, sin, attention_mask, interleaved, softmax_scale, dropout_p)
+    return reference.rotary_attention(q, k, v, cos, sin, attention_mask, interleaved, softmax_scale, dropout_p)
 
 
 def mpc_loss(embeddings, groups, temperature: float = 0.05, anchor_mask=None) -> torch.Tensor:

@@ -78,11 +78,15 @@ def rotary_attention(
     attention_mask: torch.Tensor | None = None,
     interleaved: bool = True,
     softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Non-causal attention with RoPE applied to q and k. q, k, v: [batch, seq, heads, head_dim].
 
     ``attention_mask`` [batch, seq]: 1 for real tokens, 0 for padding (keys that are never attended).
     A sequence with no real token at all gets a zero output (no NaN).
+    ``dropout_p`` in [0, 1): dropout on the attention probabilities, applied whenever > 0 (the caller
+    passes 0 in eval mode), by SDPA itself from torch's default generator. The masks differ from the
+    Triton kernel's (another generator); the distribution is the same.
     Uses ``scaled_dot_product_attention``: no eager T x T softmax on the default path.
     """
     if q.shape != k.shape or q.shape != v.shape:
@@ -90,6 +94,9 @@ def rotary_attention(
     batch, seq = q.shape[0], q.shape[1]
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
         raise ValueError(f"attention_mask must be [batch, seq] = {[batch, seq]}, got {list(attention_mask.shape)}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"rotary_attention: dropout_p must be in [0, 1), got {dropout_p}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     qr = apply_rotary(q, cos, sin, interleaved).transpose(1, 2)
     kr = apply_rotary(k, cos, sin, interleaved).transpose(1, 2)
@@ -102,7 +109,7 @@ def rotary_attention(
         # everything and zero their output afterwards instead.
         keep = keep | empty[:, None]
         mask = keep[:, None, None, :]
-    out = F.scaled_dot_product_attention(qr, kr, vt, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(qr, kr, vt, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     out = out.transpose(1, 2)
     if attention_mask is not None:
         out = out * (~empty).to(out.dtype)[:, None, None, None]

@@ -1,8 +1,8 @@
 """Rotary flash attention: Triton forward/backward kernels, autograd Function, user-facing function.
 
-``rotary_attention(q, k, v, cos, sin, attention_mask=None, interleaved=True, softmax_scale=None)``
-computes non-causal softmax attention with RoPE applied to q and k inside the kernel, with the
-semantics of ``kernels.reference.rotary_attention``:
+``rotary_attention(q, k, v, cos, sin, attention_mask=None, interleaved=True, softmax_scale=None,
+dropout_p=0.0)`` computes non-causal softmax attention with RoPE applied to q and k inside the kernel,
+with the semantics of ``kernels.reference.rotary_attention``:
 
 - q, k, v: [batch, seq, heads, head_dim], any strides; the output is [batch, seq, heads, head_dim]
   contiguous in q's dtype;
@@ -17,11 +17,25 @@ backward recomputes the probabilities from it, FlashAttention-2 style: one kerne
 over queries), one for dQ (loop over keys), so there are no atomics and results are deterministic.
 dQ and dK are rotated back by -theta before they are stored: gradients are for the unrotated q, k.
 Any sequence length works (boundary masks, no multiple-of-block restriction).
+
+Dropout on the attention probabilities (``dropout_p > 0``), FlashAttention-2 style, inside the kernels:
+the keep-mask Z (keep with probability 1 - p) is never stored. It is regenerated in every kernel from
+one Philox seed with ``tl.rand(seed, offset)``, offset = (batch * heads index * seq + query row) * seq +
+key column, a function of the element only (not of the block shapes, which the forward and the two
+backward kernels choose independently). Forward: the normaliser l sums the undropped probabilities P,
+the accumulator sums (P o Z / (1 - p)) V. Backward: dV = (P o Z / (1 - p))^T dO,
+dP = (dO V^T) o Z / (1 - p), dS = P o (dP - D) with D = rowsum(dO o O) of the (dropped) output.
+``DROPOUT`` is a constexpr: with p = 0 the kernels compile exactly as without dropout (no RNG code).
+The seed is drawn from torch's default generator of the inputs' device, once per call, so masks
+replay under ``torch.manual_seed``, under activation-checkpoint recomputation (which restores the RNG
+states) and across resume (the engine restores them). ``dropout_keep_mask`` materialises Z (tests).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 import triton
@@ -30,9 +44,58 @@ import triton.language as tl
 from kernels.reference import check_rotary_shapes
 from kernels.rope import check_kernel_inputs, kernels_interpreted, row_max, row_sum
 
-__all__ = ["rotary_attention"]
+__all__ = ["rotary_attention", "dropout_keep_mask", "draw_dropout_seed"]
 
 _LOG2E = 1.0 / math.log(2.0)
+
+
+@triton.jit
+def _mode_probe():
+    pass
+
+
+def _philox_rand():
+    """Triton's ``tl.rand`` (Philox 4x32-10 -> uniform [0, 1)), built for the mode of this module's kernels.
+
+    ``tl.rand`` is itself a ``@triton.jit`` function, compiled or interpreted according to
+    TRITON_INTERPRET when ``triton.language`` was first imported, and an interpreted kernel cannot call
+    a compiled helper (nor the reverse). When the modes differ (tests import the kernels under the
+    interpreter after something imported Triton), Triton's own ``triton/language/random.py`` is executed
+    once more, privately, in this module's mode: the same code and the same random numbers.
+    """
+    interpreted = not isinstance(_mode_probe, triton.runtime.JITFunction)
+    if isinstance(tl.rand, triton.runtime.JITFunction) != interpreted:
+        return tl.rand
+    import triton.language.random as triton_random
+
+    name = "triton.language._af_random_" + ("interpreted" if interpreted else "compiled")
+    spec = importlib.util.spec_from_file_location(name, triton_random.__file__)
+    module = importlib.util.module_from_spec(spec)
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return module.rand
+
+
+_rand = _philox_rand()
+
+
+@triton.jit
+def _dropout_keep(seed, pid_bh, seq_len, rows, cols, dropout_p):
+    """Keep-mask Z of the attention-probability dropout at (query rows, key cols) of one batch*head.
+
+    rows/cols broadcast against each other ([M, 1] and [1, N], or transposed for a [keys, queries]
+    tile). The Philox counter is (pid_bh * seq + row) * seq + col in int64: the same element gets the
+    same draw in every kernel and for every block shape. Keep with probability 1 - dropout_p.
+    """
+    offsets = (pid_bh.to(tl.int64) * seq_len + rows) * seq_len + cols
+    return _rand(seed, offsets) >= dropout_p
 
 
 @triton.jit
@@ -100,14 +163,15 @@ def _key_valid(mask_ptr, stride_mb, stride_ms, batch_idx, offs_n, seq_len, HAS_M
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, lse_ptr, seed_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_cs, stride_cd, stride_ss, stride_sd, stride_mb, stride_ms,
-    n_heads, seq_len, half_dim, head_dim, qk_scale,
+    n_heads, seq_len, half_dim, head_dim, qk_scale, dropout_p, dropout_scale,
     HAS_MASK: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -125,6 +189,8 @@ def _attn_fwd_kernel(
     q1, q2 = _load_rotated(q_base, offs_m, seq_len, stride_qs, stride_qd, cos_ptr, sin_ptr,
                            stride_cs, stride_cd, stride_ss, stride_sd, half_dim, qk_scale,
                            INTERLEAVED, BLOCK_HALF, dot_dtype)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
@@ -143,6 +209,10 @@ def _attn_fwd_kernel(
         p = tl.exp2(scores - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + row_sum(p)
+        if DROPOUT:
+            # l keeps the undropped probabilities; 1 / (1 - p) is applied once, at the end.
+            keep = _dropout_keep(seed, pid_bh, seq_len, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
         v_mask = (offs_n[:, None] < seq_len) & (offs_d[None, :] < head_dim)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=v_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype), input_precision=DOT_PRECISION)
@@ -151,6 +221,8 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * dropout_scale
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
     o_mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < head_dim)
     o_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
@@ -160,7 +232,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, seed_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -168,8 +240,9 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_cs, stride_cd, stride_ss, stride_sd, stride_mb, stride_ms,
-    n_heads, seq_len, half_dim, head_dim, qk_scale, sm_scale,
+    n_heads, seq_len, half_dim, head_dim, qk_scale, sm_scale, dropout_p, dropout_scale,
     HAS_MASK: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -190,6 +263,8 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                 mask=nd_mask, other=0.0).to(dot_dtype)
     valid = _key_valid(mask_ptr, stride_mb, stride_ms, b, offs_n, seq_len, HAS_MASK)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     dk1 = tl.full([BLOCK_N, BLOCK_HALF], 0.0, dtype=tl.float32)
     dk2 = tl.full([BLOCK_N, BLOCK_HALF], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
@@ -209,8 +284,15 @@ def _attn_bwd_dkdv_kernel(
         scores_t += tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION)
         scores_t = tl.where(valid[:, None], scores_t, float("-inf"))
         p_t = tl.exp2(scores_t - lse[None, :])
-        dv += tl.dot(p_t.to(dot_dtype), do, input_precision=DOT_PRECISION)
+        pd_t = p_t
+        if DROPOUT:
+            # Z^T of this tile: same counters as the forward's (query row, key col) elements.
+            keep_t = _dropout_keep(seed, pid_bh, seq_len, offs_m[None, :], offs_n[:, None], dropout_p)
+            pd_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
+        dv += tl.dot(pd_t.to(dot_dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(dot_dtype)
         dk1 += tl.dot(ds_t, q1, input_precision=DOT_PRECISION)
         dk2 += tl.dot(ds_t, q2, input_precision=DOT_PRECISION)
@@ -226,15 +308,16 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, seed_ptr, dq_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     stride_cs, stride_cd, stride_ss, stride_sd, stride_mb, stride_ms,
-    n_heads, seq_len, half_dim, head_dim, qk_scale, sm_scale,
+    n_heads, seq_len, half_dim, head_dim, qk_scale, sm_scale, dropout_p, dropout_scale,
     HAS_MASK: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -256,6 +339,8 @@ def _attn_bwd_dq_kernel(
     md_mask = in_seq[:, None] & (offs_d[None, :] < head_dim)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
                  mask=md_mask, other=0.0).to(dot_dtype)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     dq1 = tl.full([BLOCK_M, BLOCK_HALF], 0.0, dtype=tl.float32)
     dq2 = tl.full([BLOCK_M, BLOCK_HALF], 0.0, dtype=tl.float32)
     for start_n in range(0, seq_len, BLOCK_N):
@@ -272,6 +357,9 @@ def _attn_bwd_dq_kernel(
         scores = tl.where(valid[None, :], scores, float("-inf"))
         p = tl.exp2(scores - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, seq_len, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = (p * (dp - delta[:, None])).to(dot_dtype)
         dq1 += tl.dot(ds, k1, input_precision=DOT_PRECISION)
         dq2 += tl.dot(ds, k2, input_precision=DOT_PRECISION)
@@ -291,7 +379,7 @@ def _gpu_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-_TUNE_KEY = ["seq_len", "head_dim", "HAS_MASK", "INTERLEAVED", "DOT_PRECISION"]
+_TUNE_KEY = ["seq_len", "head_dim", "HAS_MASK", "INTERLEAVED", "DOT_PRECISION", "DROPOUT"]
 _attn_fwd_tuned = triton.autotune(configs=_gpu_configs(), key=_TUNE_KEY)(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = triton.autotune(configs=_gpu_configs(), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = triton.autotune(configs=_gpu_configs(), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
@@ -328,9 +416,67 @@ def _dims(q: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     return batch, seq, heads, half, block_half, block_d
 
 
+def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """The Philox seed of one dropout call: one int64 in [0, 2**31 - 1) drawn from torch's default
+    generator of ``device``, kept as a 1-element tensor on that device.
+
+    The default generator makes the masks follow torch.manual_seed, activation-checkpoint
+    recomputation (torch.utils.checkpoint restores the CPU and device RNG states before re-running the
+    forward) and resume (the engine saves and restores the RNG states). The kernels load the seed from
+    memory rather than taking a host int: ``.item()`` on a CUDA tensor would synchronise the stream on
+    every attention call, and Triton specialises integer arguments (e.g. on divisibility by 16), which
+    would compile some kernels twice.
+    """
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+@triton.jit
+def _keep_mask_kernel(seed_ptr, out_ptr, seq_len, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    seed = tl.load(seed_ptr)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, seq_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, pid_bh, seq_len, offs_m[:, None], offs_n[None, :], dropout_p)
+        ptrs = out_ptr + (pid_bh.to(tl.int64) * seq_len + offs_m[:, None]) * seq_len + offs_n[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seq_len) & (offs_n[None, :] < seq_len))
+
+
+def dropout_keep_mask(
+    seed: int | torch.Tensor, batch: int, heads: int, seq: int, dropout_p: float,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The kernels' keep-mask Z as a bool tensor [batch, heads, seq (query), seq (key)] (for tests).
+
+    Same Philox counters as the attention kernels (``_dropout_keep``), generated by a tiny Triton
+    kernel, so a reference can apply the exact mask: ``seed`` is what ``draw_dropout_seed`` returned
+    for the call (a tensor or its int value). Needs CUDA, or TRITON_INTERPRET=1 (CPU).
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_keep_mask: dropout_p must be in [0, 1), got {dropout_p}")
+    if isinstance(seed, torch.Tensor):
+        device = seed.device if device is None else device
+        seed = int(seed.reshape(-1)[0])
+    if device is None:
+        device = "cpu" if kernels_interpreted() else "cuda"
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+    out = torch.empty((batch, heads, seq, seq), dtype=torch.int8, device=device)
+    check_kernel_inputs("dropout_keep_mask", seed_t, out)
+    if out.numel():
+        block = 64
+        grid = (triton.cdiv(seq, block), batch * heads)
+        if kernels_interpreted():
+            _keep_mask_kernel[grid](seed_t, out, seq, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+        else:
+            with torch.cuda.device(out.device):
+                _keep_mask_kernel[grid](seed_t, out, seq, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    return out.bool()
+
+
 class _RotaryAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cos, sin, mask, interleaved: bool, softmax_scale: float):
+    def forward(ctx, q, k, v, cos, sin, mask, interleaved: bool, softmax_scale: float, dropout_p: float):
         batch, seq, heads, half, block_half, block_d = _dims(q)
         head_dim = q.shape[-1]
         out = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -338,28 +484,34 @@ class _RotaryAttention(torch.autograd.Function):
         has_mask = mask is not None
         mask_arg = mask if has_mask else lse  # never read when HAS_MASK is False
         mask_strides = mask.stride() if has_mask else (0, 0)
+        dropout = dropout_p > 0.0
+        seed = draw_dropout_seed(q.device) if dropout else None
+        seed_arg = seed if dropout else lse  # never read when DROPOUT is False
+        dropout_scale = 1.0 / (1.0 - dropout_p)
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         qk_scale = softmax_scale * _LOG2E
         args = (
-            q, k, v, cos, sin, mask_arg, out, lse,
+            q, k, v, cos, sin, mask_arg, out, lse, seed_arg,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *cos.stride(), *sin.stride(), *mask_strides,
-            heads, seq, half, head_dim, qk_scale,
+            heads, seq, half, head_dim, qk_scale, float(dropout_p), dropout_scale,
         )
         meta = dict(HAS_MASK=has_mask, INTERLEAVED=interleaved, DOT_PRECISION=precision, UPCAST_DOT=_upcast(q),
-                    BLOCK_HALF=block_half, BLOCK_D=block_d)
+                    DROPOUT=dropout, BLOCK_HALF=block_half, BLOCK_D=block_d)
         _launch(_attn_fwd_kernel, _attn_fwd_tuned, seq, batch * heads, args, meta, q.device)
-        ctx.save_for_backward(q, k, v, cos, sin, mask, out, lse)
+        ctx.save_for_backward(q, k, v, cos, sin, mask, out, lse, seed)
         ctx.interleaved = interleaved
         ctx.softmax_scale = softmax_scale
+        ctx.dropout_p = dropout_p
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, cos, sin, mask, out, lse = ctx.saved_tensors
+        q, k, v, cos, sin, mask, out, lse, seed = ctx.saved_tensors
         batch, seq, heads, half, block_half, block_d = _dims(q)
         head_dim = q.shape[-1]
-        # delta_i = sum_d dO_i * O_i, the softmax-Jacobian correction, laid out like lse.
+        # delta_i = sum_d dO_i * O_i, the softmax-Jacobian correction, laid out like lse. With dropout O is
+        # the dropped output, and this equals rowsum(P o dP) with dP = (dO V^T) o Z / (1 - p).
         delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).reshape(batch * heads, seq).contiguous()
         dq = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
         dk = torch.empty_like(dq, dtype=k.dtype)
@@ -367,20 +519,23 @@ class _RotaryAttention(torch.autograd.Function):
         has_mask = mask is not None
         mask_arg = mask if has_mask else lse
         mask_strides = mask.stride() if has_mask else (0, 0)
+        dropout = ctx.dropout_p > 0.0
+        seed_arg = seed if dropout else lse
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         qk_scale = ctx.softmax_scale * _LOG2E
         common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
         tables = (*cos.stride(), *sin.stride(), *mask_strides)
-        scalars = (heads, seq, half, head_dim, qk_scale, ctx.softmax_scale)
+        scalars = (heads, seq, half, head_dim, qk_scale, ctx.softmax_scale,
+                   float(ctx.dropout_p), 1.0 / (1.0 - ctx.dropout_p))
         meta = dict(HAS_MASK=has_mask, INTERLEAVED=ctx.interleaved, DOT_PRECISION=precision, UPCAST_DOT=_upcast(q),
-                    BLOCK_HALF=block_half, BLOCK_D=block_d)
-        dkdv_args = (q, k, v, cos, sin, mask_arg, grad_out, lse, delta, dk, dv,
+                    DROPOUT=dropout, BLOCK_HALF=block_half, BLOCK_D=block_d)
+        dkdv_args = (q, k, v, cos, sin, mask_arg, grad_out, lse, delta, seed_arg, dk, dv,
                      *common, *dk.stride(), *dv.stride(), *tables, *scalars)
         _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, seq, batch * heads, dkdv_args, meta, q.device)
-        dq_args = (q, k, v, cos, sin, mask_arg, grad_out, lse, delta, dq,
+        dq_args = (q, k, v, cos, sin, mask_arg, grad_out, lse, delta, seed_arg, dq,
                    *common, *dq.stride(), *tables, *scalars)
         _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, seq, batch * heads, dq_args, meta, q.device)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def rotary_attention(
@@ -392,16 +547,23 @@ def rotary_attention(
     attention_mask: torch.Tensor | None = None,
     interleaved: bool = True,
     softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Non-causal attention with RoPE applied to q and k inside the kernel (Triton).
 
     q, k, v: [batch, seq, heads, head_dim] (any strides, float32/float16/bfloat16, even head_dim);
     cos, sin: [seq, head_dim // 2]; attention_mask: [batch, seq], nonzero for real tokens.
     ``softmax_scale`` defaults to head_dim ** -0.5. Gradients flow to q, k, v (not to the tables).
+    ``dropout_p`` in [0, 1): dropout on the attention probabilities (inverted: kept ones scaled by
+    1 / (1 - p)), applied whenever > 0 (the caller passes 0 in eval mode); the mask comes from torch's
+    default generator of the inputs' device (see ``draw_dropout_seed``).
     """
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     check_rotary_shapes(q, cos, sin)
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"rotary_attention: dropout_p must be in [0, 1), got {dropout_p}")
     batch, seq = q.shape[0], q.shape[1]
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
         raise ValueError(f"attention_mask must be [batch, seq] = {[batch, seq]}, got {list(attention_mask.shape)}")
@@ -418,4 +580,4 @@ def rotary_attention(
         mask = attention_mask.to(torch.int32)
     if q.numel() == 0:
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device) + 0 * (q.sum() + k.sum() + v.sum())
-    return _RotaryAttention.apply(q, k, v, cos, sin, mask, interleaved, scale)
+    return _RotaryAttention.apply(q, k, v, cos, sin, mask, interleaved, scale, dropout_p)

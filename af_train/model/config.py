@@ -14,13 +14,17 @@ _SPECIAL = SpecialTokens(1024)
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    # CPU tests and the demo recipe.
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+    # CPU tests and the demo recipe (no attention dropout: the demo's numbers stay as published).
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                 attention_probs_dropout_prob=0.0),
     # As roformer_chinese_small.
-    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536),
+    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
+                  attention_probs_dropout_prob=0.1),
     # As RoFormer-base / BERT-base (the AudioFormer paper's size).
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 attention_probs_dropout_prob=0.1),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  attention_probs_dropout_prob=0.1),
 }
 
 
@@ -28,10 +32,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
 class AudioFormerConfig:
     """RoFormer encoder hyper-parameters (names as in ``transformers.RoFormerConfig``).
 
+    Dropout as in Hugging Face: ``hidden_dropout_prob`` on the embeddings, attention output and FFN
+    output; ``attention_probs_dropout_prob`` on the attention probabilities, inside the fused attention
+    (SDPA's own dropout on the reference path, in-kernel Philox dropout on the Triton path), in
+    training mode only. The ``small``/``base``/``large`` presets use 0.1 for both, as RoFormer/BERT;
+    ``tiny`` (CPU tests, demo) and the dataclass default use no attention dropout.
+
     Differences from Hugging Face, all deliberate:
-    - ``attention_probs_dropout_prob`` must be 0: attention goes through a fused SDPA/Triton seam that
-      has no dropout on the attention probabilities. Hidden dropout (embeddings, attention output,
-      FFN output) is applied as in Hugging Face.
     - ``rotary_base`` is a field (Hugging Face hard-codes 10000); export refuses any other value.
     - ``row_embedding``: when True the token-type embedding table is indexed by the EnCodec codebook
       row of the sequence (joint multi-row pretraining); Hugging Face users then pass
@@ -82,12 +89,8 @@ class AudioFormerConfig:
              f"hidden_act '{self.hidden_act}' is not supported; choose one of {', '.join(SUPPORTED_ACTIVATIONS)}")
         need(0.0 <= self.hidden_dropout_prob < 1.0,
              f"hidden_dropout_prob must be in [0, 1), got {self.hidden_dropout_prob}")
-        need(
-            self.attention_probs_dropout_prob == 0.0,
-            f"attention_probs_dropout_prob={self.attention_probs_dropout_prob} is not supported: attention runs "
-            "through a fused SDPA/Triton kernel without dropout on the attention probabilities; set "
-            "model.attention_probs_dropout_prob=0 (hidden dropout is applied)",
-        )
+        need(0.0 <= self.attention_probs_dropout_prob < 1.0,
+             f"attention_probs_dropout_prob must be in [0, 1), got {self.attention_probs_dropout_prob}")
         need(self.max_position_embeddings >= 1, "max_position_embeddings must be >= 1")
         need(self.type_vocab_size >= 1, f"type_vocab_size must be >= 1, got {self.type_vocab_size}")
         need(0 <= self.pad_token_id < self.vocab_size,

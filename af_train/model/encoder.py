@@ -5,9 +5,11 @@ Parameter names equal Hugging Face's (``embeddings.word_embeddings.weight``,
 fixed sinusoidal table ``encoder.embed_positions.weight`` added or removed (see ``af_train.model.hf``).
 
 Maths per layer (post-LN): ``h = LN(h + Dropout(W_o · Attn(RoPE(W_q h), RoPE(W_k h), W_v h)))``, then
-``h = LN(h + Dropout(W_2 · act(W_1 h)))``. Attention is ``kernels.dispatch.rotary_attention``: SDPA on
-the reference path, the Triton kernel on GPU. There is no dropout on attention probabilities (the
-config refuses a non-zero ``attention_probs_dropout_prob``).
+``h = LN(h + Dropout(W_2 · act(W_1 h)))``, where ``Attn = Dropout_a(softmax(q k^T / sqrt(d))) v``.
+Attention is ``kernels.dispatch.rotary_attention``: SDPA on the reference path, the Triton kernel on
+GPU. ``Dropout_a`` (``attention_probs_dropout_prob``, training mode only) happens inside it: SDPA's own
+dropout, or the kernel's in-register Philox mask; both draw from torch's default generator, so
+activation checkpointing replays the same masks (it restores the RNG state) and eval mode is exact.
 
 Padding: padded keys are never attended. Padded query positions still produce hidden states (they
 attend to the real tokens, exactly as in Hugging Face); they carry no meaning and every head/pooler
@@ -86,6 +88,7 @@ class RoFormerSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
+        self.dropout_prob = config.attention_probs_dropout_prob
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
@@ -97,7 +100,8 @@ class RoFormerSelfAttention(nn.Module):
         q = self.query(hidden).view(shape)
         k = self.key(hidden).view(shape)
         v = self.value(hidden).view(shape)
-        context = dispatch.rotary_attention(q, k, v, cos, sin, attention_mask, interleaved=True)
+        dropout_p = self.dropout_prob if self.training else 0.0
+        context = dispatch.rotary_attention(q, k, v, cos, sin, attention_mask, interleaved=True, dropout_p=dropout_p)
         return context.reshape(batch, seq, width)
 
 

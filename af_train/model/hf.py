@@ -131,8 +131,7 @@ def _config_from_hf(hf_cfg: Any, where: str) -> AudioFormerConfig:
         intermediate_size=hf_cfg.intermediate_size,
         hidden_act=hf_cfg.hidden_act,
         hidden_dropout_prob=hf_cfg.hidden_dropout_prob,
-        # No dropout on attention probabilities in our attention path; Hugging Face's value is dropped.
-        attention_probs_dropout_prob=0.0,
+        attention_probs_dropout_prob=hf_cfg.attention_probs_dropout_prob,
         max_position_embeddings=hf_cfg.max_position_embeddings,
         type_vocab_size=hf_cfg.type_vocab_size,
         initializer_range=hf_cfg.initializer_range,

@@ -48,21 +48,26 @@ def main() -> int:
                                               "sin_ptr": "*fp32"}, (), rope_config,
                         dict(INTERLEAVED=dtype == "bf16", CONJUGATE=dtype == "fp32", BLOCK_H=16, BLOCK_HALF=32))
 
-    variants = [  # dtype, head_dim, mask, interleaved, precision (fp16 and head_dim 128 compile alike)
-        ("bf16", 64, True, True, "tf32"),
-        ("fp32", 32, True, False, "ieee"),
+    variants = [  # dtype, head_dim, mask, interleaved, precision, dropout (fp16 and head_dim 128 compile alike)
+        ("bf16", 64, True, True, "tf32", False),
+        ("fp32", 32, True, False, "ieee", False),
+        ("bf16", 64, True, True, "tf32", True),
     ]
     small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
-    for dtype, head_dim, has_mask, interleaved, precision in variants:
+    for dtype, head_dim, has_mask, interleaved, precision, dropout in variants:
         pointers = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_ptr",
                                                     "dk_ptr", "dv_ptr")}
-        pointers.update(cos_ptr="*fp32", sin_ptr="*fp32", mask_ptr="*i32", lse_ptr="*fp32", delta_ptr="*fp32")
+        pointers.update(cos_ptr="*fp32", sin_ptr="*fp32", mask_ptr="*i32", lse_ptr="*fp32", delta_ptr="*fp32",
+                        seed_ptr="*i64")
         meta = dict(HAS_MASK=has_mask, INTERLEAVED=interleaved, DOT_PRECISION=precision, UPCAST_DOT=False,
-                    BLOCK_HALF=max(16, head_dim // 2), BLOCK_D=head_dim)
+                    DROPOUT=dropout, BLOCK_HALF=max(16, head_dim // 2), BLOCK_D=head_dim)
         config = attention._attn_fwd_tuned.configs[0] if dtype != "fp32" else small
-        compile_variant(attention._attn_fwd_kernel, pointers, ("qk_scale",), config, meta)
+        dropout_args = ("dropout_p", "dropout_scale")
+        compile_variant(attention._attn_fwd_kernel, pointers, ("qk_scale",) + dropout_args, config, meta)
         for kernel in (attention._attn_bwd_dkdv_kernel, attention._attn_bwd_dq_kernel):
-            compile_variant(kernel, pointers, ("qk_scale", "sm_scale"), config, meta)
+            compile_variant(kernel, pointers, ("qk_scale", "sm_scale") + dropout_args, config, meta)
+    compile_variant(attention._keep_mask_kernel, {"seed_ptr": "*i64", "out_ptr": "*i8"}, ("dropout_p",),
+                    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1), {})
 
     pointers = {"z_ptr": "*fp32", "lse_ptr": "*fp32", "grad_lse_ptr": "*fp32", "grad_z_ptr": "*fp32"}
     compile_variant(mpc._mpc_lse_fwd_kernel, pointers, ("logit_scale",), mpc._mpc_lse_fwd_tuned.configs[0],

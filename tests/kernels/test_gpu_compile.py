@@ -22,5 +22,5 @@ def test_kernels_compile_for_h100(tmp_path):
     compiled = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
     names = {line.split()[1] for line in compiled}
     assert names == {"_rotary_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-                     "_mpc_lse_fwd_kernel", "_mpc_lse_bwd_kernel"}
-    assert len(compiled) == 2 + 3 * 2 + 2
+                     "_keep_mask_kernel", "_mpc_lse_fwd_kernel", "_mpc_lse_bwd_kernel"}
+    assert len(compiled) == 2 + 3 * 3 + 1 + 2  # attention: 2 variants without dropout, 1 with

@@ -79,7 +79,7 @@ def test_attention_gpu_branch(gpu_branch):
     mask = torch.ones(2, 37, dtype=torch.int32)
     mask[1, 20:] = 0
     cos, sin = reference.rotary_tables(37, 32)
-    out = attention_module._RotaryAttention.apply(q, k, v, cos, sin, mask, True, 32**-0.5)
+    out = attention_module._RotaryAttention.apply(q, k, v, cos, sin, mask, True, 32**-0.5, 0.0)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -90,6 +90,35 @@ def test_attention_gpu_branch(gpu_branch):
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=0)
     launched = [gpu_branch[n].launches for n in ("_attn_fwd_tuned", "_attn_bwd_dkdv_tuned", "_attn_bwd_dq_tuned")]
     assert launched == [1, 1, 1]
+
+
+def test_attention_dropout_gpu_branch(gpu_branch, monkeypatch):
+    """Dropout through the CUDA launch branch: with the autotune configs' block shapes (not the
+    interpreter's square blocks) the three kernels still regenerate the mask that dropout_keep_mask gives."""
+    seeds = []
+    draw = attention_module.draw_dropout_seed
+    monkeypatch.setattr(attention_module, "draw_dropout_seed", lambda device: seeds.append(draw(device)) or seeds[-1])
+    q, k, v = (torch.randn(2, 37, 2, 32, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 37, dtype=torch.int32)
+    mask[1, 20:] = 0
+    cos, sin = reference.rotary_tables(37, 32)
+    out = attention_module._RotaryAttention.apply(q, k, v, cos, sin, mask, True, 32**-0.5, 0.3)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert len(seeds) == 1
+    keep = attention_module.dropout_keep_mask(seeds[0], 2, 2, 37, 0.3)
+    qr, kr = (reference.apply_rotary(t.detach().double(), cos.double(), sin.double()).requires_grad_() for t in (q, k))
+    v64 = v.detach().double().requires_grad_()
+    scores = torch.einsum("bqhd,bkhd->bhqk", qr, kr) * 32**-0.5
+    probs = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf")).softmax(-1)
+    expected = torch.einsum("bhqk,bkhd->bqhd", probs * keep / 0.7, v64)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), expected.detach(), atol=2e-5, rtol=0)
+    torch.testing.assert_close(v.grad.double(), v64.grad, atol=5e-5, rtol=0)
+    # dq, dk: compare in the rotated frame (the kernel's gradients are for the unrotated q, k)
+    for got, rotated in ((q.grad, qr.grad), (k.grad, kr.grad)):
+        want = reference.apply_rotary(rotated, cos.double(), -sin.double())
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=0)
 
 
 def test_mpc_gpu_branch(gpu_branch):

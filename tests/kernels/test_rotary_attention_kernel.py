@@ -5,15 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels.rotary_attention import rotary_attention
+import kernels.rotary_attention as triton_attention
+from kernels import dispatch, reference
+from kernels.rotary_attention import dropout_keep_mask, rotary_attention
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
 
-def eager_rotary_attention64(q, k, v, mask, interleaved, scale=None):
+def eager_rotary_attention64(q, k, v, mask, interleaved, scale=None, dropout_keep=None, dropout_p=0.0):
     """Explicit float64 RoPE (complex rotation) + masked softmax attention, independent of the
-    reference's SDPA path. Fully padded sequences give zeros."""
+    reference's SDPA path. Fully padded sequences give zeros. ``dropout_keep`` [batch, heads, q, k] (bool):
+    dropout on the probabilities, kept ones scaled by 1 / (1 - dropout_p)."""
     q, k, v = q.double(), k.double(), v.double()
     _, seq, _, dim = q.shape
     half = dim // 2
@@ -35,7 +37,10 @@ def eager_rotary_attention64(q, k, v, mask, interleaved, scale=None):
         scores = scores.masked_fill(~keep, float("-inf"))
         empty = ~mask.bool().any(dim=1)
         scores = scores.masked_fill(empty[:, None, None, None], 0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    probs = scores.softmax(-1)
+    if dropout_keep is not None:
+        probs = probs * dropout_keep.double() / (1.0 - dropout_p)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     if mask is not None:
         out = out * (~empty).double()[:, None, None, None]
     return out
@@ -142,3 +147,184 @@ def test_clear_errors():
         rotary_attention(q, q, q.half(), cos, sin)
     with pytest.raises(ValueError, match="detach the tables"):
         rotary_attention(q, q, q, cos.clone().requires_grad_(), sin)
+
+
+# --- dropout on the attention probabilities -----------------------------------------------------
+
+
+@pytest.fixture
+def drawn_seeds(monkeypatch):
+    """Record every Philox seed the Triton path draws (one per forward call, none in backward)."""
+    seeds = []
+    draw = triton_attention.draw_dropout_seed
+
+    def recording(device):
+        seed = draw(device)
+        seeds.append(int(seed))
+        return seed
+
+    monkeypatch.setattr(triton_attention, "draw_dropout_seed", recording)
+    return seeds
+
+
+DROPOUT_CASES = [
+    # batch, seq, heads, head_dim, interleaved, dropout_p; every case: random key padding + one empty row
+    pytest.param(3, 7, 2, 32, True, 0.1, id="s7-d32-interleaved-p0.1"),
+    pytest.param(3, 7, 2, 64, False, 0.5, id="s7-d64-halves-p0.5"),
+    pytest.param(3, 33, 2, 64, False, 0.1, id="s33-d64-halves-p0.1"),
+    pytest.param(3, 33, 2, 32, True, 0.5, id="s33-d32-interleaved-p0.5"),
+]
+
+
+@pytest.mark.parametrize("batch,seq,heads,dim,interleaved,p", DROPOUT_CASES)
+def test_dropout_forward_and_gradients_match_float64_with_the_kernels_mask(
+        batch, seq, heads, dim, interleaved, p, drawn_seeds):
+    q, k, v = (torch.randn(batch, seq, heads, dim, requires_grad=True) for _ in range(3))
+    mask = _padding_mask(batch, seq, "empty_row")
+    mask[1, -2:] = 0  # at least one padded key in a non-empty row
+    cos, sin = reference.rotary_tables(seq, dim)
+    out = rotary_attention(q, k, v, cos, sin, mask, interleaved, dropout_p=p)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert len(drawn_seeds) == 1  # one seed per call, reused (not redrawn) by the backward
+    keep = dropout_keep_mask(drawn_seeds[0], batch, heads, seq, p)
+    assert keep.shape == (batch, heads, seq, seq) and not bool(keep.all())
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = eager_rotary_attention64(q64, k64, v64, mask, interleaved, dropout_keep=keep, dropout_p=p)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)  # seen: <= 7e-7
+    for name, got, want in (("q", q.grad, q64.grad), ("k", k.grad, k64.grad), ("v", v.grad, v64.grad)):
+        # seen: <= 3e-6 (fp32 accumulation; p = 0.5 doubles the kept terms)
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0, msg=lambda m, n=name: f"d{n}: {m}")
+    # the empty sequence stays exactly zero, with zero gradients
+    assert float(out.detach()[-1].abs().max()) == 0.0 and float(q.grad[-1].abs().max()) == 0.0
+    # the comparison can fail: the same computation with another mask (or none) is far off
+    other = dropout_keep_mask(drawn_seeds[0] + 1, batch, heads, seq, p)
+    wrong = eager_rotary_attention64(q64, k64, v64, mask, interleaved, dropout_keep=other, dropout_p=p)
+    assert float((out.detach().double() - wrong.detach()).abs().max()) > 1e-2
+    undropped = eager_rotary_attention64(q64, k64, v64, mask, interleaved)
+    assert float((out.detach().double() - undropped.detach()).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_fraction_is_one_minus_p(p):
+    batch, heads, seq = 2, 2, 128
+    keep = dropout_keep_mask(12345, batch, heads, seq, p)
+    n = keep.numel()  # 65536 draws: sigma = 0.0012 (p = 0.1), 0.002 (p = 0.5)
+    sigma = (p * (1 - p) / n) ** 0.5
+    fraction = keep.double().mean().item()
+    assert abs(fraction - (1 - p)) < 4 * sigma, (fraction, 1 - p, sigma)
+    # every (batch*head) slice and every row gets its own draws: no repeated pattern
+    flat = keep.reshape(batch * heads, seq, seq)
+    assert not torch.equal(flat[0], flat[1]) and not torch.equal(flat[0, 0], flat[0, 1])
+    assert not torch.equal(flat[0, :, :-1], flat[0, :, 1:])  # not a shift of one sequence
+    # deterministic in the seed; another seed gives another mask; p = 0 keeps everything
+    assert torch.equal(dropout_keep_mask(12345, batch, heads, seq, p), keep)
+    assert not torch.equal(dropout_keep_mask(12346, batch, heads, seq, p), keep)
+    assert bool(dropout_keep_mask(7, 1, 1, 9, 0.0).all())
+
+
+def test_dropout_seeded_replay_reseed_and_p0_bit_identity():
+    batch, seq, heads, dim = 2, 17, 2, 32
+    q, k, v = (torch.randn(batch, seq, heads, dim, requires_grad=True) for _ in range(3))
+    mask = _padding_mask(batch, seq, "padding")
+    cos, sin = reference.rotary_tables(seq, dim)
+    grad_out = torch.randn(batch, seq, heads, dim)
+
+    def run(p, seed=None):
+        for t in (q, k, v):
+            t.grad = None
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = rotary_attention(q, k, v, cos, sin, mask, True, dropout_p=p)
+        out.backward(grad_out)
+        return [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+
+    first, again, other = run(0.2, seed=3), run(0.2, seed=3), run(0.2, seed=4)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)  # same torch seed -> same mask -> bit-identical output and gradients
+    for a, b in zip(first, other):
+        assert not torch.equal(a, b)  # reseeding torch changes the mask
+    plain = run(0.0, seed=None)
+    state = torch.get_rng_state()
+    zero = run(0.0)
+    assert torch.equal(torch.get_rng_state(), state)  # p = 0 draws no seed: the RNG stream is untouched
+    plain_default = [rotary_attention(q.detach(), k.detach(), v.detach(), cos, sin, mask, True)]
+    for a, b in zip(plain, zero):
+        assert torch.equal(a, b)
+    assert torch.equal(plain_default[0], zero[0])
+
+
+def test_dropout_p_outside_unit_interval_is_refused():
+    cos, sin = reference.rotary_tables(7, 32)
+    q = torch.randn(1, 7, 2, 32)
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            rotary_attention(q, q, q, cos, sin, dropout_p=bad)
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            reference.rotary_attention(q, q, q, cos, sin, dropout_p=bad)
+
+
+def test_dispatch_passes_dropout_to_either_backend(drawn_seeds):
+    q, k, v = (torch.randn(2, 9, 2, 32) for _ in range(3))
+    mask = _padding_mask(2, 9, "padding")
+    cos, sin = reference.rotary_tables(9, 32)
+    for backend in ("triton", "reference"):
+        dispatch.set_backend(backend)
+        plain = dispatch.rotary_attention(q, k, v, cos, sin, mask)
+        torch.manual_seed(0)
+        dropped = dispatch.rotary_attention(q, k, v, cos, sin, mask, dropout_p=0.5)
+        assert not torch.allclose(dropped, plain)
+        torch.manual_seed(0)
+        assert torch.equal(dispatch.rotary_attention(q, k, v, cos, sin, mask, True, None, 0.5), dropped)
+    assert len(drawn_seeds) == 2  # the two Triton calls with dropout, none for the reference
+
+
+def test_reference_dropout_is_unbiased_with_the_dropout_variance():
+    """SDPA's dropout in the reference: E[out] = the p = 0 output, Var[out] = p / (1 - p) sum_j P_j^2 v_j^2.
+
+    Over N seeds the mean deviates from the p = 0 output by z * std / sqrt(N) per element, z ~ N(0, 1):
+    the test bounds max |z| < 6 (640 elements: a false failure has probability ~ 1e-6) and the mean of
+    z^2 (1 for the right variance; chi-square_640 / 640 has std 0.056) within [0.75, 1.3] (> 4 std).
+    A missing 1 / (1 - p) scale shifts the mean by p * |out| (z in the tens); no dropout gives z^2 = 0.
+    """
+    batch, seq, heads, dim, p, n = 3, 10, 2, 16, 0.3, 400
+    q, k, v = (torch.randn(batch, seq, heads, dim, dtype=torch.float64) for _ in range(3))
+    mask = _padding_mask(batch, seq, "empty_row")
+    cos, sin = reference.rotary_tables(seq, dim, dtype=torch.float64)
+    base = reference.rotary_attention(q, k, v, cos, sin, mask, True)
+    torch.testing.assert_close(base, eager_rotary_attention64(q, k, v, mask, True), atol=1e-12, rtol=0)
+    samples = torch.stack([reference.rotary_attention(q, k, v, cos, sin, mask, True, dropout_p=p)
+                           for _ in range(n)])
+    assert not torch.allclose(samples[0], base) and not torch.equal(samples[0], samples[1])
+    # the probabilities, from the independent float64 computation (one-hot v picks column j)
+    qr = reference.apply_rotary(q, cos, sin).transpose(1, 2)
+    kr = reference.apply_rotary(k, cos, sin).transpose(1, 2)
+    scores = (qr @ kr.transpose(-1, -2)) * dim ** -0.5
+    scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    real = mask.bool().any(dim=1)
+    probs = torch.where(real[:, None, None, None], scores.softmax(-1).nan_to_num(0.0), 0.0)
+    var = (p / (1 - p)) * torch.einsum("bhqk,bkhd->bqhd", probs ** 2, v ** 2)
+    std = (var / n).sqrt()
+    assert float(samples[:, ~real].abs().max()) == 0.0  # the empty sequence stays zero under dropout
+    z = (samples.mean(0) - base)[real] / std[real]
+    assert z.numel() == 640
+    assert float(z.abs().max()) < 6.0, float(z.abs().max())
+    assert 0.75 < float((z ** 2).mean()) < 1.3, float((z ** 2).mean())
+
+
+def test_reference_dropout_gives_gradients():
+    q, k, v = (torch.randn(2, 12, 2, 32, requires_grad=True) for _ in range(3))
+    mask = _padding_mask(2, 12, "padding")
+    cos, sin = reference.rotary_tables(12, 32)
+    grad_out = torch.randn(2, 12, 2, 32)
+    reference.rotary_attention(q, k, v, cos, sin, mask, True).backward(grad_out)
+    plain = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch.manual_seed(1)
+    reference.rotary_attention(q, k, v, cos, sin, mask, True, dropout_p=0.2).backward(grad_out)
+    for got, want in zip((q.grad, k.grad, v.grad), plain):
+        assert got is not None and torch.isfinite(got).all() and float(got.abs().max()) > 0
+        assert not torch.allclose(got, want)

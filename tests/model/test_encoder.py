@@ -216,8 +216,6 @@ def test_failure_paths_name_the_problem():
         encoder(ids[:, :8], mask[:, :7])
     with pytest.raises(ValueError, match="input_ids \\[batch, seq\\]"):
         encoder(ids[0], mask[0])
-    with pytest.raises(ValueError, match="attention_probs_dropout_prob"):
-        AudioFormerConfig.preset("tiny", attention_probs_dropout_prob=0.1)
     with pytest.raises(ValueError, match="unknown AudioFormer preset 'huge'"):
         AudioFormerConfig.preset("huge")
     with pytest.raises(ValueError, match="multiple of num_attention_heads"):
@@ -227,3 +225,102 @@ def test_failure_paths_name_the_problem():
     bad = dataclasses.replace(_tiny(), rotary_base=500.0)
     with pytest.raises(ValueError, match="hard-codes a rotary base"):
         export_roformer(RoFormerEncoder(bad), "/nonexistent/never-written")
+
+
+# --- dropout on the attention probabilities -------------------------------------------------------
+
+
+def test_attention_dropout_config_range_and_presets():
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"attention_probs_dropout_prob must be in \[0, 1\), got"):
+            AudioFormerConfig.preset("tiny", attention_probs_dropout_prob=bad)
+    assert AudioFormerConfig.preset("tiny", attention_probs_dropout_prob=0.1).attention_probs_dropout_prob == 0.1
+    # RoFormer/BERT's 0.1 for the real sizes; the tiny preset (CPU tests, demo) keeps none
+    assert AudioFormerConfig.preset("tiny").attention_probs_dropout_prob == 0.0
+    for name in ("small", "base", "large"):
+        config = AudioFormerConfig.preset(name)
+        assert config.attention_probs_dropout_prob == 0.1 and config.hidden_dropout_prob == 0.1
+    # the recipe's model section overrides it
+    from af_train.config import Recipe
+
+    recipe = Recipe.from_dict({"model": {"preset": "tiny", "attention_probs_dropout_prob": 0.2}})
+    assert AudioFormerConfig.from_recipe(recipe.model).attention_probs_dropout_prob == 0.2
+    assert AudioFormerConfig.from_recipe(Recipe.from_dict({"model": {"preset": "base"}}).model) \
+        .attention_probs_dropout_prob == 0.1
+
+
+def _attention_dropout_encoder(p: float, **overrides) -> RoFormerEncoder:
+    config = dataclasses.replace(_tiny(**overrides), attention_probs_dropout_prob=p)
+    encoder = RoFormerEncoder(config)
+    _randomise(encoder, seed=21)
+    return encoder
+
+
+def test_attention_dropout_in_train_mode_only():
+    ids, mask = _batch(2, 24, seed=22, lengths=[24, 15])
+    encoder = _attention_dropout_encoder(0.1).train()  # hidden dropout 0: only attention dropout is random
+    without = _attention_dropout_encoder(0.0)
+    without.load_state_dict(encoder.state_dict())
+    real = mask.bool()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = encoder(ids, mask)
+        torch.manual_seed(1)
+        again = encoder(ids, mask)
+        torch.manual_seed(2)
+        other = encoder(ids, mask)
+        plain_train = without.train()(ids, mask)
+        eval_out = encoder.eval()(ids, mask)
+        plain_eval = without.eval()(ids, mask)
+    assert torch.equal(first, again)  # same torch seed, same masks
+    assert (first - other)[real].abs().max() > 1e-2  # another seed, other masks
+    assert (first - plain_train)[real].abs().max() > 1e-2  # the dropout is applied in train mode
+    assert torch.equal(plain_train, plain_eval)  # (no other randomness in this model)
+    assert torch.equal(eval_out, plain_eval)  # eval mode: no attention dropout at all, bit for bit
+
+
+def test_export_with_attention_dropout_matches_hf_in_eval_and_round_trips(tmp_path):
+    encoder = RoFormerEncoder(AudioFormerConfig.preset("tiny", num_attention_heads=4,
+                                                       attention_probs_dropout_prob=0.1)).eval()
+    _randomise(encoder, seed=21)
+    export_roformer(encoder, tmp_path / "hf")
+    hf = RoFormerModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.attention_probs_dropout_prob == 0.1
+    ids, mask = _batch(2, 30, seed=23, lengths=[30, 11])
+    with torch.no_grad():
+        ours = encoder(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (ours - theirs).abs().max() < 2e-5
+    back = import_roformer(tmp_path / "hf")
+    assert back.config == encoder.config and back.config.attention_probs_dropout_prob == 0.1
+    # a foreign RoFormer directory (no af_train config inside) keeps its attention dropout too
+    foreign = RoFormerConfig(
+        vocab_size=TOKENS.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=TOKENS.pad, attention_probs_dropout_prob=0.15,
+    )
+    RoFormerModel(foreign).save_pretrained(tmp_path / "foreign")
+    assert import_roformer(tmp_path / "foreign").config.attention_probs_dropout_prob == 0.15
+
+
+def test_activation_checkpointing_replays_attention_dropout():
+    encoder = _attention_dropout_encoder(0.1, num_hidden_layers=3).train()
+    ids, mask = _batch(2, 20, seed=24, lengths=[20, 13])
+
+    def loss_and_grads(seed):
+        encoder.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = encoder(ids, mask)
+        loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+
+    encoder.activation_checkpointing = False
+    plain_loss, plain = loss_and_grads(31)
+    encoder.activation_checkpointing = True
+    ckpt_loss, checkpointed = loss_and_grads(31)  # the recomputation redraws the same attention masks
+    assert torch.equal(ckpt_loss, plain_loss)
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(encoder.parameters()))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    other_loss, other = loss_and_grads(32)  # sanity: the attention masks do change the result
+    assert other_loss != plain_loss and any(not torch.allclose(other[n], plain[n]) for n in plain)

@@ -61,3 +61,68 @@ def test_triton_kernels_through_the_model_match_reference():
     assert abs(ref_loss - tri_loss) < 1e-4 * abs(ref_loss)
     assert abs(ref_mpc - tri_mpc) < 1e-4 * abs(ref_mpc)
     assert result["grad_scale"] > 0 and result["grad_diff"] < 1e-4 * result["grad_scale"]
+
+
+DROPOUT_SCRIPT = r"""
+import json, torch
+from af_train.model import AudioFormerConfig, RoFormerEncoder
+from kernels import dispatch
+import kernels.rotary_attention as triton_attention
+
+seeds = []
+draw = triton_attention.draw_dropout_seed
+triton_attention.draw_dropout_seed = lambda device: seeds.append(1) or draw(device)
+torch.manual_seed(0)
+config = AudioFormerConfig.preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.1)
+encoder = RoFormerEncoder(config)
+with torch.no_grad():
+    for p in encoder.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+gen = torch.Generator().manual_seed(1)
+ids = torch.randint(0, 1024, (2, 11), generator=gen)
+mask = torch.ones(2, 11, dtype=torch.long)
+mask[1, 6:] = 0
+weights = torch.linspace(-1, 1, 64)
+
+def run(seed, checkpointing):
+    encoder.train()
+    encoder.activation_checkpointing = checkpointing
+    encoder.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = (encoder(ids, mask) * weights).sum()
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in encoder.parameters()])
+
+dispatch.set_backend("triton")
+plain_loss, plain = run(5, False)
+draws_plain = len(seeds)
+ckpt_loss, ckpt = run(5, True)
+other_loss, other = run(6, False)
+encoder.eval()
+with torch.no_grad():
+    eval_triton = encoder(ids, mask)
+    dispatch.set_backend("reference")
+    eval_reference = encoder(ids, mask)
+print(json.dumps({"loss": [plain_loss, ckpt_loss, other_loss], "draws_plain": draws_plain,
+                  "draws_total": len(seeds), "grad_diff": (ckpt - plain).abs().max().item(),
+                  "grad_scale": plain.abs().max().item(), "other_diff": (other - plain).abs().max().item(),
+                  "eval_diff": (eval_triton - eval_reference).abs().max().item()}))
+"""
+
+
+def test_triton_attention_dropout_under_activation_checkpointing():
+    """Triton path (interpreter): checkpoint recomputation redraws the same in-kernel dropout masks."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    env.pop("AF_KERNELS", None)
+    done = subprocess.run([sys.executable, "-c", DROPOUT_SCRIPT], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    plain_loss, ckpt_loss, other_loss = result["loss"]
+    assert result["draws_plain"] == 2  # one seed per layer's attention call (2 layers), none in backward
+    assert result["draws_total"] == 2 + 4 + 2  # checkpointing: forward + recomputation draw again
+    assert ckpt_loss == plain_loss
+    assert result["grad_scale"] > 0 and result["grad_diff"] <= 1e-6 * result["grad_scale"]
+    assert other_loss != plain_loss and result["other_diff"] > 1e-3 * result["grad_scale"]
+    assert result["eval_diff"] < 1e-5  # eval mode: no dropout, the Triton path equals the reference
