@@ -331,7 +331,8 @@ def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoForm
     frozen = []
     for row, path in zip(rows, paths):
         try:
-            encoder = load_encoder(path, hidden_dropout_prob=0.0, activation_checkpointing=False)
+            encoder = load_encoder(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                   activation_checkpointing=False)
         except CheckpointError as exc:
             raise CheckpointError(f"objective.frozen_row_checkpoints (row {row}): {exc}") from None
         if encoder.code_row is not None and encoder.code_row != row:
