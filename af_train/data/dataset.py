@@ -89,6 +89,15 @@ def setup_distributed_env() -> None:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
 
 
+def _report_exit_on_error(thread_body, it) -> None:
+    """Run one of streaming's per-epoch thread bodies; if it dies, still count its exit on ``it``."""
+    try:
+        thread_body(it)
+    except BaseException:
+        it.on_exit()
+        raise
+
+
 class AudioCodeDataset(StreamingDataset):
     """Token sequences (and MLM targets) from acoustic-code shards.
 
@@ -225,18 +234,10 @@ class AudioCodeDataset(StreamingDataset):
     # normally; one that dies with an exception never does, and iterator.exit() (next epoch,
     # close()) then waits forever. Report it on the way out too.
     def _prepare_thread(self, it) -> None:
-        try:
-            super()._prepare_thread(it)
-        except BaseException:
-            it.on_exit()
-            raise
+        _report_exit_on_error(super()._prepare_thread, it)
 
     def _ready_thread(self, it) -> None:
-        try:
-            super()._ready_thread(it)
-        except BaseException:
-            it.on_exit()
-            raise
+        _report_exit_on_error(super()._ready_thread, it)
 
     @staticmethod
     def _stop_threads(iterator, timeout: float) -> bool:

@@ -74,11 +74,17 @@ def test_rope_gpu_branch(gpu_branch):
     assert gpu_branch["_rotary_kernel_tuned"].launches == 2
 
 
-def test_attention_gpu_branch(gpu_branch):
+def _attention_inputs():
+    """q, k, v [2, 37, 2, 32] (leaf tensors), a mask padding the second sequence from 20, rotary tables."""
     q, k, v = (torch.randn(2, 37, 2, 32, requires_grad=True) for _ in range(3))
     mask = torch.ones(2, 37, dtype=torch.int32)
     mask[1, 20:] = 0
     cos, sin = reference.rotary_tables(37, 32)
+    return q, k, v, mask, cos, sin
+
+
+def test_attention_gpu_branch(gpu_branch):
+    q, k, v, mask, cos, sin = _attention_inputs()
     out = attention_module._RotaryAttention.apply(q, k, v, cos, sin, mask, True, 32**-0.5, 0.0)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
@@ -98,10 +104,7 @@ def test_attention_dropout_gpu_branch(gpu_branch, monkeypatch):
     seeds = []
     draw = attention_module.draw_dropout_seed
     monkeypatch.setattr(attention_module, "draw_dropout_seed", lambda device: seeds.append(draw(device)) or seeds[-1])
-    q, k, v = (torch.randn(2, 37, 2, 32, requires_grad=True) for _ in range(3))
-    mask = torch.ones(2, 37, dtype=torch.int32)
-    mask[1, 20:] = 0
-    cos, sin = reference.rotary_tables(37, 32)
+    q, k, v, mask, cos, sin = _attention_inputs()
     out = attention_module._RotaryAttention.apply(q, k, v, cos, sin, mask, True, 32**-0.5, 0.3)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
