@@ -46,6 +46,27 @@ def check_rotary_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
         )
 
 
+def check_attention_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, dropout_p: float
+) -> float:
+    """Raise a clear error unless q, k, v share a shape, the mask is [batch, seq] and 0 <= dropout_p < 1;
+    returns dropout_p as a float."""
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, seq = q.shape[0], q.shape[1]
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(f"attention_mask must be [batch, seq] = {[batch, seq]}, got {list(attention_mask.shape)}")
+    return check_dropout_p("rotary_attention", dropout_p)
+
+
+def check_dropout_p(name: str, dropout_p: float) -> float:
+    """``dropout_p`` as a float; a clear error unless it is in [0, 1)."""
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name}: dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
 def apply_rotary(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True
 ) -> torch.Tensor:
@@ -89,14 +110,7 @@ def rotary_attention(
     Triton kernel's (another generator); the distribution is the same.
     Uses ``scaled_dot_product_attention``: no eager T x T softmax on the default path.
     """
-    if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    batch, seq = q.shape[0], q.shape[1]
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
-        raise ValueError(f"attention_mask must be [batch, seq] = {[batch, seq]}, got {list(attention_mask.shape)}")
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"rotary_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    dropout_p = check_attention_args(q, k, v, attention_mask, dropout_p)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     qr = apply_rotary(q, cos, sin, interleaved).transpose(1, 2)
     kr = apply_rotary(k, cos, sin, interleaved).transpose(1, 2)

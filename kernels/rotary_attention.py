@@ -33,6 +33,7 @@ states) and across resume (the engine restores them). ``dropout_keep_mask`` mate
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -41,17 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import check_rotary_shapes
+from kernels.reference import check_attention_args, check_dropout_p, check_rotary_shapes
 from kernels.rope import check_kernel_inputs, kernels_interpreted, row_max, row_sum
 
 __all__ = ["rotary_attention", "dropout_keep_mask", "draw_dropout_seed"]
 
 _LOG2E = 1.0 / math.log(2.0)
-
-
-@triton.jit
-def _mode_probe():
-    pass
 
 
 def _philox_rand():
@@ -63,7 +59,7 @@ def _philox_rand():
     interpreter after something imported Triton), Triton's own ``triton/language/random.py`` is executed
     once more, privately, in this module's mode: the same code and the same random numbers.
     """
-    interpreted = not isinstance(_mode_probe, triton.runtime.JITFunction)
+    interpreted = kernels_interpreted()  # this module's kernels call rope's helpers: they share its mode
     if isinstance(tl.rand, triton.runtime.JITFunction) != interpreted:
         return tl.rand
     import triton.language.random as triton_random
@@ -453,8 +449,7 @@ def dropout_keep_mask(
     kernel, so a reference can apply the exact mask: ``seed`` is what ``draw_dropout_seed`` returned
     for the call (a tensor or its int value). Needs CUDA, or TRITON_INTERPRET=1 (CPU).
     """
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_keep_mask: dropout_p must be in [0, 1), got {dropout_p}")
+    dropout_p = check_dropout_p("dropout_keep_mask", dropout_p)
     if isinstance(seed, torch.Tensor):
         device = seed.device if device is None else device
         seed = int(seed.reshape(-1)[0])
@@ -466,11 +461,8 @@ def dropout_keep_mask(
     if out.numel():
         block = 64
         grid = (triton.cdiv(seq, block), batch * heads)
-        if kernels_interpreted():
-            _keep_mask_kernel[grid](seed_t, out, seq, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
-        else:
-            with torch.cuda.device(out.device):
-                _keep_mask_kernel[grid](seed_t, out, seq, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+        with contextlib.nullcontext() if kernels_interpreted() else torch.cuda.device(out.device):
+            _keep_mask_kernel[grid](seed_t, out, seq, dropout_p, BLOCK_M=block, BLOCK_N=block)
     return out.bool()
 
 
@@ -558,15 +550,8 @@ def rotary_attention(
     1 / (1 - p)), applied whenever > 0 (the caller passes 0 in eval mode); the mask comes from torch's
     default generator of the inputs' device (see ``draw_dropout_seed``).
     """
-    if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    dropout_p = check_attention_args(q, k, v, attention_mask, dropout_p)
     check_rotary_shapes(q, cos, sin)
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"rotary_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    batch, seq = q.shape[0], q.shape[1]
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
-        raise ValueError(f"attention_mask must be [batch, seq] = {[batch, seq]}, got {list(attention_mask.shape)}")
     tensors = (q, k, v, cos, sin) + (() if attention_mask is None else (attention_mask,))
     check_kernel_inputs("rotary_attention", *tensors)
     if len({q.dtype, k.dtype, v.dtype}) > 1:
