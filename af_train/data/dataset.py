@@ -46,22 +46,14 @@ class DataError(ValueError):
     """Shards, manifest or data recipe that cannot be read as asked; the message says how to fix it."""
 
 
-def is_remote(path: str) -> bool:
-    """``s3://bucket/x`` and friends are remote; plain paths are local."""
-    return remote_io.is_remote(path)
-
-
-def load_manifest(
-    path: str | os.PathLike, *, cache_dir: str | None = None, timeout: float = 60.0, retries: int = 2
-) -> Manifest:
+def load_manifest(path: str | os.PathLike, *, timeout: float = 60.0, retries: int = 2) -> Manifest:
     """Read ``manifest.json`` of a shard directory, local or remote (``s3://…``).
 
-    A remote manifest is fetched fresh (``retries`` retries, ``timeout`` seconds each); a failure
-    says why (no such bucket, nothing under the prefix, credentials, unreachable endpoint).
-    ``cache_dir`` is kept for compatibility (the manifest is read into memory, not cached).
+    A remote manifest is read fresh into memory (``retries`` retries, ``timeout`` seconds each); a
+    failure says why (no such bucket, nothing under the prefix, credentials, unreachable endpoint).
     """
     path = str(path)
-    if not is_remote(path):
+    if not remote_io.is_remote(path):
         if not Path(path).is_dir():
             raise DataError(
                 f"shard directory '{path}' does not exist; write one with tools/prepare_dataset.py "

@@ -171,7 +171,7 @@ def build_dataset(
         manifest = load_manifest(local)
     else:
         local = cache_dir_for(cfg, split, remote, local_cache)
-        manifest = load_manifest(remote, cache_dir=local, timeout=cfg.download_timeout, retries=cfg.download_retry)
+        manifest = load_manifest(remote, timeout=cfg.download_timeout, retries=cfg.download_retry)
 
     if mask and cfg.mask_rate == 0.0:
         logger.warning("data.mask_rate is 0: MLM batches will have no targets")

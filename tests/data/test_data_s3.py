@@ -34,7 +34,7 @@ def test_remote_s3_split_streams_every_clip_through_the_cache(s3_bucket, tmp_pat
     for path in (tmp_path / "shards").iterdir():
         s3_bucket.upload_file(str(path), "audio", f"as20k/train/{path.name}")
 
-    manifest = load_manifest("s3://audio/as20k/train", cache_dir=str(tmp_path / "m"))
+    manifest = load_manifest("s3://audio/as20k/train")
     assert manifest.written == 30 and manifest.num_classes == 4
 
     cache = tmp_path / "cache"
@@ -46,4 +46,4 @@ def test_remote_s3_split_streams_every_clip_through_the_cache(s3_bucket, tmp_pat
     assert split_cache.name.startswith("train-") and (split_cache / "index.json").is_file()
 
     with pytest.raises(ManifestError, match="could not fetch manifest.json from 's3://audio/missing'"):
-        load_manifest("s3://audio/missing", cache_dir=str(tmp_path / "m2"))
+        load_manifest("s3://audio/missing")
