@@ -515,7 +515,7 @@ class Trainer:
         from af_train.model.checkpoint import save_module_weights
 
         if self.rank == 0:
-            state = self._with_frozen_params(ckpt.consolidated_state(checkpoint_dir))
+            state = self._consolidated_weights(checkpoint_dir)
             save_module_weights(self.engine.module, out, self.recipe.to_dict(), self.manifest.num_classes,
                                 self.manifest.multi_label, state_dict=state)
             log.info("wrote consolidated weights %s", out)
@@ -547,9 +547,12 @@ class Trainer:
         self.logger.flush()
         return metrics
 
-    def _with_frozen_params(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints (it saves them from stage 2 on):
+    def _consolidated_weights(self, checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+        """fp32 module weights of one of this run's checkpoints, frozen parameters included.
+
+        DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints (it saves them from stage 2 on):
         take them from the live module, where they are whole below stage 3 and never change."""
+        state = ckpt.consolidated_state(checkpoint_dir)
         if self.recipe.train.zero_stage >= 3:
             return state
         frozen = {name for name, p in self.engine.module.named_parameters() if not p.requires_grad}
@@ -571,7 +574,7 @@ class Trainer:
 
         tag = best[0]
         selected = self.checkpoints.root / tag
-        state = self._with_frozen_params(ckpt.consolidated_state(selected))
+        state = self._consolidated_weights(selected)
         module = build_training_module(self.recipe, self.manifest.num_classes, self.manifest.multi_label)
         check_and_load_state(module, state, f"checkpoint '{selected}'")
         module.to(self.device)

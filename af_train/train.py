@@ -128,13 +128,11 @@ def launch_main(argv: list[str] | None = None) -> int:
     if args.node_rank is not None and not args.no_ssh:
         parser.error("--node_rank only applies with --hostfile --no_ssh (one launcher per node)")
     command = launcher_command(args, rest)
-    env = dict(os.environ)
-    if args.num_cpu_ranks and "OMP_NUM_THREADS" not in env:  # share the cores instead of oversubscribing
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.num_cpu_ranks))
     print("af-train:", " ".join(command), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(command, env=env)
+    # Each CPU rank's torch thread count is shared out by the Trainer (cores / local ranks), whatever launched it.
+    return subprocess.call(command)
 
 
 if __name__ == "__main__":
