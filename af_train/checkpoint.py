@@ -120,6 +120,15 @@ def latest_complete(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_best(root: Path) -> tuple[str, float] | None:
+    """(tag, metric value) of the checkpoint recorded as the best under ``root``, or None."""
+    pointer = root / BEST
+    if not pointer.is_file():
+        return None
+    data = json.loads(pointer.read_text(encoding="utf-8"))
+    return data["tag"], float(data["value"])
+
+
 def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     """The checkpoint directory to resume from for ``--resume spec`` (``auto`` | ``none`` | a path)."""
     root = run_dir / "checkpoints"
@@ -222,11 +231,7 @@ class CheckpointManager:
 
     # -- best ------------------------------------------------------------------------------------
     def best(self) -> tuple[str, float] | None:
-        pointer = self.root / BEST
-        if not pointer.is_file():
-            return None
-        data = json.loads(pointer.read_text(encoding="utf-8"))
-        return data["tag"], float(data["value"])
+        return read_best(self.root)
 
     def is_better(self, value: float) -> bool:
         current = self.best()

@@ -17,13 +17,17 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from af_train.metrics import classification_metrics
+
+if TYPE_CHECKING:
+    from af_train.config import Recipe
+    from af_train.shards import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,50 @@ def evaluate_module(module: torch.nn.Module, loader: Any, device: torch.device, 
 
 
 # --------------------------------------------------------------------------------------------------
+# A finished run, as evaluation loads it (the CLI below, the demo's per-class scoring)
+# --------------------------------------------------------------------------------------------------
+
+
+class EvaluationError(ValueError):
+    """A run or weights file that cannot be evaluated as asked; the message says why and what to give."""
+
+
+def evaluation_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """The recipe of a fine-tuned run as evaluation uses it.
+
+    Weights come from the trained file, not from the init checkpoints the recipe names. An FT2 run is
+    scored through its trainable row and classifier only: its FT1 view, so the frozen row encoders'
+    files are not needed.
+    """
+    from af_train.config import Recipe
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise EvaluationError(f"{config_path} does not exist: give the directory of a run made by af_train.train")
+    recipe = Recipe.load(config_path, [*overrides, "objective.init_checkpoint=null"])
+    if recipe.objective.mode == "pretrain":
+        raise EvaluationError("evaluation computes classification metrics; this run is MLM pretraining")
+    if recipe.objective.mode == "ft2":
+        recipe = Recipe.load(config_path, [*overrides, "objective.init_checkpoint=null", "objective.mode=ft1",
+                                           f"data.code_rows=[{recipe.data.code_rows[0]}]"])
+    return recipe
+
+
+def evaluation_module(
+    recipe: Recipe, manifest: Manifest, state: dict[str, torch.Tensor], source: str
+) -> torch.nn.Module:
+    """The module of ``evaluation_recipe`` with the trained weights loaded (an FT2 run's frozen row
+    encoders are left out; shapes are checked and a mismatch names the tensor)."""
+    from af_train.model.checkpoint import check_and_load_state
+    from af_train.objectives import build_training_module
+
+    module = build_training_module(recipe, manifest.num_classes, manifest.multi_label)
+    kept = {k: v.float() for k, v in state.items() if not k.startswith("frozen_encoders.")}
+    check_and_load_state(module, kept, f"'{source}'")
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
 
@@ -128,32 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from af_train.config import Recipe
     from af_train.data import build_dataloader, load_manifest
-    from af_train.model.checkpoint import check_and_load_state
-    from af_train.objectives import build_training_module
 
     run_dir = Path(args.run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise SystemExit(f"{config_path} does not exist: give the directory of a run made by af_train.train")
-    # Weights come from the trained file, not from the init checkpoints the recipe names.
-    recipe = Recipe.load(config_path, [*args.overrides, "objective.init_checkpoint=null"])
-    if recipe.objective.mode == "pretrain":
-        raise SystemExit("evaluation computes classification metrics; this run is MLM pretraining")
-    split_path = getattr(recipe.data, args.split)
-    if split_path is None and recipe.data.remote is None:
-        raise SystemExit(f"the run's recipe has no data.{args.split}; pass data.{args.split}=PATH")
+    try:
+        recipe = evaluation_recipe(run_dir, args.overrides)
+        split_path = getattr(recipe.data, args.split)
+        if split_path is None and recipe.data.remote is None:
+            raise EvaluationError(f"the run's recipe has no data.{args.split}; pass data.{args.split}=PATH")
+    except EvaluationError as exc:
+        raise SystemExit(str(exc)) from None
     manifest = load_manifest(recipe.data.train or split_path)
     state, source = _load_state(args, run_dir)
-    if recipe.objective.mode == "ft2":
-        # Scores come from the trainable row and the classifier only: evaluate its FT1 view, so the
-        # frozen row encoders' files are not needed.
-        recipe = Recipe.load(config_path, [*args.overrides, "objective.init_checkpoint=null", "objective.mode=ft1",
-                                           f"data.code_rows=[{recipe.data.code_rows[0]}]"])
-        state = {k: v for k, v in state.items() if not k.startswith("frozen_encoders.")}
-    module = build_training_module(recipe, manifest.num_classes, manifest.multi_label)
-    check_and_load_state(module, {k: v.float() for k, v in state.items()}, f"'{source}'")
+    module = evaluation_module(recipe, manifest, state, source)
     device = torch.device(args.device)
     module.to(device)
     loader = build_dataloader(recipe.data, args.split, args.batch_size, mask=False, seed=recipe.train.seed,

@@ -52,8 +52,10 @@ if __package__ in (None, ""):  # run as a script: make af_train and the sibling 
 else:
     from . import demo_eval
     from . import demo_stages as st
+from af_train.checkpoint import latest_complete, read_best  # noqa: E402
+from af_train.codec import OFFICIAL_CHECKPOINT, OFFICIAL_URL, hub_checkpoint_dir  # noqa: E402
 
-ENCODEC_WEIGHTS = "encodec_24khz-d7cc33bc.th"
+ENCODEC_WEIGHTS = OFFICIAL_CHECKPOINT
 RECIPES = REPO / "recipes"
 DEFAULT_DATA = Path("data/demo")
 
@@ -94,18 +96,10 @@ def find_codec_weights(explicit: str | None) -> Path | None:
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise SystemExit(f"--codec-checkpoint {explicit}: no such file. Download {ENCODEC_WEIGHTS} "
-                             "(https://dl.fbaipublicfiles.com/encodec/v0/encodec_24khz-d7cc33bc.th) or leave the "
-                             "option out to use a random-initialised codec")
+                             f"({OFFICIAL_URL}) or leave the option out to use a random-initialised codec")
         return path
-    candidate = hub_checkpoints() / ENCODEC_WEIGHTS
+    candidate = hub_checkpoint_dir() / ENCODEC_WEIGHTS
     return candidate if candidate.is_file() else None
-
-
-def hub_checkpoints() -> Path:
-    """torch hub's checkpoint cache ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints)."""
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def ranks_args(num_gpus: int | None, num_cpu_ranks: int) -> list[str]:
@@ -123,14 +117,13 @@ def ranks_args(num_gpus: int | None, num_cpu_ranks: int) -> list[str]:
 def best_checkpoint(run_dir: Path) -> Path:
     """The checkpoint selected on validation (``checkpoints/best``), else the latest complete one."""
     root = run_dir / "checkpoints"
-    best = root / "best"
-    if best.is_file():
-        tag = json.loads(best.read_text(encoding="utf-8"))["tag"]
-        return root / tag
-    latest = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").exists())
-    if not latest:
+    best = read_best(root)
+    if best is not None:
+        return root / best[0]
+    latest = latest_complete(root)
+    if latest is None:
         raise FileNotFoundError(f"{root}: no complete checkpoint; did the training stage finish?")
-    return latest[-1]
+    return latest
 
 
 def build_plan(out: Path, data: Path, s: Settings, ranks: list[str], codec: Path | None, codec_seed: int,
@@ -526,8 +519,10 @@ def _main(args: argparse.Namespace, out: Path, data: Path) -> int:
 
     print(f"af_train demo -> {out}  (data in {data}; {' '.join(ranks[:2])})", flush=True)
     if codec is None:
-        print("\n" + "!" * 100 + f"\n!! The official EnCodec weights ({ENCODEC_WEIGHTS}) are not in the torch hub "
-              f"cache ({hub_checkpoints()}).\n!! Tokenizing with a RANDOM-INITIALISED codec "
+        why = ("--codec-random-init was given" if args.codec_random_init is not None else
+               f"the official EnCodec weights ({ENCODEC_WEIGHTS}) are not in the torch hub cache "
+               f"({hub_checkpoint_dir()})")
+        print("\n" + "!" * 100 + f"\n!! {why[0].upper()}{why[1:]}.\n!! Tokenizing with a RANDOM-INITIALISED codec "
               f"(seed {codec_seed}): fine for this demo, recorded in the manifest; real data needs the real "
               "weights.\n" + "!" * 100 + "\n", flush=True)
     started = time.time()

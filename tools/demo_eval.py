@@ -64,28 +64,11 @@ def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, targets: np.nda
 # --------------------------------------------------------------------------------------------------
 
 
-def _eval_recipe(run_dir: Path):
-    """The run's recipe as the evaluation CLI sees it: FT2 is scored through its trainable row only."""
-    from af_train.config import Recipe
-
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} does not exist: {run_dir} is not a finished af-train run")
-    recipe = Recipe.load(config, ["objective.init_checkpoint=null"])
-    if recipe.objective.mode == "pretrain":
-        raise ValueError(f"{run_dir} is a pretraining run; per-class AP needs a fine-tuned (ft1/ft2) run")
-    frozen_rows = recipe.objective.mode == "ft2"
-    if frozen_rows:
-        recipe = Recipe.load(config, ["objective.init_checkpoint=null", "objective.mode=ft1",
-                                      f"data.code_rows=[{recipe.data.code_rows[0]}]"])
-    return recipe, frozen_rows
-
-
 def _weights(checkpoint: Path) -> dict[str, Any]:
     if checkpoint.is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from af_train.checkpoint import consolidated_state
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        return consolidated_state(checkpoint)
     from af_train.model.checkpoint import read_checkpoint
 
     return read_checkpoint(checkpoint)["state_dict"]
@@ -101,17 +84,12 @@ def score_run(run_dir: str | Path, checkpoint: str | Path, split: str = "test", 
     import torch
 
     from af_train.data import build_dataloader, load_manifest
-    from af_train.model.checkpoint import check_and_load_state
-    from af_train.objectives import build_training_module
+    from af_train.evaluate import evaluation_module, evaluation_recipe
 
     run_dir, checkpoint = Path(run_dir), Path(checkpoint)
-    recipe, frozen_rows = _eval_recipe(run_dir)
+    recipe = evaluation_recipe(run_dir)  # as af-evaluate sees the run (FT2 through its trainable row)
     manifest = load_manifest(recipe.data.train)
-    state = _weights(checkpoint)
-    if frozen_rows:
-        state = {k: v for k, v in state.items() if not k.startswith("frozen_encoders.")}
-    module = build_training_module(recipe, manifest.num_classes, manifest.multi_label)
-    check_and_load_state(module, {k: v.float() for k, v in state.items()}, f"'{checkpoint}'")
+    module = evaluation_module(recipe, manifest, _weights(checkpoint), str(checkpoint))
     module.eval()
     cache = str(run_dir / "cache_demo_eval")
     seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -199,6 +199,7 @@ def test_best_checkpoint_prefers_validation_choice(tmp_path):
     for step in (10, 20, 30):
         (root / f"step_{step:08d}").mkdir(parents=True)
         (root / f"step_{step:08d}" / "COMPLETE").write_text("")
+        (root / f"step_{step:08d}" / "af_meta.json").write_text("{}")
     (root / "step_00000040").mkdir()  # incomplete: never chosen
     assert demo.best_checkpoint(tmp_path) == root / "step_00000030"
     (root / "best").write_text(json.dumps({"tag": "step_00000020", "metric": "val/mAP", "value": 0.5}))
