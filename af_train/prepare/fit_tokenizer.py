@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     threads = args.threads or max(1, (os.cpu_count() or 1) - args.workers)
-    threads_before = torch.get_num_threads()
+    threads_before = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     try:
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"af-fit-tokenizer: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(threads_before[0])
+        faiss.omp_set_num_threads(threads_before[1])
 
 
 def _run(args: argparse.Namespace) -> int:

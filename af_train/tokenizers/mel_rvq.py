@@ -62,7 +62,7 @@ class MelConfig:
     n_mels: int = 64
     f_min: float = 0.0
     f_max: float = 12_000.0
-    log_floor: float = 1e-10  # added to the mel power before the log (about -100 dB re full scale)
+    log_floor: float = 1e-8  # added to the mel power before the log: 80 dB below a full-scale sine
     sample_rate: int = SAMPLE_RATE
     hop_length: int = HOP_LENGTH
 
