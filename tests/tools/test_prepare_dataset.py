@@ -381,3 +381,39 @@ def test_ordered_map_keeps_order_and_survives_a_hung_worker():
     assert (status, reason) == ("reject", "unreadable_audio") and "within 0.5 s" in detail
     assert [r for _, r in prep.ordered_map(lambda x: ("ok", x), iter([3, 1, 2]), None, 2)] == [
         ("ok", 3), ("ok", 1), ("ok", 2)]
+
+
+def test_kill_9_with_a_fitted_tokenizer_resumes_exactly(mel_rvq_file, tmp_path):
+    """A real af-prepare process with a fitted tokenizer, killed with SIGKILL right after its first chunk
+    commit, rerun with the same arguments: the result equals an uninterrupted run."""
+    count = 48  # 24 chunks: the run is still going when the kill lands
+    for i in range(count):
+        _write_clip(tmp_path / "audio" / f"c{i}.wav", i, seconds=0.6)
+    (tmp_path / "labels.csv").write_text("path,labels\n" + "".join(f"audio/c{i}.wav,tone\n" for i in range(count)))
+
+    def argv(out: Path) -> list[str]:
+        return ["--format", "csv", "--input", str(tmp_path / "labels.csv"), "--out", str(out), "--tokenizer",
+                str(mel_rvq_file), "--clip-seconds", "1.0", "--chunk-size", "2", "--batch-size", "2",
+                "--threads", "1", "--quiet"]
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "af_train.prepare", *argv(out), "--workers", "1"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("part-*/chunk.json")):
+        assert proc.poll() is None, f"prepare exited early: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "no chunk committed within 240 s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    assert not (out / "manifest.json").exists(), "finished before the kill"
+    first_commit = {p: p.stat().st_mtime_ns for p in out.glob("part-*/chunk.json")}
+    assert prep.main([*argv(out), "--workers", "0"]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in first_commit.items())  # committed chunks were kept
+    assert prep.main([*argv(tmp_path / "reference"), "--workers", "0"]) == 0
+    left, right = _read_split(out), _read_split(tmp_path / "reference")
+    assert [s["id"] for s in left] == [s["id"] for s in right] == [f"audio/c{i}" for i in range(count)]
+    for x, y in zip(left, right):
+        assert np.array_equal(x["codes"], y["codes"]) and int(x["length"]) == int(y["length"]) == 45
+    assert Manifest.load(out).tokenizer == Manifest.load(tmp_path / "reference").tokenizer
