@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -33,6 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from af_train.files import atomic_open, atomic_write
+from af_train.model.checkpoint import CheckpointError
+
+__all__ = ["CheckpointError"]  # re-exported: one error for weight files and training checkpoints
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -42,10 +46,6 @@ LATEST = "latest"
 BEST = "best"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from (missing, incomplete, incompatible)."""
 
 
 def tag_for(step: int) -> str:
@@ -64,15 +64,6 @@ def is_complete(path: Path) -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,14 +207,13 @@ class CheckpointManager:
         rank_dir = path / RANK_DIR
         rank_dir.mkdir(parents=True, exist_ok=True)
         rank_file = rank_dir / f"rank_{self.rank:05d}.pt"
-        tmp = rank_file.with_suffix(".tmp")
-        torch.save(rank_state, tmp)
-        tmp.replace(rank_file)
+        with atomic_open(rank_file) as f:
+            torch.save(rank_state, f)
         barrier()  # every rank's files are written before the marker
         if self.rank == 0:
-            _atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            _atomic_write(path / MARKER, f"complete {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-            _atomic_write(self.root / LATEST, tag + "\n")
+            atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            atomic_write(path / MARKER, f"complete {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            atomic_write(self.root / LATEST, tag + "\n")
             self.prune()
             log.info("saved checkpoint %s in %.1f s", path, time.time() - started)
         barrier()
@@ -244,7 +234,7 @@ class CheckpointManager:
         if self.rank != 0:
             return
         payload = {"tag": tag_for(step), "metric": metric, "value": value, "mode": self.best_mode}
-        _atomic_write(self.root / BEST, json.dumps(payload) + "\n")
+        atomic_write(self.root / BEST, json.dumps(payload) + "\n")
         self.prune()
 
     # -- retention -------------------------------------------------------------------------------
@@ -304,7 +294,7 @@ def convert_to_universal(ckpt: Path, rank: int, out_root: Path) -> Path:
                 shutil.copytree(source, out / name)
             else:
                 shutil.copy2(source, out / name)
-        _atomic_write(done, "complete\n")
+        atomic_write(done, "complete\n")
     barrier()
     if not done.is_file():
         raise CheckpointError(f"universal conversion of {ckpt} did not complete (see rank 0's log)")

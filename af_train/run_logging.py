@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from af_train.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 # Dense peak FLOP/s per device: (bf16/fp16 tensor cores, fp32 without TF32). Matched by substring of
@@ -138,9 +140,7 @@ class RunLogger:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill -9
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
