@@ -211,10 +211,11 @@ def load_encoder_weights(
     return {"config": config, "code_row": code_row, "format": payload["format"]}
 
 
-def load_encoder(path: str | Path, **config_overrides: Any) -> RoFormerEncoder:
+def load_encoder(path: str | Path, kernels: str = "auto", **config_overrides: Any) -> RoFormerEncoder:
     """Build a ``RoFormerEncoder`` with the checkpoint's config and weights.
 
-    ``config_overrides`` may change training-time fields (dropout, activation checkpointing).
+    ``kernels``: the attention backend (``RoFormerEncoder``). ``config_overrides`` may change
+    training-time fields (dropout, activation checkpointing).
     """
     payload = read_checkpoint(path)
     config, state, code_row = encoder_state_from_checkpoint(payload, path)
@@ -222,7 +223,7 @@ def load_encoder(path: str | Path, **config_overrides: Any) -> RoFormerEncoder:
         if name in AudioFormerConfig.ARCHITECTURE_FIELDS:
             raise ValueError(f"load_encoder: '{name}' is fixed by the checkpoint's weights and cannot be overridden")
     config = AudioFormerConfig.from_dict({**asdict(config), **config_overrides})
-    encoder = RoFormerEncoder(config)
+    encoder = RoFormerEncoder(config, kernels)
     check_and_load_state(encoder, state, f"checkpoint '{path}'")
     encoder.code_row = code_row  # where it came from; informational
     return encoder
