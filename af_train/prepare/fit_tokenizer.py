@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from af_train.prepare.cli import DEFAULT_MIN_SECONDS, file_digest
+from af_train.files import sha256_files
+from af_train.prepare.cli import DEFAULT_MIN_SECONDS
 from af_train.prepare.decoding import DecodeSettings, decode, ordered_map, start_pool
 from af_train.prepare.planning import plan_splits
 from af_train.prepare.sources import DEFAULT_CLIP_SECONDS, LabelFileError, add_source_arguments, load_source
@@ -160,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     description = {
         "source_format": args.format,
         "source": source.description,
-        "label_files_sha256": file_digest([f for f in source.label_files if f.is_file()]),
+        "label_files_sha256": sha256_files([f for f in source.label_files if f.is_file()])[:16],
         "clip_seconds": clip_seconds,
         "min_seconds": args.min_seconds,
         "max_hours": args.max_hours,
