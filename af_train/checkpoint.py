@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from af_train.files import atomic_open, atomic_write
 from af_train.model.checkpoint import CheckpointError
+from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
 
 __all__ = ["CheckpointError"]  # re-exported: one error for weight files and training checkpoints
 
@@ -377,6 +378,18 @@ class Checkpointer:
         self.manager = CheckpointManager(run_dir / "checkpoints", rank, cfg.keep_last, cfg.best_mode)
         self.root = self.manager.root
         self.last_saved_step: int | None = None
+        self.tokenizer: dict[str, Any] | None = None  # the training shards' tokenizer, recorded in every meta.json
+
+    def set_tokenizer(self, identity: dict[str, Any], point: ResumePoint | None) -> None:
+        """Record the data's tokenizer identity in the checkpoints; a checkpoint to resume from that was
+        trained on another tokenizer's codes is refused (both named)."""
+        self.tokenizer = dict(identity) if identity else None
+        if point is not None:
+            try:
+                check_same_tokenizer(point.meta.get("tokenizer"), self.tokenizer, f"checkpoint {point.path}",
+                                     "the training data (data.train's manifest)")
+            except TokenizerError as exc:
+                raise CheckpointError(str(exc)) from None
 
     def resume_point(self, spec: str, run_dir: Path) -> ResumePoint | None:
         """Collective: the checkpoint ``--resume spec`` names (rank 0 decides), checked against this run."""
@@ -457,6 +470,7 @@ class Checkpointer:
             "progress": {k: getattr(progress, k) for k in progress.__dataclass_fields__},
             "recipe": self.recipe.to_dict(), "recipe_hash": self.recipe.hash(),
             "allow_test_selection": cfg.allow_test_selection,
+            "tokenizer": self.tokenizer,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         path = self.manager.save(engine, progress.step, meta, rank_state)
@@ -470,7 +484,7 @@ class Checkpointer:
         if self.rank == 0:
             state = self.consolidated_weights(module, checkpoint_dir)
             save_module_weights(module, out, self.recipe.to_dict(), manifest.num_classes, manifest.multi_label,
-                                state_dict=state)
+                                state_dict=state, tokenizer=manifest.tokenizer)
             log.info("wrote consolidated weights %s", out)
         barrier()
 

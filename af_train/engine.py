@@ -58,7 +58,7 @@ class Trainer:
     """Builds everything from a recipe and trains; see the module docstring."""
 
     def __init__(self, recipe: Recipe, resume: str = "auto"):
-        from af_train.data import build_dataloader
+        from af_train.data import build_dataloader, check_split_tokenizers
         from af_train.objectives import build_training_module
 
         self.recipe, cfg = recipe, recipe.train
@@ -78,10 +78,13 @@ class Trainer:
         self.train_loader = build_dataloader(recipe.data, "train", self.plan.micro_batch, mask=mask, seed=cfg.seed,
                                              local_cache=str(self.run_dir / "cache"))
         self.manifest = self.train_loader.dataset.manifest
+        check_split_tokenizers(recipe.data, self.manifest)  # val/test codes must come from the same tokenizer
+        self.checkpointer.set_tokenizer(self.manifest.tokenizer, point)
         self.evaluator = Evaluator(recipe, self.run_dir, self.device, self.rank, self.checkpointer)
 
         seed_everything(cfg.seed)  # the same initial weights on every rank, then per-rank dropout streams
-        module = build_training_module(recipe, self.manifest.num_classes, self.manifest.multi_label)
+        module = build_training_module(recipe, self.manifest.num_classes, self.manifest.multi_label,
+                                       self.manifest.tokenizer)
         self.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.frozen_params = sum(p.numel() for p in module.parameters() if not p.requires_grad)
         self.flops_per_token = rl.training_flops_per_token(recipe, module.encoder.config, recipe.data.max_length,

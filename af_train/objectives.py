@@ -1,6 +1,6 @@
 """Training objectives: what a recipe's ``objective.mode`` trains, as one ``nn.Module`` per mode.
 
-``build_training_module(recipe, num_classes, multi_label)`` returns a module whose
+``build_training_module(recipe, num_classes, multi_label, tokenizer)`` returns a module whose
 ``forward(batch) -> {"loss": scalar, "logs": {name: float tensor}, ...}``; ft1/ft2 also return
 ``scores`` [B, C] (logits) for evaluation and ``embeddings`` [B, H] (pooled trainable row).
 
@@ -25,6 +25,10 @@ Modes and the checkpoints they need:
   ``.train()``, no grad, ``requires_grad=False`` so no optimizer state. Every clip's pooled
   embeddings over all rows form one group; anchors are the trainable row's embeddings.
   loss = alpha * classification + (1 - alpha) * MPC(temperature); ``use_classifier=false``: MPC only.
+
+``tokenizer`` is the identity of the tokenizer that made the training shards (their manifest's
+``tokenizer``): the vocabulary follows its codebook size, and a checkpoint recorded as trained on
+another tokenizer's codes is refused with an error naming both.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ from af_train.model.checkpoint import (
     check_and_load_state,
     encoder_state_from_checkpoint,
 )
+from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
+from af_train.tokens import SpecialTokens
 from kernels import dispatch
 
 __all__ = ["build_training_module", "PretrainModule", "FineTuneModule", "BatchError"]
@@ -301,11 +307,20 @@ class FineTuneModule(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_checkpoint_tokenizer(recorded: dict | None, tokenizer: dict | None, what: str) -> None:
+    """A checkpoint trained on another tokenizer's codes cannot continue on these shards."""
+    try:
+        check_same_tokenizer(recorded, tokenizer, what, "the training data (data.train's manifest)")
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def _load_init_checkpoint(path: str, config: AudioFormerConfig, code_row: int,
-                          kernels: str) -> tuple[RoFormerEncoder, dict]:
+                          kernels: str, tokenizer: dict | None = None) -> tuple[RoFormerEncoder, dict]:
     """Trainable encoder from ``objective.init_checkpoint`` (recipe sizes, checkpoint's row-embedding setup)."""
     try:
         payload = read_checkpoint(path)
+        _check_checkpoint_tokenizer(payload.get("tokenizer"), tokenizer, f"objective.init_checkpoint '{path}'")
         ckpt_config, _, ckpt_row = encoder_state_from_checkpoint(payload, path)
         # How rows are embedded is decided at pretraining; sizes come from the recipe and must match.
         config = dataclasses.replace(
@@ -322,7 +337,8 @@ def _load_init_checkpoint(path: str, config: AudioFormerConfig, code_row: int,
     return encoder, payload
 
 
-def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoFormerEncoder]:
+def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder,
+                      tokenizer: dict | None = None) -> list[RoFormerEncoder]:
     rows = recipe.data.code_rows[1:]
     paths = recipe.objective.frozen_row_checkpoints
     if len(paths) != len(rows):
@@ -337,6 +353,8 @@ def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoForm
                                    attention_probs_dropout_prob=0.0, activation_checkpointing=False)
         except CheckpointError as exc:
             raise CheckpointError(f"objective.frozen_row_checkpoints (row {row}): {exc}") from None
+        _check_checkpoint_tokenizer(encoder.tokenizer, tokenizer,
+                                    f"objective.frozen_row_checkpoints '{path}' (row {row})")
         if encoder.code_row is not None and encoder.code_row != row:
             raise CheckpointError(
                 f"objective.frozen_row_checkpoints: '{path}' was pretrained on code row {encoder.code_row} but is "
@@ -351,9 +369,12 @@ def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoForm
     return frozen
 
 
-def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -> nn.Module:
-    """The module that ``recipe.objective.mode`` trains (see the module docstring)."""
-    config = AudioFormerConfig.from_recipe(recipe.model)
+def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool,
+                          tokenizer: dict[str, Any] | None = None) -> nn.Module:
+    """The module that ``recipe.objective.mode`` trains (see the module docstring); ``tokenizer``: the
+    training shards' tokenizer identity (vocabulary size, checkpoint compatibility)."""
+    codebook_size = int((tokenizer or {}).get("codes") or SpecialTokens().codebook_size)
+    config = AudioFormerConfig.from_recipe(recipe.model, codebook_size)
     kernels = recipe.model.kernels
     objective = recipe.objective
     rows = recipe.data.code_rows
@@ -367,6 +388,8 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -
         if objective.init_checkpoint:
             try:
                 payload = read_checkpoint(objective.init_checkpoint)
+                _check_checkpoint_tokenizer(payload.get("tokenizer"), tokenizer,
+                                            f"objective.init_checkpoint '{objective.init_checkpoint}'")
                 load_encoder_weights(module.encoder, objective.init_checkpoint, payload)
             except CheckpointError as exc:
                 raise CheckpointError(f"objective.init_checkpoint: {exc}") from None
@@ -377,12 +400,12 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -
         log.warning("ft1 reads only code row %s; data.code_rows=%s and objective.frozen_row_checkpoints=%s are "
                     "not used (they are for mode=ft2)", rows[0], rows, objective.frozen_row_checkpoints)
     if objective.init_checkpoint:
-        encoder, payload = _load_init_checkpoint(objective.init_checkpoint, config, rows[0], kernels)
+        encoder, payload = _load_init_checkpoint(objective.init_checkpoint, config, rows[0], kernels, tokenizer)
     else:
         log.warning("objective.mode=%s without objective.init_checkpoint: the encoder starts from random "
                     "weights (no pretraining)", objective.mode)
         encoder, payload = RoFormerEncoder(config, kernels), None
-    frozen = _load_frozen_rows(recipe, encoder) if objective.mode == "ft2" else []
+    frozen = _load_frozen_rows(recipe, encoder, tokenizer) if objective.mode == "ft2" else []
     use_classifier = objective.use_classifier or objective.mode == "ft1"
     module = FineTuneModule(
         encoder, num_classes, multi_label, rows[: 1 + len(frozen)], frozen,

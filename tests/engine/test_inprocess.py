@@ -232,3 +232,45 @@ def test_test_split_is_scored_with_the_checkpoint_selected_on_validation(one_ran
     assert evaluate_main([str(run_dir), "--split", "test", "--out", str(out), "--checkpoint", str(selected)]) == 0
     standalone = json.loads(out.read_text())
     assert standalone["test/mAP"] == pytest.approx(final["test/mAP"], abs=1e-5)
+
+
+def _copy_split_as_other_tokenizer(src: Path, dst: Path) -> Path:
+    """The same shards, with a manifest that says another tokenizer made them."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["tokenizer"] = {"kind": "mel-rvq", "rows": 4, "codes": 1024, "sha256": "ab" * 32,
+                             "file": "other.safetensors"}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_tokenizer_identity_is_recorded_and_mixing_tokenizers_is_refused(one_rank, data_root, tmp_path):
+    from af_train.data import DataError
+    from af_train.model.checkpoint import CheckpointError
+    from af_train.shards import Manifest
+
+    identity = Manifest.load(data_root / "train").tokenizer
+    assert identity["kind"] == "encodec"  # a manifest without the field reads as the EnCodec its codec section names
+    run_dir = tmp_path / "pre"
+    trainer = make_trainer(data_root, run_dir, ["train.max_steps=2", "train.save_every=2", "data.val=null"])
+    trainer.fit()
+    trainer.close()
+    meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "af_meta.json").read_text())
+    assert meta["tokenizer"] == identity
+    weights = run_dir / "final" / "model.pt"
+    assert torch.load(weights, weights_only=True)["tokenizer"] == identity
+
+    other_val = _copy_split_as_other_tokenizer(data_root / "val", tmp_path / "val_other")
+    with pytest.raises(DataError, match=r"data\.train .*and data\.val .*different tokenizers.*mel-rvq"):
+        make_trainer(data_root, tmp_path / "mixed", ["train.max_steps=1", f"data.val={other_val}"])
+    other_train = _copy_split_as_other_tokenizer(data_root / "train", tmp_path / "train_other")
+    for overrides in (["objective.mode=ft1", f"objective.init_checkpoint={weights}"],
+                      [f"objective.init_checkpoint={weights}"]):
+        with pytest.raises(CheckpointError, match=r"objective\.init_checkpoint .*model\.pt.*training data.*encodec"):
+            make_trainer(data_root, tmp_path / "ft", ["train.max_steps=1", "data.val=null",
+                                                      f"data.train={other_train}", *overrides])
+    # resuming a checkpoint on shards of another tokenizer is refused too
+    with pytest.raises(CheckpointError, match=r"checkpoint .*step_00000002.*training data"):
+        make_trainer(data_root, run_dir, ["train.max_steps=4", "data.val=null", f"data.train={other_train}"])
