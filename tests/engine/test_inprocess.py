@@ -94,8 +94,12 @@ class NaNAtCalls(nn.Module):
         self.snapshots[self.calls] = {k: v.detach().float().clone() for k, v in self.inner.state_dict().items()}
         out = self.inner(batch)
         if self.calls in self.bad_calls or (self.bad_from is not None and self.calls >= self.bad_from):
-            out = {**out, "loss": out["loss"] * float("nan")}
+            nan_terms = {name: (total * float("nan"), key, w) for name, (total, key, w) in out["terms"].items()}
+            out = {**out, "loss": out["loss"] * float("nan"), "terms": nan_terms}
         return out
+
+    def loss_counts(self, batch):
+        return self.inner.loss_counts(batch)
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
