@@ -57,7 +57,7 @@ class StepResult:
 class Trainer:
     """Builds everything from a recipe and trains; see the module docstring."""
 
-    def __init__(self, recipe: Recipe, resume: str = "auto"):
+    def __init__(self, recipe: Recipe, resume: str = "auto", verify_hashes: bool = True):
         from af_train.data import build_dataloader
         from af_train.objectives import build_training_module
 
@@ -69,7 +69,7 @@ class Trainer:
 
         # where we resume from decides the DeepSpeed config (universal loading, batch plan)
         self.checkpointer = Checkpointer(recipe, self.run_dir, self.rank, self.world_size)
-        point = self.checkpointer.resume_point(resume, self.run_dir)
+        point = self.checkpointer.resume_point(resume, self.run_dir, verify_hashes)
         self.plan = dsc.plan_batch(recipe, self.world_size, keep_global_batch=point and point.keep_global_batch)
         self.ds_config = dsc.build_ds_config(recipe, self.plan, on_cpu=place.on_cpu, load_universal=bool(
             point and point.universal), fp16_supported=place.fp16_supported)

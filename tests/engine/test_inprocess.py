@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -236,3 +237,53 @@ def test_test_split_is_scored_with_the_checkpoint_selected_on_validation(one_ran
     assert evaluate_main([str(run_dir), "--split", "test", "--out", str(out), "--checkpoint", str(selected)]) == 0
     standalone = json.loads(out.read_text())
     assert standalone["test/mAP"] == pytest.approx(final["test/mAP"], abs=1e-5)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_damaged_newest_checkpoint_falls_back_naming_the_file(one_rank, data_root, tmp_path):
+    run_dir = tmp_path / "damaged"
+    overrides = ["train.max_steps=4", "train.save_every=2", "data.val=null", "train.zero_stage=2"]
+    trainer = make_trainer(data_root, run_dir, overrides)
+    trainer.fit()
+    trainer.close()
+    root = run_dir / "checkpoints"
+    newest, previous = root / "step_00000004", root / "step_00000002"
+    recorded = json.loads((newest / ckpt.META).read_text())["files"]
+    assert "af_state/rank_00000.pt" in recorded and any(name.endswith("optim_states.pt") for name in recorded)
+    assert ckpt.verify(newest) is None and ckpt.resolve_resume("auto", run_dir) == newest
+    records = _Records()
+    logging.getLogger("af_train.checkpoint").addHandler(records)
+    try:
+        # half of the optimizer shard cut off (disk damage after a complete save)
+        shard = next(newest.glob("*optim_states.pt"))
+        intact = shard.read_bytes()
+        shard.write_bytes(intact[: len(intact) // 2])
+        assert ckpt.resolve_resume("auto", run_dir) == previous
+        assert any(str(shard) in m and "bytes" in m for m in records.messages), records.messages
+        with pytest.raises(ckpt.CheckpointError, match=f"{shard}.*bytes"):
+            ckpt.resolve_resume(str(newest), run_dir)
+        shard.write_bytes(intact)
+        # one flipped bit, same size: only the hash sees it
+        weights = newest / "mp_rank_00_model_states.pt"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        weights.write_bytes(bytes(data))
+        records.messages.clear()
+        assert ckpt.resolve_resume("auto", run_dir) == previous
+        assert any(str(weights) in m and "xxh64" in m for m in records.messages), records.messages
+        with pytest.raises(ckpt.CheckpointError, match=f"{weights}.*xxh64"):
+            ckpt.resolve_resume(str(newest), run_dir)
+        assert ckpt.resolve_resume("auto", run_dir, hashes=False) == newest  # sizes only: not detected
+    finally:
+        logging.getLogger("af_train.checkpoint").removeHandler(records)
+    resumed = make_trainer(data_root, run_dir, overrides)  # --resume auto: from the newest intact checkpoint
+    assert resumed.progress.step == 2
+    resumed.close()
