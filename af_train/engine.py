@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,8 @@ from af_train import run_logging as rl
 from af_train.checkpoint import Checkpointer, Progress, seed_everything
 from af_train.config import Recipe
 from af_train.evaluate import Evaluator, move_batch
+from af_train.objectives import global_loss_counts
+from af_train.run_logging import StepResult
 
 __all__ = ["EXIT_NONFINITE", "Progress", "StepResult", "Trainer", "TrainingStopped", "seed_everything"]
 log = logging.getLogger("af_train.engine")
@@ -40,18 +41,6 @@ EXIT_NONFINITE = 3  # process exit code when too many non-finite steps stopped t
 
 class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (non-finite steps); a checkpoint was written."""
-
-
-@dataclass
-class StepResult:
-    loss: float  # sum over terms of (global sum / global count) x weight (NaN when a micro batch was non-finite)
-    logs: dict[str, float]
-    applied: bool
-    nonfinite: bool
-    samples: int
-    tokens: int
-    padded_tokens: int
-    stop_requested: bool
 
 
 class Trainer:
@@ -131,7 +120,7 @@ class Trainer:
         host at the two all-reduces.
         """
         engine, batches = self.engine, [move_batch(b, self.device) for b in micro_batches]
-        counts = self._global_counts(batches)
+        counts = global_loss_counts(engine.module, batches, self.device)
         scale = engine.gradient_accumulation_steps() * self.world_size
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_sum, nonfinite_local, tokens = zero.clone(), zero.clone(), zero.clone()
@@ -176,19 +165,6 @@ class Trainer:
             nonfinite=values[4] > 0 or (not applied and self.recipe.train.precision != "fp16"),
             samples=int(values[0]), tokens=int(values[3]), padded_tokens=int(values[1]), stop_requested=values[2] > 0,
         )
-
-    def _global_counts(self, batches: list[dict[str, Any]]) -> dict[str, float]:
-        """Collective: what each loss term is divided by, summed over the step's micro batches and ranks."""
-        local: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            for name, value in self.engine.module.loss_counts(batch).items():
-                local[name] = local.get(name, 0) + value.double()
-        names = sorted(local)
-        if not names:
-            return {}
-        reduced = torch.stack([local[n] for n in names]).to(self.device)
-        dist.all_reduce(reduced)
-        return {n: max(v, 1.0) for n, v in zip(names, reduced.tolist())}  # (a term with no items sums to 0)
 
     def fit(self) -> dict[str, float]:
         """Train to ``train.max_steps`` (or a signal / too many non-finite steps); returns final metrics."""

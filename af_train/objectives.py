@@ -75,7 +75,8 @@ from af_train.model.checkpoint import (
 from af_train.tokens import IGNORE_INDEX
 from kernels import dispatch
 
-__all__ = ["build_training_module", "PretrainModule", "FineTuneModule", "BatchError", "gather_rows"]
+__all__ = ["build_training_module", "PretrainModule", "FineTuneModule", "BatchError", "gather_rows",
+           "global_loss_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,22 @@ def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
     counts = sizes.tolist()
     start = sum(counts[:rank])
     return _GatherRows.apply(local, counts, start), start
+
+
+def global_loss_counts(module: nn.Module, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
+    """Collective: what each loss term is divided by (``module.loss_counts``), summed over ``batches`` (one
+    optimizer step's micro batches) and over every rank. At least 1, so a term with nothing to count is 0."""
+    local: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        for name, value in module.loss_counts(batch).items():
+            local[name] = local.get(name, 0) + value.double()
+    names = sorted(local)
+    if not names:
+        return {}
+    reduced = torch.stack([local[n] for n in names]).to(device)
+    if _distributed():
+        dist.all_reduce(reduced)
+    return {n: max(v, 1.0) for n, v in zip(names, reduced.tolist())}
 
 
 def _contrast(module: nn.Module, embeddings: torch.Tensor, groups: torch.Tensor, anchors: torch.Tensor,
