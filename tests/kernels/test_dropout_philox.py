@@ -55,7 +55,7 @@ def test_keep_mask_is_the_documented_philox_function_of_the_element(seq):
     assert not np.array_equal(keep.numpy(), expected_keep(seed + 1, batch * heads, seq, p).reshape(keep.shape))
 
 
-@pytest.mark.parametrize("blocks", [(16, 16), (32, 4), (16, 64)])
+@pytest.mark.parametrize("blocks", [(16, 16), (16, 8), (32, 64)])
 def test_keep_mask_does_not_depend_on_the_block_shape(blocks):
     seed, batch_heads, seq, p = 4242, 3, 45, 0.2
     reference = dropout_keep_mask(seed, 1, batch_heads, seq, p)[0]
