@@ -38,6 +38,18 @@ def pytest_unconfigure(config) -> None:
     faulthandler.cancel_dump_traceback_later()
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``cuda`` are collected everywhere and skipped, with the reason, without a GPU."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in cuda_items:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run a block with ``n`` torch threads: on a shared 2-core CI box, 2 threads fighting other

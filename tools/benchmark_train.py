@@ -360,7 +360,7 @@ def build_hf(name: str, recipe: Any, mode: str, device: Any, ds_config: dict[str
         loss = engine(move_batch(batch, device))["loss"]
         engine.backward(loss)
         engine.step()
-        return float(loss)
+        return float(loss.detach())
 
     def close() -> None:
         loader.dataset.close()
