@@ -50,6 +50,7 @@ setup(
             "af-inspect-shards=af_train_tools.inspect_shards:main",
             "af-benchmark-kernels=af_train_tools.benchmark_kernels:main",
             "af-benchmark-data=af_train_tools.benchmark_data:main",
+            "af-benchmark-train=af_train_tools.benchmark_train:main",
             "af-export-hf=af_train_tools.export_hf:main",
             "af-train=af_train.train:launch_main",
             "af-evaluate=af_train.evaluate:main",
