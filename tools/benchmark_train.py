@@ -427,6 +427,9 @@ def measure_mode(args: argparse.Namespace, mode: str, device: Any, work: Path) -
             try:
                 for _ in range(count):
                     run_step(impl, cuda, round_index, timed=True)
+                block = impl.steps[-count:]
+                print(f"{mode} round {round_index + 1}/{len(per_round)} {impl.name}: "
+                      f"{sum(s['tokens'] for s in block) / sum(s['wall_s'] for s in block):.1f} tokens/s", flush=True)
             except Exception as err:  # noqa: BLE001
                 log.exception("%s %s failed in round %d", mode, impl.name, round_index)
                 impl.error = f"error: {type(err).__name__}: {err}"[:300]
