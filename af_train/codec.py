@@ -36,7 +36,6 @@ The weights identity written into shard manifests is ``"pretrained sha256:<16 he
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import warnings
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from af_train.audio_io import downmix, load_clip, pcm_to_float, resample
+from af_train.files import sha256_file
 from af_train.shards import CodecInfo
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,6 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
         "randomly initialised codec with --codec-random-init SEED (AcousticCodec(random_init_seed=SEED)); "
         "its codes are not comparable with the pretrained codec's."
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _build_encodec(seed: int = 0) -> torch.nn.Module:
@@ -285,7 +277,7 @@ class AcousticCodec:
             path = resolve_checkpoint(checkpoint)  # fails fast, before building anything
             model = _build_encodec()
             self._load_checkpoint(model, path)
-            self.weights = f"pretrained sha256:{file_sha256(path)[:16]} ({path.name})"
+            self.weights = f"pretrained sha256:{sha256_file(path)[:16]} ({path.name})"
             self.checkpoint_path = path
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
@@ -295,7 +287,7 @@ class AcousticCodec:
     @staticmethod
     def _load_checkpoint(model: torch.nn.Module, path: Path) -> None:
         expected = OFFICIAL_CHECKPOINT.split("-")[1].split(".")[0]
-        if path.name == OFFICIAL_CHECKPOINT and not file_sha256(path).startswith(expected):
+        if path.name == OFFICIAL_CHECKPOINT and not sha256_file(path).startswith(expected):
             log.warning(
                 "%s is named like the official EnCodec checkpoint but its sha256 does not start with %s: "
                 "not the official weights (the manifest records its actual hash)",

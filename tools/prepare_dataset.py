@@ -61,6 +61,7 @@ if __package__ in (None, ""):  # run as a plain script: make the repository impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from af_train import audio_io  # noqa: E402
+from af_train.files import atomic_write, sha256_files  # noqa: E402
 from af_train.shards import MANIFEST_NAME, Manifest, shard_columns  # noqa: E402
 
 log = logging.getLogger("af_train.prepare")
@@ -505,14 +506,6 @@ def committed_chunks(split_dir: Path) -> dict[int, dict]:
     return done
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
 
 def prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, shown: str | None = None) -> str:
     """Check/establish the resume state. Returns "fresh", "resume" or "complete".
@@ -547,7 +540,7 @@ def prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, shown
             )
     (split_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     resumed = state_file.is_file()
-    _atomic_write(state_file, json.dumps(fingerprint, indent=2, sort_keys=True))
+    atomic_write(state_file, json.dumps(fingerprint, indent=2, sort_keys=True))
     for stale in (split_dir / STATE_DIR).glob("*.tmp"):  # partial chunks of an interrupted run
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
     return "resume" if resumed else "fresh"
@@ -622,7 +615,7 @@ class ChunkWriter:
                 f.write(json.dumps({"order": r.order, **r.record()}) + "\n")
         info = {"chunk": self.k, "written": len(self.written_ids), "rejected": len(self.rejects)}
         info["seconds"] = self.seconds
-        _atomic_write(self.tmp / CHUNK_DONE, json.dumps(info))
+        atomic_write(self.tmp / CHUNK_DONE, json.dumps(info))
         if self.final.exists():  # a leftover from an earlier attempt that never got its marker
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)  # the commit point
@@ -658,8 +651,8 @@ def finalize_split(
             rejects += [json.loads(line) for line in f if line.strip()]
     rejects += [{"order": r.order, **r.record()} for r in planned_rejects]
     rejects.sort(key=lambda r: r["order"])
-    _atomic_write(split_dir / "index.json", json.dumps({"version": 2, "shards": shards}))
-    _atomic_write(
+    atomic_write(split_dir / "index.json", json.dumps({"version": 2, "shards": shards}))
+    atomic_write(
         split_dir / REJECTS_NAME,
         "".join(json.dumps({k: v for k, v in r.items() if k != "order"}) + "\n" for r in rejects),
     )
@@ -845,13 +838,6 @@ def _validate_args(args: argparse.Namespace) -> None:
     _check_split_name(args.split, "--split")
 
 
-def _file_digest(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
@@ -900,7 +886,7 @@ def _run(args: argparse.Namespace) -> int:
         "format": args.format,
         "input": str(Path(args.input).resolve()),
         "audio_dir": str(Path(args.audio_dir).resolve()) if args.audio_dir else None,
-        "label_files_sha256": _file_digest([f for f in source.label_files if f.is_file()]),
+        "label_files_sha256": sha256_files([f for f in source.label_files if f.is_file()])[:16],
         "clip_seconds": clip_seconds,
         "codec": asdict(codec.info()),
         "silence_threshold_db": silence,
