@@ -40,6 +40,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -60,9 +61,9 @@ NUM_CLASSES = 527  # AudioSet's label count (multi-label, as the benchmark data)
 FT2_ROWS = [0, 1, 2, 3]
 CSV_FIELDS = (
     "mode", "impl", "status", "preset", "seq_len", "micro_batch", "precision", "zero_stage", "kernels",
-    "steps", "tokens_per_s", "samples_per_s", "model_tflops", "mfu", "ratio_to_baseline", "ratio_min",
-    "ratio_max", "step_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms", "peak_mem_gb",
-    "loss_first", "loss_last",
+    "steps", "tokens_per_s", "samples_per_s", "model_tflops", "mfu", "ratio_to_baseline", "ratio_median",
+    "ratio_min", "ratio_max", "step_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms",
+    "peak_mem_gb", "loss_first", "loss_last",
 )
 
 log = logging.getLogger("af_benchmark_train")
@@ -85,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=None, help="clips per step (default: 32 cuda, 4 cpu)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per implementation (default 20/8)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per implementation first (5/1)")
-    parser.add_argument("--rounds", type=int, default=4, help="A/B/A/B blocks the timed steps are split into")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="A/B/A/B blocks the timed steps are split into (default: one step per block)")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                         help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2)
@@ -116,7 +118,7 @@ def _defaults(args: argparse.Namespace, device: str) -> None:
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     args.precision = args.precision or ("bf16" if gpu else "fp32")
     args.impls = list(dict.fromkeys(args.impls or (IMPLS if gpu else ("af_train", BASELINE))))
-    args.rounds = min(args.rounds, args.steps)
+    args.rounds = min(args.rounds or args.steps, args.steps)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -168,12 +170,13 @@ class Impl:
     """One implementation of one mode, ready to step."""
 
     name: str
-    kernels: str  # what kernels.dispatch is set to while it runs
+    kernels: str  # the kernels backend its model runs with (model.kernels; the baseline's own loss: reference)
     engine: Any
     loader: Any
     step: Callable[[dict[str, Any]], float]  # one optimizer step on a micro batch -> loss
     close: Callable[[], None]
     clock: PhaseClock | None = None
+    trainer: Any = None  # the af_train Trainer it came from (None for the baseline)
     iterator: Any = None
     persistent_bytes: int | None = None  # CUDA memory it holds between steps (weights, optimizer state)
     transient_bytes: int = 0  # largest extra memory inside one of its steps
@@ -191,12 +194,6 @@ class Impl:
         raise RuntimeError(f"{self.name}: the benchmark data yields no batch")
 
 
-def _use_kernels(name: str) -> None:
-    from kernels import dispatch
-
-    dispatch.set_backend(name)
-
-
 def _sync(cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
@@ -204,7 +201,6 @@ def _sync(cuda: bool) -> None:
 
 def run_step(impl: Impl, cuda: bool, round_index: int, timed: bool) -> None:
     """One step of ``impl``: draw a batch (data wait), then the implementation's step, synchronised."""
-    _use_kernels(impl.kernels)
     if cuda:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -281,14 +277,20 @@ def build_af_train(name: str, recipe: Any, cuda: bool) -> Impl:
     from af_train.engine import Trainer
 
     trainer = Trainer(recipe, resume="none")
-    impl = Impl(name, recipe.model.kernels, trainer.engine, trainer.train_loader,
-                step=lambda batch: trainer.train_step([batch]).loss, close=trainer.close)
-    impl.trainer = trainer  # type: ignore[attr-defined]
-    return impl
+    def close() -> None:
+        trainer.close()
+        trainer.train_loader.dataset.close()  # its shared memory now, not at exit (the next mode builds anew)
+
+    return Impl(name, recipe.model.kernels, trainer.engine, trainer.train_loader,
+                step=lambda batch: trainer.train_step([batch]).loss, close=close, trainer=trainer)
 
 
 class HFEncoder(torch.nn.Module):
     """Hugging Face ``RoFormerModel`` behind af_train's encoder call, so FT heads and losses are shared."""
+
+    # what af_train's FT module passes to kernels.dispatch for the MPC loss (ft2): the plain PyTorch
+    # loss a user would write, never af_train's Triton kernel
+    kernels = "reference"
 
     def __init__(self, af_config: Any) -> None:
         from transformers import RoFormerModel
@@ -341,18 +343,13 @@ def build_hf_module(recipe: Any, mode: str) -> torch.nn.Module:
 
 
 def build_hf(name: str, recipe: Any, mode: str, device: Any, ds_config: dict[str, Any]) -> Impl:
-    """Hugging Face RoFormer in a DeepSpeed engine made exactly as the Trainer makes its own."""
-    import deepspeed
-
+    """Hugging Face RoFormer in a DeepSpeed engine made by the Trainer's own engine factory."""
     from af_train.data import build_dataloader
-    from af_train.ds_config import optimizer_groups
+    from af_train.ds_config import initialize_engine
     from af_train.evaluate import move_batch
-    from af_train.schedule import build_lr_scheduler
 
     module = build_hf_module(recipe, mode)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=optimizer_groups(module, recipe.optim.weight_decay), config=ds_config,
-        lr_scheduler=lambda opt: build_lr_scheduler(opt, recipe.optim, recipe.train.max_steps))
+    engine, _, _ = initialize_engine(recipe, module, ds_config)
     loader = build_dataloader(recipe.data, "train", recipe.train.micro_batch_size, mask=mode == "pretrain",
                               seed=recipe.train.seed, local_cache=str(Path(recipe.train.run_dir) / "cache"))
 
@@ -365,28 +362,26 @@ def build_hf(name: str, recipe: Any, mode: str, device: Any, ds_config: dict[str
     def close() -> None:
         loader.dataset.close()
 
-    # The baseline's MPC (ft2) is the plain PyTorch loss a user would write: never the Triton kernel.
-    return Impl(name, "reference", engine, loader, step, close)
+    return Impl(name, HFEncoder.kernels, engine, loader, step, close)
 
 
-def deepspeed_config_for(recipe: Any, device: Any) -> dict[str, Any]:
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
+def deepspeed_config_for(recipe: Any, place: Any) -> dict[str, Any]:
+    """The DeepSpeed config the Trainer builds for ``recipe`` here (same function, same inputs)."""
     from af_train.ds_config import build_ds_config, plan_batch
 
-    return build_ds_config(recipe, plan_batch(recipe, dist.get_world_size()), on_cpu=device.type == "cpu",
-                           fp16_supported=get_accelerator().is_fp16_supported())
+    return build_ds_config(recipe, plan_batch(recipe, place.world_size), on_cpu=place.on_cpu,
+                           fp16_supported=place.fp16_supported)
 
 
 # ---------------------------------------------------------------------------------------- measure
 
 
-def measure_mode(args: argparse.Namespace, mode: str, device: Any, work: Path) -> tuple[list[dict], dict]:
+def measure_mode(args: argparse.Namespace, mode: str, place: Any, work: Path) -> tuple[list[dict], dict]:
     """Build every implementation of ``mode``, warm each, then time them in alternating blocks."""
     from af_train.model import AudioFormerConfig
     from af_train.run_logging import peak_flops_per_device, training_flops_per_token
 
+    device = place.device
     cuda = device.type == "cuda"
     root = work / mode
     clips = (args.warmup + args.steps + 2) * args.micro_batch
@@ -396,7 +391,7 @@ def measure_mode(args: argparse.Namespace, mode: str, device: Any, work: Path) -
     recipes = {name: build_recipe(args, mode, kernels_of[name], shards[name], root / "runs" / name, frozen)
                for name in args.impls}
     any_recipe = recipes[args.impls[0]]
-    ds_config = deepspeed_config_for(any_recipe, device)
+    ds_config = deepspeed_config_for(any_recipe, place)
     impls: list[Impl] = []
     failed: list[dict] = []
     for name in args.impls:
@@ -405,10 +400,9 @@ def measure_mode(args: argparse.Namespace, mode: str, device: Any, work: Path) -
         try:
             impl = (build_hf(name, recipes[name], mode, device, ds_config) if name == BASELINE
                     else build_af_train(name, recipes[name], cuda))
-            trainer = getattr(impl, "trainer", None)
-            if trainer is not None and trainer.ds_config != ds_config:
+            if impl.trainer is not None and impl.trainer.ds_config != ds_config:
                 raise RuntimeError(f"{name}: the Trainer's DeepSpeed config differs from the baseline's: "
-                                   f"{trainer.ds_config} vs {ds_config}")
+                                   f"{impl.trainer.ds_config} vs {ds_config}")
             impl.clock = PhaseClock(impl.engine, cuda)
             for _ in range(args.warmup):
                 run_step(impl, cuda, -1, timed=False)
@@ -499,6 +493,7 @@ def add_ratios(rows: list[dict], impls: list[Impl]) -> None:
         mine = _round_rates(by_name[row["impl"]])
         per_round = [mine[r] / base_rounds[r] for r in mine if r in base_rounds]
         if per_round:
+            row["ratio_median"] = statistics.median(per_round)
             row["ratio_min"], row["ratio_max"] = min(per_round), max(per_round)
             row["ratio_per_round"] = per_round
 
@@ -566,7 +561,7 @@ def plot(path: Path, rows: list[dict], meta: dict) -> None:
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'mode':<9}{'impl':<20}{'tokens/s':>11}{'samples/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'x base':>8}"
-              f"{'step ms':>9}{'data':>7}{'fwd':>8}{'bwd':>8}{'opt':>7}{'other':>7}{'mem GB':>8}")
+              f"{'median':>8}{'step ms':>9}{'data':>7}{'fwd':>8}{'bwd':>8}{'opt':>7}{'other':>7}{'mem GB':>8}")
     print(header)
     print("-" * len(header))
 
@@ -579,6 +574,7 @@ def print_table(rows: list[dict]) -> None:
             continue
         print(f"{r['mode']:<9}{r['impl']:<20}{r['tokens_per_s']:>11.1f}{r['samples_per_s']:>10.2f}"
               f"{r['model_tflops']:>9.3f}{f(r.get('mfu'), '.1%'):>7}{f(r.get('ratio_to_baseline'), '.3f'):>8}"
+              f"{f(r.get('ratio_median'), '.3f'):>8}"
               f"{r['step_ms']:>9.1f}{f(r['data_ms'], '.1f'):>7}{f(r['forward_ms'], '.1f'):>8}"
               f"{f(r['backward_ms'], '.1f'):>8}{f(r['optimizer_ms'], '.1f'):>7}{f(r['other_ms'], '.1f'):>7}"
               f"{f(r.get('peak_mem_gb'), '.2f'):>8}")
@@ -594,6 +590,16 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
+def source_commit() -> dict[str, Any]:
+    """The checkout's commit (``af_train.files.git_commit``), or ``$AF_COMMIT`` on a copy without .git."""
+    from af_train.files import git_commit
+
+    found = git_commit(REPO_ROOT)
+    if found["commit"] is None and os.environ.get("AF_COMMIT"):
+        return {"commit": os.environ["AF_COMMIT"], "dirty": None, "source": "AF_COMMIT"}
+    return {**found, "commit": found["commit"] or "unknown"}
+
+
 def device_label(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -602,8 +608,9 @@ def device_label(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from af_train_tools.benchmark_kernels import _git_commit, _slug
+    from af_train_tools.benchmark_kernels import _slug
 
+    from af_train.ds_config import init_process
     from af_train.train import _single_process_env
 
     device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -616,13 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     _defaults(args, device_kind)
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _single_process_env()
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    device = torch.device("cuda", torch.cuda.current_device()) if device_kind == "cuda" else torch.device("cpu")
+    place = init_process()  # the Trainer's own process setup: DeepSpeed's process group, device, logging
     label = device_label(device_kind)
     out_dir = args.out or RESULTS_ROOT / "benchmarks" / "results" / (_slug(label) if device_kind == "cuda" else "cpu")
     meta = {
@@ -630,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         "micro_batch": args.micro_batch, "precision": args.precision, "zero_stage": args.zero_stage,
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "impls": args.impls,
         "torch_threads": torch.get_num_threads(), "versions": _versions(), "cuda": torch.version.cuda,
-        "python": platform.python_version(), "git": _git_commit(),
+        "python": platform.python_version(), "git": source_commit(),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "definitions": {
@@ -642,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
                       "other = wall - data - phases (host-to-device copy, loss bookkeeping, all-reduce)",
             "peak_mem_gb": "CUDA only: memory held after warm-up (weights, optimizer state) + the largest extra "
                            "allocation inside one timed step",
-            "alternation": "implementations run in turns of blocks (A/B/A/B) over --rounds rounds; "
-                           "ratio_min/max are the per-round ratios to the baseline",
+            "alternation": "implementations run in turns of blocks (A/B/A/B) over --rounds rounds (default: "
+                           "one step each); ratio_to_baseline = total tokens/s over the baseline's; "
+                           "ratio_median/min/max summarise the per-round ratios (robust to a drifting machine)",
         },
     }
     print(f"af-benchmark-train on {label}: {args.preset}, seq {args.seq_len}, micro batch {args.micro_batch}, "
@@ -654,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     details: dict[str, Any] = {}
     try:
         for mode in args.mode:
-            mode_rows, details[mode] = measure_mode(args, mode, device, work)
+            mode_rows, details[mode] = measure_mode(args, mode, place, work)
             rows += mode_rows
             write_outputs(out_dir, rows, meta, details)
     finally:
