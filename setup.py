@@ -55,6 +55,7 @@ setup(
             "af-benchmark-kernels=af_train_tools.benchmark_kernels:main",
             "af-kernel-compile-report=af_train_tools.kernel_compile_report:console_main",
             "af-benchmark-data=af_train_tools.benchmark_data:main",
+            "af-benchmark-train=af_train_tools.benchmark_train:main",
             "af-export-hf=af_train_tools.export_hf:main",
             "af-train=af_train.train:launch_main",
             "af-evaluate=af_train.evaluate:main",

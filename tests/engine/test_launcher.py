@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import base_overrides, batch_ids, free_port, run, start, wait, wait_for, wait_group_exit
+from engine_helpers import (
+    base_overrides,
+    batch_ids,
+    free_port,
+    logged_steps,
+    run,
+    start,
+    wait,
+    wait_for,
+    wait_group_exit,
+)
 
 from af_train.checkpoint import is_complete, latest_complete, step_of
 from af_train.run_logging import read_metrics
@@ -35,14 +45,6 @@ def global_ids(run_dir: Path) -> dict[int, list[str]]:
     for (step, _), ids in batch_ids(run_dir).items():
         out.setdefault(step, []).extend(ids)
     return {step: sorted(ids) for step, ids in out.items()}
-
-
-def logged_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")]
-    return max(steps, default=0)
 
 
 @pytest.fixture(scope="module")
