@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "gpu_check.sh"
-STEPS = ["install", "env", "pytest", "kernels", "train"]
+STEPS = ["install", "env", "ops", "pytest", "kernels", "train"]
 RESULT_FILES = {"gpu_check.json", "gpu_check.log", "kernels.csv", "kernels.json", "kernels.png", "train.csv",
                 "train.json", "train.png"}
 
