@@ -7,9 +7,11 @@
 # recorded even when it fails or times out; the next step always runs:
 #   1. install   the wheels in .whl/ (../shared/tools/gpu-wheels.sh fills it) into /tmp/af_gpu_site
 #   2. env       GPU, driver, Python and package versions
-#   3. pytest    pytest -m cuda (kernels, 1-GPU ZeRO-2 training + resume, codec/tokenizers on CUDA)
-#   4. kernels   a short sweep of tools/benchmark_kernels.py (seq 512/751/1024, MPC N 8192/65536)
-#   5. train     af-benchmark-train, base preset, pretrain and ft1, bf16, seq 752
+#   3. ops       DeepSpeed's FusedAdam op, JIT-compiled once here (the engine's GPU optimizer), so its
+#                build time or failure shows on its own and not inside a test's or benchmark's limit
+#   4. pytest    pytest -m cuda (kernels, 1-GPU ZeRO-2 training + resume, codec/tokenizers on CUDA)
+#   5. kernels   a short sweep of tools/benchmark_kernels.py (seq 512/751/1024, MPC N 8192/65536)
+#   6. train     af-benchmark-train, base preset, pretrain and ft1, bf16, seq 752
 # Results go to --out (default benchmarks/results/<gpu name>/): gpu_check.json (commit, date, device,
 # every step's status, exit code and seconds), gpu_check.log (all output), kernels.{csv,json,png},
 # train.{csv,json,png}. That is 8 files, what one device call brings back.
@@ -44,8 +46,11 @@ site=/tmp/af_gpu_site
 export PYTHONPATH="$root:$shim:$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-# Time limits in seconds: 430 + at most 5 x 10 s after SIGINT = 480 s, the 8 minutes of one window.
-T_INSTALL=30 T_ENV=30 T_PYTEST=170 T_KERNELS=75 T_TRAIN=125
+# Time limits in seconds: 430 + at most 6 x 5 s after SIGINT = 460 s, inside the 8 minutes of one window.
+T_INSTALL=25 T_ENV=25 T_OPS=60 T_PYTEST=160 T_KERNELS=60 T_TRAIN=100
+if [ "$dry" = 1 ]; then  # the dry run checks that every step works, not how fast: a shared CPU is slow
+  T_INSTALL=600 T_ENV=600 T_OPS=600 T_PYTEST=600 T_KERNELS=600 T_TRAIN=600
+fi
 
 if [ -z "$out" ]; then
   if [ "$dry" = 1 ]; then
@@ -75,7 +80,7 @@ run_step() {
   say "=== step $name (limit ${limit} s): $function"
   local begin rc status
   begin=$(date +%s)
-  timeout --signal=INT --kill-after=10 "$limit" bash -c "$function" 2>&1 | tee -a "$logfile"
+  timeout --signal=INT --kill-after=5 "$limit" bash -c "$function" 2>&1 | tee -a "$logfile"
   rc=${PIPESTATUS[0]}
   local seconds=$(( $(date +%s) - begin ))
   case "$rc" in
@@ -126,6 +131,19 @@ print("af_train", af_train.__file__, "| af_train_tools", af_train_tools.__file__
 EOF
 }
 
+build_ops() {
+  "$python" - <<'EOF'
+import os, time
+from deepspeed.ops.op_builder import FusedAdamBuilder
+start = time.time()
+if os.environ["dry"] == "1":
+    print(f"dry run: {FusedAdamBuilder().absolute_name()} is not built on a CPU (CUDA only)")
+else:
+    FusedAdamBuilder().load()
+    print(f"{FusedAdamBuilder().absolute_name()} ready in {time.time() - start:.1f} s")
+EOF
+}
+
 run_pytest() {
   # collected everywhere; on a CPU (dry run) every cuda test is reported as skipped with its reason
   AF_TEST_SESSION_BUDGET_S=$((T_PYTEST - 5)) "$python" -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10 \
@@ -153,10 +171,10 @@ run_train() {
 
 export dry out python site T_PYTEST K_DEVICE TR_DEVICE TR_PRESET TR_SEQ TR_PRECISION TR_MICRO TR_STEPS \
   TR_WARMUP TR_ROUNDS
-export -f install_wheels print_env run_pytest run_kernels run_train
+export -f install_wheels print_env build_ops run_pytest run_kernels run_train
 # GPU_CHECK_STEPS="pytest train" runs only those steps (default: all, in this order).
-selected=" ${GPU_CHECK_STEPS:-install env pytest kernels train} "
-for step in install:T_INSTALL:install_wheels env:T_ENV:print_env pytest:T_PYTEST:run_pytest \
+selected=" ${GPU_CHECK_STEPS:-install env ops pytest kernels train} "
+for step in install:T_INSTALL:install_wheels env:T_ENV:print_env ops:T_OPS:build_ops pytest:T_PYTEST:run_pytest \
             kernels:T_KERNELS:run_kernels train:T_TRAIN:run_train; do
   IFS=: read -r name limit function <<< "$step"
   case "$selected" in *" $name "*) run_step "$name" "${!limit}" "$function" ;; esac

@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "gpu_check.sh"
-STEPS = ["install", "env", "pytest", "kernels", "train"]
+STEPS = ["install", "env", "ops", "pytest", "kernels", "train"]
 RESULT_FILES = {"gpu_check.json", "gpu_check.log", "kernels.csv", "kernels.json", "kernels.png", "train.csv",
                 "train.json", "train.png"}
 
@@ -27,7 +27,7 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("DRY_RUN", None)
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=3000)
     log = proc.stdout + proc.stderr
     summary = json.loads((out / "gpu_check.json").read_text())
     assert [s["step"] for s in summary["steps"]] == STEPS
@@ -57,7 +57,7 @@ def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}",
            "PYTHON": str(fake / "python3"), "GPU_CHECK_STEPS": "pytest kernels"}
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=3000)
     summary = json.loads((out / "gpu_check.json").read_text())
     status = {s["step"]: s["status"] for s in summary["steps"]}
     assert status == {"pytest": "failed (exit 3)", "kernels": "ok"}
