@@ -33,6 +33,8 @@ setup(
         "tqdm",
         "transformers",
         "matplotlib",
+        "scipy",
+        "espeakng-loader",  # af-synth-speech: the eSpeak NG library and voices in a wheel
     ],
     extras_require={
         "dev": [
@@ -47,6 +49,7 @@ setup(
         "console_scripts": [
             "af-prepare=af_train_tools.prepare_dataset:main",
             "af-synth-audio=af_train_tools.make_synthetic_audio:main",
+            "af-synth-speech=af_train_tools.make_speech_audio:main",
             "af-inspect-shards=af_train_tools.inspect_shards:main",
             "af-benchmark-kernels=af_train_tools.benchmark_kernels:main",
             "af-benchmark-data=af_train_tools.benchmark_data:main",
