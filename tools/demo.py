@@ -59,7 +59,7 @@ else:
     from . import demo_eval
     from . import demo_stages as st
 from af_train.checkpoint import latest_complete, read_best  # noqa: E402
-from af_train.codec import OFFICIAL_CHECKPOINT, OFFICIAL_URL, hub_checkpoint_dir  # noqa: E402
+from af_train.tokenizers.encodec import OFFICIAL_CHECKPOINT, OFFICIAL_URL, hub_checkpoint_dir  # noqa: E402
 
 ENCODEC_WEIGHTS = OFFICIAL_CHECKPOINT
 RECIPES = REPO / "recipes"

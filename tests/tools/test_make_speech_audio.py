@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from af_train_tools import make_speech_audio as speech
-from af_train_tools import prepare_dataset as prep
+
+from af_train.prepare.cli import build_parser as prepare_parser
+from af_train.prepare.planning import plan_splits
+from af_train.prepare.sources import load_csv_source
 
 WORDS = ["yes", "no", "stop"]
 SMALL = ["--words", ",".join(WORDS), "--train-speakers", "2", "--val-speakers", "1", "--test-speakers", "1",
@@ -105,9 +108,9 @@ def test_af_prepare_reads_the_csvs(small_set):
     for name, split in (("labels.csv", None), ("test.csv", "test")):
         argv = ["--format", "csv", "--input", str(small_set / name), "--labels", str(small_set / "vocabulary.txt"),
                 "--out", "unused"] + (["--split", split] if split else [])
-        source = prep.load_csv_source(prep.build_parser().parse_args(argv))
+        source = load_csv_source(prepare_parser().parse_args(argv))
         assert source.vocabulary == WORDS and not source.multi_label
-        plans = prep.plan_splits(source)
+        plans = plan_splits(source)
         assert set(plans) == ({"train", "val", "test"} if split is None else {"test"})
         for tasks, rejects in plans.values():
             assert rejects == [] and all(Path(t.path).is_file() for t in tasks)
