@@ -198,10 +198,17 @@ def results_tables(models: list[dict[str, Any]], pretraining: list[dict[str, Any
         parts.append("MLM pretraining (validation split):\n\n"
                      + markdown_table(["run", "code row", "steps", "val MLM loss", "val MLM accuracy"], rows))
     if timings:
-        total = sum(t["seconds"] for t in timings if t.get("seconds") is not None and t.get("state") != "reused")
+        ran = [t for t in timings if t.get("state") != "reused"]
+        total = sum(t["seconds"] for t in ran if t.get("seconds") is not None)
+        header = ["stage", "what", "state", "wall time"]
         rows = [[t["stage"], t["title"], t.get("state"), format_seconds(t.get("seconds"))] for t in timings]
         rows.append(["total", "this invocation", "", format_seconds(total)])
-        parts.append("Time per stage:\n\n" + markdown_table(["stage", "what", "state", "wall time"], rows))
+        if any(t.get("cpu_seconds") is not None for t in timings):  # CPU time: independent of other load
+            header.append("CPU time")
+            for row, t in zip(rows, timings):
+                row.append(format_seconds(t.get("cpu_seconds")))
+            rows[-1].append(format_seconds(sum(t.get("cpu_seconds") or 0.0 for t in ran)))
+        parts.append("Time per stage:\n\n" + markdown_table(header, rows))
     return "\n\n".join(parts) + "\n"
 
 

@@ -165,7 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="af-synth-speech processes")
     p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--ft-steps", type=int, default=600)
+    p.add_argument("--ft-steps", type=int, default=800)
     p.add_argument("--eval-every", type=int, default=100)
     return p.parse_args(argv)
 
