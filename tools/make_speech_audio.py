@@ -43,7 +43,6 @@ import ctypes
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -316,23 +315,34 @@ def render_speaker(job: RenderJob) -> list[dict[str, str]]:
     return rows
 
 
+def _render_numbered(numbered: tuple[int, RenderJob]) -> tuple[int, list[dict[str, str]]]:
+    return numbered[0], render_speaker(numbered[1])
+
+
 def render_speakers(jobs: list[RenderJob], workers: int, progress: bool = True) -> list[dict[str, str]]:
     """Render every job, each in a fresh process (deterministic whatever ``workers`` is); rows in job order."""
-    # forkserver: children fork from a clean server process that never loaded eSpeak, cheaply.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["numpy", "soundfile", "scipy.signal"])
+    if _ENGINE_IN_PROCESS:  # a forked worker would inherit the engine's state
+        raise SpeechSynthesisError("render_speakers must run in a process that has not used eSpeak")
+    # fork: cheap, and the workers stay children of this process (their CPU time is accounted to it);
+    # maxtasksperchild=1: a new process for every speaker.
+    context = multiprocessing.get_context("fork")
     results: dict[int, list[dict[str, str]]] = {}
     total = sum(len(j.words) * j.repeats for j in jobs)
     bar = tqdm(total=total, unit="clip", desc="speaking", disable=not progress) if tqdm is not None else None
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(render_speaker, job): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            rows = future.result()
-            results[futures[future]] = rows
+    pool = context.Pool(processes=max(1, workers), maxtasksperchild=1)
+    try:
+        for index, rows in pool.imap_unordered(_render_numbered, list(enumerate(jobs))):
+            results[index] = rows
             if bar is not None:
                 bar.update(len(rows))
-    if bar is not None:
-        bar.close()
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        if bar is not None:
+            bar.close()
     return [row for i in range(len(jobs)) for row in results[i]]
 
 
