@@ -191,9 +191,9 @@ def build_plan(out: Path, data: Path, s: Settings, ranks: list[str], tokenizer: 
                  outputs=[p / "manifest.json" for p in splits.values()], owned=[shards],
                  depends=["synth"] + (["fit_tokenizer"] if tokenizer.kind == "mel-rvq" else []), files=files),
         st.Stage("baselines", "baselines on the test split: label prior, bag of codes (logistic regression)",
+                 ["python3", _rel(REPO / "tools" / "demo_eval.py"), str(shards), "--out", str(out / "baselines.json")],
                  outputs=[out / "baselines.json"], owned=[out / "baselines.json"], depends=["prepare"],
-                 params={"baselines": "label prior, bag of codes (l2 1e-3)", "shards": str(shards)},
-                 function=lambda: write_baselines(shards, out / "baselines.json")),
+                 files=[REPO / "tools" / "demo_eval.py"]),
     ]
     pretrain_recipe = RECIPES / "tiny_pretrain.yaml"
     no_test = [o for o in data_overrides if not o.startswith("data.test=")]  # pretraining never sees test clips
@@ -265,7 +265,8 @@ def _rel(path: Path) -> str:
 # Lines worth showing on the terminal (everything goes to the stage's log file).
 _SHOW = re.compile(
     r"af_train\.(engine|evaluate)|af_train\.data\.loader: data\.train|^wrote |summary|written \d+|codec|"
-    r"Traceback|Error|error:|exits with return code|^\s+\w+: written|^\s*\"test/mAP\"|random", re.IGNORECASE)
+    r"Traceback|Error|error:|exits with return code|^\s+\w+: written|^\s*\"test/mAP\"|random|^baselines:|^fit|"
+    r"^wrote .*safetensors", re.IGNORECASE)
 _HIDE = re.compile(r"streaming\.base|real_accelerator|MFU not computed|Setting accelerator", re.IGNORECASE)
 _TQDM = re.compile(r"\d+%\|")
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\[rank\d+\] )?(INFO |WARNING )?")
@@ -423,20 +424,6 @@ def evaluate_follow_up(run: Path) -> None:
     demo_eval.save_scores(run / "test_scores.npz", scored)
     print(f"    test mAP {summary['mAP']:.3f} (label-prior baseline {summary['prior_mAP']:.3f}) on "
           f"{summary['num_clips']} clips; per-class AP in {run / 'per_class_ap.json'}", flush=True)
-
-
-def write_baselines(shards: Path, target: Path) -> None:
-    """The ``baselines`` stage: label prior and bag of codes on the test split (fitted on train)."""
-    payload = demo_eval.test_baselines(shards)
-    demo_eval.write_json(target, payload)
-    bag, prior = payload["bag_of_codes"], payload["label_prior"]
-    chance = "" if payload["chance_accuracy"] is None else f"; chance accuracy {payload['chance_accuracy']:.3f}"
-    print(f"    bag of codes: test accuracy {_fmt(bag.get('accuracy'))}, mAP {bag['mAP']:.3f}; label prior: mAP "
-          f"{prior['mAP']:.3f}{chance} ({payload['num_test']} test clips)", flush=True)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
