@@ -393,7 +393,7 @@ def run_stages(stages: list[st.Stage], out: Path, *, redo: set[str], verbose: bo
                 log = out / "logs" / f"{stage.name}.log"
                 tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
                 raise SystemExit(f"\nstage '{stage.name}' failed (exit {rc}). Last lines of {log}:\n{tail}\n\n"
-                                 f"Fix the cause and rerun `make demo`: finished stages are reused.")
+                                 "Fix the cause and run the same command again: finished stages are reused.")
         if stage.function is not None:
             stage.function()
         seconds, cpu = time.time() - started, cpu_seconds() - cpu_started
