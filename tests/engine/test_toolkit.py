@@ -51,3 +51,42 @@ def test_resume_is_exact_with_every_option_on(one_rank, data_root, tmp_path, sam
     saved = Recipe.load(tmp_path / "b/config.yaml")
     assert saved.optim.layer_decay == 0.75 and saved.train.ema_decay == 0.9 and saved.objective.mixup.prob == 0.5
     assert saved.data.finetune_mask_rate == 0.2
+
+
+def _full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params) if any(hasattr(p, "ds_id") for p in params) \
+            else torch.no_grad():
+        return {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_layer_decay_multipliers_and_ema_under_zero(one_rank, data_root, tmp_path, stage):  # noqa: F811
+    """Each parameter's first AdamW step is lr x its multiplier (|m/sqrt(v)| = 1 at step 1, eps ~ 0, no weight
+    decay): measured on the weights, whatever ZeRO does with the groups. The EMA (decay 0.5) then
+    holds the mean of the weights before and after, and final/model.pt holds the EMA."""
+    lr, decay = 1e-3, 0.5
+    overrides = FT1 + [f"optim.layer_decay={decay}", "optim.weight_decay=0", "optim.eps=1e-12",
+                       "optim.warmup_steps=0", f"optim.lr={lr}", "model.hidden_dropout_prob=0.0", "train.max_steps=1", f"train.zero_stage={stage}",
+                       "train.ema_decay=0.5", "data.val=null", "train.test_at_end=false"]
+    trainer = make_trainer(data_root, tmp_path / "run", overrides)
+    module = trainer.engine.module
+    layers = module.encoder.config.num_hidden_layers
+    before = _full_weights(module)
+    trainer.fit()
+    after = _full_weights(module)
+    trainer.close()
+    for name in before:
+        if name.startswith("encoder.embeddings."):
+            depth = 0
+        elif name.startswith("encoder.encoder.layer."):
+            depth = int(name.split(".")[3]) + 1
+        else:
+            depth = layers + 1
+        step = float((after[name] - before[name]).abs().max())
+        assert step / lr == pytest.approx(decay ** (layers + 1 - depth), rel=1e-2), name
+    final = torch.load(tmp_path / "run/final/model.pt", map_location="cpu", weights_only=False)["state_dict"]
+    for name in before:
+        assert torch.allclose(final[name], 0.5 * (before[name] + after[name]), atol=1e-7), name
