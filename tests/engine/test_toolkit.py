@@ -69,8 +69,8 @@ def test_layer_decay_multipliers_and_ema_under_zero(one_rank, data_root, tmp_pat
     holds the mean of the weights before and after, and final/model.pt holds the EMA."""
     lr, decay = 1e-3, 0.5
     overrides = FT1 + [f"optim.layer_decay={decay}", "optim.weight_decay=0", "optim.eps=1e-12",
-                       "optim.warmup_steps=0", f"optim.lr={lr}", "model.hidden_dropout_prob=0.0", "train.max_steps=1", f"train.zero_stage={stage}",
-                       "train.ema_decay=0.5", "data.val=null", "train.test_at_end=false"]
+                       "optim.warmup_steps=0", f"optim.lr={lr}", "model.hidden_dropout_prob=0.0", "train.max_steps=1",
+                       f"train.zero_stage={stage}", "train.ema_decay=0.5", "data.val=null", "train.test_at_end=false"]
     trainer = make_trainer(data_root, tmp_path / "run", overrides)
     module = trainer.engine.module
     layers = module.encoder.config.num_hidden_layers
