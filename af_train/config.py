@@ -287,7 +287,7 @@ class DataConfig:
     dynamic_padding: bool = False  # pad each batch to its longest sequence (multiple of 8), not max_length
     finetune_mask_rate: float = 0.0  # ft1/ft2: fraction of code tokens corrupted as augmentation (train only)
     balanced_sampling: bool = False  # class-balanced sampling of data.train (AudioMAE weights; data.balance)
-    balance_buckets: int = 8  # rarity buckets (streams) that approximate the per-clip weights
+    balance_buckets: int = 16  # rarity buckets (streams) that approximate the per-clip weights
 
     def validate(self) -> None:
         _require(0.0 <= self.finetune_mask_rate < 1.0,

@@ -9,8 +9,8 @@ Why rarity buckets and not a sampler. A per-clip weighted sampler (torch's ``Wei
 replaces streaming's sample partitioning: streaming could no longer split the epoch over canonical
 nodes, ranks and workers, download shards ahead in order, or resume mid-epoch from its own state.
 streaming does support weighting *streams* (``Stream(repeat=...)``), with everything else intact. So
-the clips are split by weight into ``data.balance_buckets`` buckets (equal widths in log weight: the
-weights inside a bucket differ by at most ``(max/min) ** (1 / buckets)``), each bucket is written as
+the clips are split by weight into ``data.balance_buckets`` buckets (default 16; equal widths in log
+weight: the weights inside a bucket differ by at most ``(max/min) ** (1 / buckets)``), each bucket is written as
 its own MDS shard directory, and bucket ``b`` becomes a ``Stream`` with
 
     repeat_b = N * mean(weight in b) / sum(all weights)        (N: clips in the split)
@@ -26,7 +26,7 @@ loader's state and is the same at any world size with the same global batch and
 Cost: the buckets are a copy of the split (codes only: about 6 kB per 10 s clip at 4 rows, 12 GB for
 AudioSet-2M), written once, either ahead of time
 
-    python3 -m af_train.data.balance SRC_SPLIT_DIR OUT_DIR [--buckets 8]
+    python3 -m af_train.data.balance SRC_SPLIT_DIR OUT_DIR [--buckets 16]
 
 (then ``data.train=OUT_DIR``), or on first use into the run's cache (``data.local_cache`` or the
 run directory). ``balance.json`` beside the buckets records the weights, repeats and the target
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "Split a training split into rarity buckets for data.balanced_sampling (see the module docstring)."))
     parser.add_argument("source", help="a local split directory written by af-prepare")
     parser.add_argument("out", help="the bucket directory to write (then data.train=OUT)")
-    parser.add_argument("--buckets", type=int, default=8)
+    parser.add_argument("--buckets", type=int, default=16)
     parser.add_argument("--report", action="store_true", help="measure one epoch's class frequencies vs the target")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
