@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def write_buckets(source: Path, out: Path, buckets: int) -> dict[str, Any]:
     total_weight, n = float(weights.sum()), len(samples)
     if total_weight <= 0:
         raise DataError(f"data.balanced_sampling: no clip of '{source}' has a label; nothing to balance")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"  # nodes may share the cache
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     plan_buckets, draws = [], np.zeros(n)
