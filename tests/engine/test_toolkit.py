@@ -21,12 +21,12 @@ def _mixture(data_root: Path) -> list[str]:
     return [f"data.train=[{{path: {data_root / 'train'}, repeat: 1.5}}, {{path: {data_root / 'val'}, repeat: 0.5}}]"]
 
 
-@pytest.mark.parametrize("sampling", ["balanced", "mixture"])
-def test_resume_is_exact_with_every_option_on(one_rank, data_root, tmp_path, sampling):  # noqa: F811
+@pytest.mark.parametrize(("sampling", "stage"), [("balanced", 1), ("mixture", 3)])
+def test_resume_is_exact_with_every_option_on(one_rank, data_root, tmp_path, sampling, stage):  # noqa: F811
     extra = ["data.balanced_sampling=true", "data.balance_buckets=3"] if sampling == "balanced" \
         else _mixture(data_root)
     overrides = FT1 + ALL_ON + extra + ["train.max_steps=6", "train.save_every=3", "train.eval_every=3",
-                                        "train.zero_stage=1"]
+                                        f"train.zero_stage={stage}"]
     first = make_trainer(data_root, tmp_path / "a", overrides)
     first.fit()
     ema_a = {k: v.clone() for k, v in first.ema.shadow.items()}
