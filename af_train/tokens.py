@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+IGNORE_INDEX = -100  # MLM label of an unmasked position (torch.nn.functional.cross_entropy skips it)
 NUM_SPECIAL = 8  # PAD, MASK, BOA, EOA + 4 reserved (keeps the vocabulary a multiple of 8)
 
 

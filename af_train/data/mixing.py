@@ -35,8 +35,14 @@ def stream_weights(entry: StreamConfig) -> dict[str, float | int]:
 
 def merge_manifests(manifests: list[Manifest], sources: list[str], need_labels: bool) -> tuple[Manifest, bool]:
     """(the manifest the mixture is read with, whether labels are dropped); see the module docstring."""
+    from af_train.tokenizers import TokenizerError, check_same_tokenizer
+
     first, where = manifests[0], sources[0]
     for manifest, source in zip(manifests[1:], sources[1:]):
+        try:
+            check_same_tokenizer(first.tokenizer, manifest.tokenizer, f"data.train '{where}'", f"data.train '{source}'")
+        except TokenizerError as exc:
+            raise DataError(str(exc)) from None
         a, b = first.codec, manifest.codec
         if (a.codebook_size, a.codebooks) != (b.codebook_size, b.codebooks):
             raise DataError(
