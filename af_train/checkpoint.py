@@ -288,18 +288,24 @@ def verify(ckpt: Path, hashes: bool = True) -> str | None:
     return None
 
 
-def consolidated_state(ckpt: Path) -> dict[str, torch.Tensor]:
+def consolidated_state(ckpt: Path, raw: bool = False) -> dict[str, torch.Tensor]:
     """fp32 module weights of a complete checkpoint, at any ZeRO stage (one process, CPU).
 
-    DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints; callers holding the live module
-    complete them from it.
+    A run with ``train.ema_decay`` evaluates its weight average: it replaces the trained weights here
+    unless ``raw``. DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints; callers holding the
+    live module complete them from it.
     """
+    from af_train.ema import read_ema_weights
+
     if read_meta(ckpt)["zero_stage"] == 0:  # no partitions: the module states file holds every weight
         state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in state.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = {k: v.float() for k, v in state.items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    average = None if raw else read_ema_weights(ckpt)
+    return state if average is None else {**state, **average}
 
 
 def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:

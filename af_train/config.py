@@ -229,10 +229,40 @@ def _require(ok: bool, message: str) -> None:
 
 
 @dataclass
+class StreamConfig:
+    """One data set of a training mixture (``data.train`` given as a list): a streaming ``Stream``.
+
+    ``proportion`` (relative: given for every entry or none), ``repeat`` (times per epoch, may be
+    fractional) or ``choose`` (samples per epoch); none of them: each clip once per epoch.
+    """
+
+    path: str | None = None  # local shard directory
+    remote: str | None = None  # or a remote one (s3://...), cached under data.local_cache / the run
+    proportion: float | None = None
+    repeat: float | None = None
+    choose: int | None = None
+
+    def validate(self) -> None:
+        _require((self.path is None) != (self.remote is None),
+                 f"a data.train entry needs exactly one of path or remote, got path={self.path!r} "
+                 f"remote={self.remote!r}")
+        weights = [k for k in ("proportion", "repeat", "choose") if getattr(self, k) is not None]
+        _require(len(weights) <= 1, f"a data.train entry takes at most one of proportion, repeat, choose; got "
+                 f"{', '.join(weights)} for {self.path or self.remote!r}")
+        for key in weights:
+            _require(getattr(self, key) > 0, f"data.train entry {self.path or self.remote!r}: {key} must be > 0")
+
+    @property
+    def source(self) -> str:
+        return self.path or self.remote or ""
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how samples become token sequences (consumed by ``af_train.data``)."""
 
-    train: str | None = None  # shard directory (local path) of the training split
+    # shard directory (local path) of the training split, or a mixture: a list of StreamConfig entries
+    train: str | list[StreamConfig] | None = None
     val: str | None = None
     test: str | None = None
     code_rows: list[int] = field(default_factory=lambda: [0])  # which codebook rows to read
@@ -255,8 +285,22 @@ class DataConfig:
     shuffle_block_size: int | None = None  # samples shuffled together; with cache_limit keep a block's shards cached
     validate_hash: Literal["sha1", "xxh64"] | None = None  # check each downloaded shard against index.json
     dynamic_padding: bool = False  # pad each batch to its longest sequence (multiple of 8), not max_length
+    finetune_mask_rate: float = 0.0  # ft1/ft2: fraction of code tokens corrupted as augmentation (train only)
+    balanced_sampling: bool = False  # class-balanced sampling of data.train (AudioMAE weights; data.balance)
+    balance_buckets: int = 16  # rarity buckets (streams) that approximate the per-clip weights
 
     def validate(self) -> None:
+        _require(0.0 <= self.finetune_mask_rate < 1.0,
+                 f"data.finetune_mask_rate must be in [0, 1), got {self.finetune_mask_rate}")
+        _require(self.balance_buckets >= 1, f"data.balance_buckets must be >= 1, got {self.balance_buckets}")
+        if isinstance(self.train, list):
+            _require(len(self.train) >= 1, "data.train as a list needs at least one entry")
+            relative = [entry.proportion is not None for entry in self.train]
+            _require(all(relative) or not any(relative),
+                     "data.train: give proportion for every entry or for none (mix it with repeat/choose is not "
+                     "possible: proportions are relative, repeat and choose absolute)")
+            _require(not self.balanced_sampling, "data.balanced_sampling works on one training data set; "
+                     "data.train is a mixture (a list)")
         _require(0.0 <= self.mask_rate < 1.0, f"data.mask_rate must be in [0, 1), got {self.mask_rate}")
         _require(
             0.0 <= self.mask_token_fraction <= 1.0
@@ -305,6 +349,19 @@ class ModelConfig:
 
 
 @dataclass
+class MixupConfig:
+    """Mixup in fine-tuning: with probability ``prob`` a batch is mixed with itself reversed, input
+    embeddings and targets alike, by lambda ~ Beta(alpha, alpha) (``af_train.augment``)."""
+
+    prob: float = 0.0  # 0: off
+    alpha: float = 0.5
+
+    def validate(self) -> None:
+        _require(0.0 <= self.prob <= 1.0, f"objective.mixup.prob must be in [0, 1], got {self.prob}")
+        _require(self.alpha > 0.0, f"objective.mixup.alpha must be > 0, got {self.alpha}")
+
+
+@dataclass
 class ObjectiveConfig:
     """What is trained: MLM pretraining, FT1 classification or FT2 classification + MPC."""
 
@@ -316,6 +373,7 @@ class ObjectiveConfig:
     temperature: float = 0.05  # ft2 / joint pretraining: MPC temperature
     use_classifier: bool = True  # ft2 stage 2 option: train MPC alone, no classification head
     mpc_weight: float = 0.1  # joint pretraining: weight of the MPC term next to MLM
+    mixup: MixupConfig = field(default_factory=lambda: MixupConfig())  # ft1/ft2, training only
     # MPC negatives: each rank's own micro batch (local) or the micro batches of every rank, gathered with
     # their gradients (global); null: global when the world size is > 1
     mpc_negatives: Literal["local", "global"] | None = None
@@ -336,6 +394,7 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    layer_decay: float | None = None  # per-layer lr scale decay**(depth - layer): embeddings lowest, head 1.0
 
     def validate(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
@@ -345,6 +404,8 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(self.layer_decay is None or 0.0 < self.layer_decay <= 1.0,
+                 f"optim.layer_decay must be in (0, 1] (e.g. 0.75), got {self.layer_decay}")
 
 
 @dataclass
@@ -371,6 +432,7 @@ class TrainConfig:
     save_weights_every_checkpoint: bool = False  # also write consolidated model.pt into each checkpoint
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; default: from the device table
     record_sample_ids: bool = False  # write the clip ids of every batch to run_dir/sample_ids/ (debugging)
+    ema_decay: float | None = None  # EMA of the trainable weights (e.g. 0.999): evaluated and in final/model.pt
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -382,6 +444,8 @@ class TrainConfig:
         _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
         _require(self.eval_batch_size is None or self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+                 f"train.ema_decay must be in (0, 1) (e.g. 0.999), got {self.ema_decay}")
         _require(self.peak_flops is None or self.peak_flops > 0, "train.peak_flops must be > 0 (FLOP/s per device)")
         _require(not (self.offload_optimizer and self.zero_stage == 0),
                  "train.offload_optimizer needs train.zero_stage >= 1 (DeepSpeed offloads ZeRO optimizer state)")
@@ -422,6 +486,10 @@ class Recipe:
             )
         if self.objective.joint_rows:
             _require(self.objective.mode == "pretrain", "objective.joint_rows applies to mode=pretrain only")
+        if self.objective.mode == "pretrain":
+            _require(self.data.finetune_mask_rate == 0.0, "data.finetune_mask_rate applies to ft1/ft2; pretraining "
+                     "masks with data.mask_rate")
+            _require(self.objective.mixup.prob == 0.0, "objective.mixup applies to ft1/ft2 (it mixes class targets)")
         best = self.train.best_metric
         if best is not None:
             split = best.split("/", 1)[0]

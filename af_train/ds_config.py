@@ -279,10 +279,11 @@ def initialize_engine(recipe: Recipe, module: torch.nn.Module, ds_config: dict[s
     the overflow check DeepSpeed lacks for ZeRO-0 fp32."""
     import deepspeed
 
+    from af_train.optim_groups import parameter_groups
     from af_train.schedule import build_lr_scheduler
 
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
-        model=module, model_parameters=optimizer_groups(module, recipe.optim.weight_decay), config=ds_config,
+        model=module, model_parameters=parameter_groups(module, recipe.optim), config=ds_config,
         lr_scheduler=lambda opt: build_lr_scheduler(opt, recipe.optim, recipe.train.max_steps),
     )
     if recipe.train.zero_stage == 0 and recipe.train.precision == "fp32":

@@ -16,6 +16,7 @@ such check in DeepSpeed; ``guard_plain_optimizer`` adds it. Skips are counted an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -30,6 +31,8 @@ from af_train import ds_config as dsc
 from af_train import run_logging as rl
 from af_train.checkpoint import Checkpointer, Progress, seed_everything
 from af_train.config import Recipe
+from af_train.ema import EMA, load_ema, raw_metric_names
+from af_train.ema import STATE_KEY as EMA_STATE_KEY
 from af_train.evaluate import Evaluator, move_batch
 from af_train.objectives import global_loss_counts
 from af_train.run_logging import StepResult
@@ -65,7 +68,7 @@ class Trainer:
 
         mask = recipe.objective.mode == "pretrain"
         self.train_loader = build_dataloader(recipe.data, "train", self.plan.micro_batch, mask=mask, seed=cfg.seed,
-                                             local_cache=str(self.run_dir / "cache"))
+                                             local_cache=str(self.run_dir / "cache"), finetune_masking=not mask)
         self.manifest = self.train_loader.dataset.manifest
         check_split_tokenizers(recipe.data, self.manifest)  # val/test codes must come from the same tokenizer
         self.checkpointer.set_tokenizer(self.manifest.tokenizer, point)
@@ -79,6 +82,7 @@ class Trainer:
         self.flops_per_token = rl.training_flops_per_token(recipe, module.encoder.config, recipe.data.max_length,
                                                            module.encoder.config.vocab_size)
         self.engine, self.optimizer, self.lr_scheduler = dsc.initialize_engine(recipe, module, self.ds_config)
+        self.ema = EMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay else None
         seed_everything(cfg.seed + 1000 * self.rank + 1)
 
         self.progress = Progress()
@@ -87,6 +91,8 @@ class Trainer:
         self._pending_rng: dict[str, Any] | None = None  # restored once the first batch is drawn
         if point is not None:
             self.progress, self._pending_rng = self.checkpointer.load(point, self.engine, self.train_loader)
+            if self.ema is not None:
+                load_ema(self.ema, point.path)
         self.start_step = self.progress.step
         resume_step = self.start_step if point is not None else None
         self.logger = rl.RunLogger(self.run_dir, self.rank == 0, resume_step)
@@ -180,6 +186,8 @@ class Trainer:
                 started = time.perf_counter()
                 result = self.train_step([self._next_micro_batch() for _ in range(self.plan.grad_accum)])
                 p.count_step(result.samples, result.tokens, result.applied, result.nonfinite)
+                if self.ema is not None and result.applied:
+                    self.ema.update(self.engine.module)
                 window.add(result, time.perf_counter() - started)
                 step = p.step
                 bar.update(1)
@@ -219,7 +227,13 @@ class Trainer:
             self.sample_ids.flush()
 
     def _evaluate(self, split: str, step: int) -> dict[str, float]:
-        metrics = self.evaluator.evaluate_and_select(split, step, self.engine.module, self.progress, self.save)
+        module = self.engine.module
+        if self.ema is None:
+            metrics = self.evaluator.evaluate_and_select(split, step, module, self.progress, self.save)
+        else:  # the average is evaluated (and selects checkpoints); the raw weights are logged beside it
+            raw = raw_metric_names(self.evaluator.evaluate(split, module))
+            with self.ema.applied(module):
+                metrics = {**self.evaluator.evaluate_and_select(split, step, module, self.progress, self.save), **raw}
         self.logger.log({"step": step, **metrics})
         return metrics
 
@@ -227,8 +241,11 @@ class Trainer:
         """Collective: a complete checkpoint of the current step."""
         self.sample_ids.sync()  # records up to this step must survive a later kill -9
         rng = self._pending_rng if self._pending_rng is not None else ckpt.rng_state()  # (no batch drawn yet)
-        path = self.checkpointer.save(self.engine, self.progress, self.plan,
-                                      {"rng": rng, "loader": self.train_loader.state_dict()})
+        state = {"rng": rng, "loader": self.train_loader.state_dict()}
+        if self.ema is not None and self.rank == 0:  # the same on every rank: stored once
+            state[EMA_STATE_KEY] = self.ema.state_dict()
+        with self.ema.raw_weights(self.engine.module) if self.ema is not None else contextlib.nullcontext():
+            path = self.checkpointer.save(self.engine, self.progress, self.plan, state)
         if self.recipe.train.save_weights_every_checkpoint:
             self.checkpointer.save_weights(self.engine.module, path / "model.pt", path, self.manifest)
         self.logger.flush()
@@ -242,8 +259,9 @@ class Trainer:
         self.checkpointer.save_weights(self.engine.module, final / "model.pt", path, self.manifest)
         tested = None
         if cfg.test_at_end and self.evaluator.has("test"):
-            tested, test_metrics = self.evaluator.score_test(path, step, self.engine.module, self.manifest,
-                                                             self.progress, self.save)
+            with self.ema.applied(self.engine.module) if self.ema is not None else contextlib.nullcontext():
+                tested, test_metrics = self.evaluator.score_test(path, step, self.engine.module, self.manifest,
+                                                                 self.progress, self.save)
             metrics.update(test_metrics)
             self.logger.log({"step": step, **test_metrics})
         if self.rank == 0:

@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from af_train.data import build_dataloader, load_manifest
+    from af_train.data.mixing import first_train_source
 
     run_dir = Path(args.run_dir)
     try:
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluationError(f"the run's recipe has no data.{args.split}; pass data.{args.split}=PATH")
     except EvaluationError as exc:
         raise SystemExit(str(exc)) from None
-    manifest = load_manifest(recipe.data.train or split_path)
+    manifest = load_manifest(first_train_source(recipe.data) or split_path)
     state, source, trained_on = _load_state(args, run_dir)
     module = evaluation_module(recipe, manifest, state, source)
     device = torch.device(args.device)

@@ -59,6 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from af_train.augment import draw_mixup
 from af_train.config import Recipe
 from af_train.model import (
     AudioFormerConfig,
@@ -314,10 +315,13 @@ class FineTuneModule(nn.Module):
         use_classifier: bool = True,
         alpha: float = 0.8,
         temperature: float = 0.05,
+        mixup_prob: float = 0.0,
+        mixup_alpha: float = 0.5,
         mpc_negatives: str = "local",
     ) -> None:
         super().__init__()
         frozen_encoders = list(frozen_encoders or [])
+        self.mixup_prob, self.mixup_alpha = mixup_prob, mixup_alpha  # objective.mixup (training only)
         if not use_classifier and not frozen_encoders:
             raise ValueError("a fine-tuning module without classifier needs frozen row encoders (MPC only)")
         if frozen_encoders and len(frozen_encoders) != len(code_rows) - 1:
@@ -378,7 +382,12 @@ class FineTuneModule(nn.Module):
         _check_rows(input_ids, rows, "ft2" if self.frozen_encoders else "ft1")
         batch_size = input_ids.shape[0]
         row_ids = input_ids[:, 0]
-        hidden = self.encoder(row_ids, attention_mask, _row_type_ids(self.encoder, self.code_row, row_ids))
+        mix = draw_mixup(self.mixup_prob, self.mixup_alpha) if self.training and self.mixup_prob > 0 else None
+        mix_inputs = mix.inputs if mix is not None else None
+        if mix is not None:
+            attention_mask = mix.attention_mask(attention_mask)
+        hidden = self.encoder(row_ids, attention_mask, _row_type_ids(self.encoder, self.code_row, row_ids),
+                              embedding_mix=mix_inputs)
         pooled = masked_mean_pool(hidden, attention_mask)
         out: dict[str, Any] = {"embeddings": pooled}
         logs: dict[str, torch.Tensor] = {}
@@ -390,10 +399,11 @@ class FineTuneModule(nn.Module):
             out["scores"] = scores
             if "labels" in batch:
                 labels = self._check_labels(batch["labels"], batch_size)
+                targets = labels if mix is None else mix.targets(labels, self.num_classes, self.multi_label)
                 if self.multi_label:
-                    cls_loss = F.binary_cross_entropy_with_logits(scores.float(), labels)
+                    cls_loss = F.binary_cross_entropy_with_logits(scores.float(), targets)
                 else:
-                    cls_loss = F.cross_entropy(scores.float(), labels)
+                    cls_loss = F.cross_entropy(scores.float(), targets)  # class indices, or mixup's soft targets
                     logs["accuracy"] = (scores.argmax(dim=-1) == labels).float().mean()
                     terms["accuracy"] = (logs["accuracy"].detach() * batch_size, "clips", 0.0)
                 logs["cls_loss"] = cls_loss
@@ -409,7 +419,8 @@ class FineTuneModule(nn.Module):
                 for index, frozen in enumerate(self.frozen_encoders):
                     ids = input_ids[:, index + 1]
                     types = _row_type_ids(frozen, self.code_rows[index + 1], ids)
-                    pooled_rows.append(masked_mean_pool(frozen(ids, attention_mask, types), attention_mask))
+                    hidden_row = frozen(ids, attention_mask, types, embedding_mix=mix_inputs)
+                    pooled_rows.append(masked_mean_pool(hidden_row, attention_mask))
             # clip b, row r -> b * R + r; anchors: the trainable row (r = 0)
             embeddings = torch.stack([p.to(pooled.dtype) for p in pooled_rows], dim=1).reshape(batch_size * rows, -1)
             groups = torch.arange(batch_size, device=pooled.device).repeat_interleave(rows)
@@ -534,6 +545,7 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool,
     module = FineTuneModule(
         encoder, num_classes, multi_label, rows[: 1 + len(frozen)], frozen,
         use_classifier=use_classifier, alpha=objective.alpha, temperature=objective.temperature,
+        mixup_prob=objective.mixup.prob, mixup_alpha=objective.mixup.alpha,
         mpc_negatives=negatives,
     )
     if payload is not None and module.classifier is not None:

@@ -197,11 +197,12 @@ def score_run(run_dir: str | Path, checkpoint: str | Path, split: str = "test", 
     import torch
 
     from af_train.data import build_dataloader, load_manifest
+    from af_train.data.mixing import first_train_source
     from af_train.evaluate import evaluation_module, evaluation_recipe
 
     run_dir, checkpoint = Path(run_dir), Path(checkpoint)
     recipe = evaluation_recipe(run_dir)  # as af-evaluate sees the run (FT2 through its trainable row)
-    manifest = load_manifest(recipe.data.train)
+    manifest = load_manifest(first_train_source(recipe.data))
     module = evaluation_module(recipe, manifest, _weights(checkpoint), str(checkpoint))
     module.eval()
     cache = str(run_dir / "cache_demo_eval")

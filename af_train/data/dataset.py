@@ -111,6 +111,8 @@ class AudioCodeDataset(StreamingDataset):
         add_eoa: bool = True,
         masking: MaskingConfig | None = None,
         mask_seed: int = 0,
+        mask_targets: bool = True,
+        drop_labels: bool = False,
         **streaming_kwargs: Any,
     ) -> None:
         check_rows(code_rows, manifest)
@@ -126,6 +128,8 @@ class AudioCodeDataset(StreamingDataset):
         self.tokens = SpecialTokens(manifest.codec.codebook_size)
         self.masking = masking
         self.mask_seed = mask_seed
+        self.mask_targets = mask_targets  # False: masking as augmentation (fine-tuning), no MLM targets
+        self.drop_labels = drop_labels  # a pretraining mixture of data sets with different vocabularies
         self._epoch_for_masking = 0  # set per epoch in each worker by _resume_incr_epoch
         super().__init__(**streaming_kwargs)
 
@@ -291,7 +295,10 @@ class AudioCodeDataset(StreamingDataset):
                 "with another codebook size than manifest.json says"
             )
         labels = torch.from_numpy(np.asarray(raw["labels"], dtype=np.int64).reshape(-1))
-        self._check_labels(clip_id, labels)
+        if self.drop_labels:
+            labels = labels[:0]
+        else:
+            self._check_labels(clip_id, labels)
 
         sample: dict[str, Any] = {"id": clip_id, "labels": labels}
         if self.masking is not None:
@@ -304,7 +311,8 @@ class AudioCodeDataset(StreamingDataset):
                 generator=generator,
             )
             sample["input_ids"] = self._frame(corrupted, self.tokens.boa, self.tokens.eoa)
-            sample["mlm_labels"] = self._frame(targets, -100, -100)
+            if self.mask_targets:
+                sample["mlm_labels"] = self._frame(targets, -100, -100)
         else:
             sample["input_ids"] = self._frame(rows, self.tokens.boa, self.tokens.eoa)
         return sample

@@ -40,6 +40,7 @@ from af_train.config import DataConfig
 from af_train.data.collate import Collator
 from af_train.data.dataset import INDEX_NAME, AudioCodeDataset, DataError, load_manifest, setup_distributed_env
 from af_train.data.masking import MaskingConfig
+from af_train.data.mixing import first_train_source, is_mixture, merge_manifests, stream_weights
 from af_train.data.shm import clean_stale_streaming_shm
 from af_train.shards import Manifest, ManifestError
 from af_train.tokenizers import TokenizerError, check_same_tokenizer
@@ -54,6 +55,8 @@ def split_source(cfg: DataConfig, split: str) -> tuple[str, str | None]:
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     configured = getattr(cfg, split)
+    if isinstance(configured, list):
+        raise DataError(f"data.{split} is a mixture of {len(configured)} data sets; see train_streams")
     if cfg.remote:
         remote = f"{cfg.remote.rstrip('/')}/{(configured or split).strip('/')}"
         return remote, remote
@@ -81,7 +84,7 @@ def check_split_tokenizers(cfg: DataConfig, train: Manifest) -> None:
         except (DataError, ManifestError):
             continue
         try:
-            check_same_tokenizer(train.tokenizer, manifest.tokenizer, f"data.train ({split_source(cfg, 'train')[0]})",
+            check_same_tokenizer(train.tokenizer, manifest.tokenizer, f"data.train ({first_train_source(cfg)})",
                                  f"data.{split} ({source})")
         except TokenizerError as exc:
             raise DataError(str(exc)) from None
@@ -175,13 +178,23 @@ def build_dataset(
     seed: int,
     local_cache: str | None = None,
     shuffle: bool | None = None,
+    finetune_masking: bool = False,
 ) -> AudioCodeDataset:
-    """The ``AudioCodeDataset`` of one split (see the module docstring for sources and ordering)."""
+    """The ``AudioCodeDataset`` of one split (see the module docstring for sources and ordering).
+
+    ``mask``: MLM masking with targets (pretraining). ``finetune_masking``: the training split of a
+    fine-tuning run corrupts ``data.finetune_mask_rate`` of its tokens as augmentation, without targets.
+    """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     setup_distributed_env()
-    source, remote = split_source(cfg, split)
-    if remote is None:
+    if split == "train" and (is_mixture(cfg) or cfg.balanced_sampling):
+        streams, manifest, drop_labels, source = train_streams(cfg, local_cache, need_labels=not mask)
+        local = remote = None
+    else:
+        source, remote = split_source(cfg, split)
+        streams, drop_labels = None, False
+    if streams is None and remote is None:
         local = source
         if not (Path(local) / INDEX_NAME).is_file():
             manifest_hint = " (manifest.json is there: was preparation interrupted?)" if (
@@ -192,15 +205,15 @@ def build_dataset(
                 "write the shards with af-prepare"
             )
         manifest = load_manifest(local)
-    else:
+    elif streams is None:
         local = cache_dir_for(cfg, split, remote, local_cache)
         manifest = load_manifest(remote, timeout=cfg.download_timeout, retries=cfg.download_retry)
 
     if mask and cfg.mask_rate == 0.0:
         logger.warning("data.mask_rate is 0: MLM batches will have no targets")
-    masking = (
-        MaskingConfig(cfg.mask_rate, cfg.mask_token_fraction, cfg.random_token_fraction) if mask else None
-    )
+    augment = not mask and finetune_masking and split == "train" and cfg.finetune_mask_rate > 0
+    rate = cfg.mask_rate if mask else cfg.finetune_mask_rate
+    masking = MaskingConfig(rate, cfg.mask_token_fraction, cfg.random_token_fraction) if mask or augment else None
     if remote is not None:
         _close_previous(local)
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # the others wait in the barrier below
@@ -214,8 +227,9 @@ def build_dataset(
         add_eoa=cfg.add_eoa,
         masking=masking,
         mask_seed=seed,
-        local=local,
-        remote=remote,
+        mask_targets=mask,
+        drop_labels=drop_labels,
+        **({"streams": streams} if streams is not None else {"local": local, "remote": remote}),
         batch_size=batch_size,
         shuffle=cfg.shuffle and split == "train" if shuffle is None else shuffle,
         shuffle_seed=cfg.shuffle_seed,
@@ -233,9 +247,47 @@ def build_dataset(
         "data.%s: %d clips from %s (rows %s, max_length %d, %s, %d classes, %s)",
         split, dataset.size, source, cfg.code_rows, cfg.max_length,
         "multi-label" if manifest.multi_label else "single-label", manifest.num_classes,
-        f"MLM masking {cfg.mask_rate:g}" if mask else "no masking",
+        f"MLM masking {cfg.mask_rate:g}" if mask else
+        (f"fine-tuning masking {cfg.finetune_mask_rate:g} (augmentation)" if augment else "no masking"),
     )
     return dataset
+
+
+def train_streams(cfg: DataConfig, local_cache: str | None, need_labels: bool) -> tuple[list, Manifest, bool, str]:
+    """(streams, manifest, drop labels?, description) of a mixed or class-balanced training split."""
+    from streaming import Stream
+
+    from af_train.data import balance
+
+    if cfg.balanced_sampling:
+        if cfg.remote or not isinstance(cfg.train, str):
+            raise DataError("data.balanced_sampling needs data.train as one local shard directory (for a remote "
+                            "split, write the buckets with `python3 -m af_train.data.balance` from a local copy)")
+        root = cfg.local_cache or local_cache or os.path.join(tempfile.gettempdir(), "af_train_cache")
+        _clean_stale_shm_then_sync()
+        directory, plan = balance.prepare_buckets(cfg.train, root, cfg.balance_buckets)
+        manifest = load_manifest(directory / plan["buckets"][0]["name"])
+        return balance.bucket_streams(directory, plan), manifest, False, \
+            f"{cfg.train} (class-balanced: {len(plan['buckets'])} rarity buckets in {directory})"
+    streams, manifests, sources = [], [], []
+    for i, entry in enumerate(cfg.train):
+        if entry.remote is not None:
+            local = cache_dir_for(cfg, f"train{i}", entry.remote, local_cache)
+            _close_previous(local)
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                _drop_stale_cache(local, entry.remote, cfg)
+            manifests.append(load_manifest(entry.remote, timeout=cfg.download_timeout, retries=cfg.download_retry))
+        else:
+            local = entry.path
+            if not (Path(local) / INDEX_NAME).is_file():
+                raise DataError(f"data.train[{i}]: '{local}' holds no MDS shard index ({INDEX_NAME}); write the "
+                                "shards with af-prepare")
+            manifests.append(load_manifest(local))
+        sources.append(entry.source)
+        streams.append(Stream(local=local, remote=entry.remote, **stream_weights(entry)))
+    manifest, drop_labels = merge_manifests(manifests, sources, need_labels)
+    weights = ", ".join(f"{src} {stream_weights(e) or 'once'}" for src, e in zip(sources, cfg.train))
+    return streams, manifest, drop_labels, f"mixture of {len(streams)}: {weights}"
 
 
 def build_collator(cfg: DataConfig, manifest: Manifest) -> Collator:
@@ -259,6 +311,7 @@ def build_dataloader(
     num_workers: int | None = None,
     drop_last: bool | None = None,
     shuffle: bool | None = None,
+    finetune_masking: bool = False,
 ) -> StreamingDataLoader:
     """A DataLoader of per-rank batches (see ``af_train.data`` for the batch format).
 
@@ -266,7 +319,8 @@ def build_dataloader(
     ``num_workers`` to ``data.num_workers``; ``shuffle`` to ``data.shuffle`` for train, False otherwise.
     The loader's ``state_dict()`` / ``load_state_dict()`` checkpoint the position in the epoch.
     """
-    dataset = build_dataset(cfg, split, batch_size, mask=mask, seed=seed, local_cache=local_cache, shuffle=shuffle)
+    dataset = build_dataset(cfg, split, batch_size, mask=mask, seed=seed, local_cache=local_cache, shuffle=shuffle,
+                            finetune_masking=finetune_masking)
     workers = cfg.num_workers if num_workers is None else num_workers
     drop_last = split == "train" if drop_last is None else drop_last
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

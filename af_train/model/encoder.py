@@ -19,6 +19,7 @@ in af_train ignores them through the attention mask.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +228,9 @@ class RoFormerEncoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        embedding_mix: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``embedding_mix``: applied to the embedding layer's output (mixup, ``af_train.augment``)."""
         if input_ids.dim() != 2:
             raise ValueError(f"RoFormerEncoder expects input_ids [batch, seq], got shape {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape
@@ -246,6 +249,8 @@ class RoFormerEncoder(nn.Module):
             )
         cos, sin = self.rotary_tables(seq, input_ids.device)
         hidden = self.embeddings(input_ids, token_type_ids)
+        if embedding_mix is not None:
+            hidden = embedding_mix(hidden)
         use_checkpoint = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.encoder.layer:
             if use_checkpoint:
