@@ -15,7 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `tools/` is installed as `af_train_tools` so the console scripts can import it.
-    packages=["af_train", "af_train.data", "af_train.model", "kernels", "af_train_tools"],
+    packages=["af_train", "af_train.data", "af_train.model", "af_train.prepare", "af_train.tokenizers", "kernels",
+              "af_train_tools"],
     package_dir={"af_train_tools": "tools"},
     install_requires=[
         # Exact versions live in constraints.txt (ABI-coupled stack, see the comment there).
@@ -33,6 +34,8 @@ setup(
         "tqdm",
         "transformers",
         "matplotlib",
+        "safetensors",
+        "faiss-cpu",  # k-means of the mel-rvq tokenizer (af-fit-tokenizer)
     ],
     extras_require={
         "dev": [
@@ -45,7 +48,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "af-prepare=af_train_tools.prepare_dataset:main",
+            "af-prepare=af_train.prepare.cli:main",
+            "af-fit-tokenizer=af_train.prepare.fit_tokenizer:main",
             "af-synth-audio=af_train_tools.make_synthetic_audio:main",
             "af-inspect-shards=af_train_tools.inspect_shards:main",
             "af-benchmark-kernels=af_train_tools.benchmark_kernels:main",

@@ -1,6 +1,6 @@
 """The on-disk contract between data preparation and training: MDS columns and ``manifest.json``.
 
-Written by ``tools/prepare_dataset.py``, read by ``af_train.data`` and the engine. A shard
+Written by ``af-prepare`` (``af_train.prepare``), read by ``af_train.data`` and the engine. A shard
 directory holds mosaicml-streaming MDS shards (``index.json`` + ``shard.*.mds``) with the columns
 below, and beside them ``manifest.json`` describing how the codes were made.
 """
@@ -38,7 +38,7 @@ class CodecInfo:
     frame_rate: float = 75.0
     codebooks: int = 4
     codebook_size: int = 1024
-    weights: str = ""  # "pretrained sha256:<hash> (<file>)" or "random-init seed N"
+    weights: str = ""  # "pretrained sha256:<hash> (<file>)", "random-init seed N", "fitted sha256:<hash> (<file>)"
 
 
 @dataclass
@@ -56,6 +56,13 @@ class Manifest:
     seconds_of_audio: float = 0.0
     version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # the tokenizer's identity (af_train.tokenizers: kind, weights or fitted-file sha256, rows, codes);
+    # manifests written before it existed get the EnCodec identity their codec section describes
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer:
+            self.tokenizer = legacy_tokenizer_identity(self.codec)
 
     @property
     def num_classes(self) -> int:
@@ -79,7 +86,7 @@ class Manifest:
             manifest = cls(codec=codec, **rest)
         except (KeyError, TypeError) as exc:
             raise ManifestError(
-                f"{where}: malformed manifest ({exc}); re-run tools/prepare_dataset.py to rebuild it"
+                f"{where}: malformed manifest ({exc}); re-run af-prepare to rebuild it"
             ) from None
         if manifest.version != MANIFEST_VERSION:
             raise ManifestError(f"{where}: manifest version {manifest.version}, this af_train reads {MANIFEST_VERSION}")
@@ -91,10 +98,26 @@ class Manifest:
         if not path.is_file():
             raise ManifestError(
                 f"no {MANIFEST_NAME} in '{directory}': not a shard directory written by "
-                "tools/prepare_dataset.py (or the preparation has not finished)"
+                "af-prepare (or the preparation has not finished)"
             )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, str(path))
+
+
+def legacy_tokenizer_identity(codec: CodecInfo) -> dict[str, Any]:
+    """The tokenizer identity a ``codec`` section implies (manifests written before identities existed).
+
+    Same fields as ``af_train.tokenizers.encodec.AcousticCodec.identity()``, so a manifest written
+    then and one written now by the same codec compare equal.
+    """
+    return {
+        "kind": "encodec",
+        "model": codec.model,
+        "bandwidth": float(codec.bandwidth),
+        "rows": int(codec.codebooks),
+        "codes": int(codec.codebook_size),
+        "weights": codec.weights,
+    }

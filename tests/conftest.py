@@ -72,21 +72,21 @@ def synthetic_audio(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_shards(synthetic_audio, tmp_path_factory) -> Path:
     """``synthetic_audio`` prepared with a random-init codec (seed 0): DIR/{train,val,test} shards."""
-    from af_train_tools import prepare_dataset
+    from af_train import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "shards"
     argv = ["--format", "csv", "--input", str(synthetic_audio / "labels.csv"),
             "--labels", str(synthetic_audio / "vocabulary.txt"), "--out", str(out),
             "--codec-random-init", "0", "--clip-seconds", str(SYNTH_SECONDS),
             "--workers", "0", "--chunk-size", "4", "--batch-size", "4", "--quiet"]
-    assert prepare_dataset.main([*argv, "--threads", "1"]) == 0
+    assert prepare.main([*argv, "--threads", "1"]) == 0
     return out
 
 
 @pytest.fixture(scope="session")
 def random_codec():
     """The seed-0 random-init codec at 3 kbps (the one ``prepared_shards`` uses), on the CPU."""
-    from af_train.codec import AcousticCodec
+    from af_train.tokenizers.encodec import AcousticCodec
 
     with torch_threads(1):
         return AcousticCodec(random_init_seed=0, device="cpu")

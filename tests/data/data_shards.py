@@ -33,7 +33,7 @@ def write_shards(
             clip_id = f"clip{i:05d}"
             codes = rng.integers(0, codebook_size, size=(codebooks, frames), dtype=np.int16)
             length = frames if min_length is None else int(rng.integers(min_length, frames + 1))
-            codes[:, length:] = 0  # padding frames, as prepare_dataset writes them
+            codes[:, length:] = 0  # padding frames, as af-prepare writes them
             if labels_per_clip is not None:
                 labels = np.asarray(labels_per_clip[i], dtype=np.int32)
             elif multi_label:

@@ -1,4 +1,4 @@
-"""End to end: shards written by tools/prepare_dataset.py (session fixture) read by the data layer."""
+"""End to end: shards written by af-prepare (session fixture) read by the data layer."""
 
 from __future__ import annotations
 

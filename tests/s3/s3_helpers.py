@@ -36,7 +36,7 @@ def upload_tree(client, local: Path, bucket: str, prefix: str) -> list[str]:
 
 
 def record_hashes(directory: Path) -> None:
-    """Add sha1/xxh64 of every shard to ``index.json`` (what tools/prepare_dataset.py records)."""
+    """Add sha1/xxh64 of every shard to ``index.json`` (what af-prepare records)."""
     import xxhash
 
     index_path = directory / "index.json"

@@ -1,4 +1,4 @@
-"""tools/prepare_dataset.py --out s3://...: interrupted uploads resume from what the bucket holds."""
+"""af-prepare --out s3://...: interrupted uploads resume from what the bucket holds."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from af_train_tools import prepare_dataset as prep
 
+from af_train import prepare as prep
 from af_train.remote import RemoteDir, RemoteError
 
 pytestmark = pytest.mark.slow

@@ -71,7 +71,7 @@ def test_two_ranks_stream_from_s3_with_eviction_kill_and_resume(s3, launcher, tm
     client, bucket = s3
     data = tmp_path / "shards"
     synthetic = engine_synthetic
-    # small shards (eviction needs more shards than the cache holds), hashes recorded as by prepare_dataset
+    # small shards (eviction needs more shards than the cache holds), hashes recorded as by af-prepare
     monkeypatch.setattr(synthetic, "MDSWriter", lambda **kw: MDSWriter(**{**kw, "size_limit": SHARD_BYTES,
                                                                            "hashes": ["sha1", "xxh64"]}))
     for split, count in (("train", 256), ("val", 24)):

@@ -37,7 +37,7 @@ def test_known_tools_are_discovered():
     assert {"prepare_dataset", "make_synthetic_audio", "export_hf", "benchmark_kernels", "plot_run",
             "demo"} <= names
     scripts = {name for name, _, _ in console_scripts()}
-    assert {"af-train", "af-evaluate", "af-prepare", "af-synth-audio", "af-export-hf"} <= scripts
+    assert {"af-train", "af-evaluate", "af-prepare", "af-fit-tokenizer", "af-synth-audio", "af-export-hf"} <= scripts
 
 
 @pytest.mark.parametrize("name,module,function", console_scripts(), ids=[n for n, _, _ in console_scripts()])
@@ -76,7 +76,8 @@ print("RESULTS" + json.dumps(results))
 
 def test_every_tool_and_module_entry_point_help_as_a_script(tmp_path):
     targets = [("path", str(p)) for p in script_tools()]
-    targets += [("module", "af_train.train"), ("module", "af_train.evaluate")]
+    targets += [("module", "af_train.train"), ("module", "af_train.evaluate"), ("module", "af_train.prepare"),
+                ("module", "af_train.prepare.fit_tokenizer")]
     # from a foreign folder: the tools must find the repository themselves
     result = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(targets)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""prepare_dataset: every source format, rejects, label-file errors, resume after kill -9 / Ctrl-C."""
+"""af-prepare (af_train.prepare): every source format, rejects, label-file errors, resume after kill -9 / Ctrl-C."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 from af_train_tools import make_synthetic_audio as synth
-from af_train_tools import prepare_dataset as prep
 from streaming import LocalDataset
 
+from af_train import prepare as prep
 from af_train.shards import Manifest
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from af_train import codec as codec_module
-from af_train.audio_io import AudioRejected
-from af_train.codec import (
+from af_train.tokenizers import encodec as codec_module
+from af_train.tokenizers.audio_io import AudioRejected
+from af_train.tokenizers.encodec import (
     OFFICIAL_CHECKPOINT,
     AcousticCodec,
     CodecWeightsError,
@@ -69,7 +69,7 @@ def test_bandwidths_select_codebooks_and_share_residual_rows(random_codec):
         assert codes.shape == (rows, frames_for_samples(wav.shape[1]))
         shared = min(rows, 4)  # residual stages: a row is the same at every bandwidth that has it
         assert torch.equal(codes[:shared], reference[:shared])
-        assert codec.info().codebooks == rows
+        assert codec.num_rows == codec.identity()["rows"] == rows
 
 
 def test_random_init_is_deterministic_informative_and_leaves_rng_alone(random_codec):
@@ -140,7 +140,7 @@ def test_checkpoint_file_loads_and_records_its_hash(saved_checkpoint, monkeypatc
     expected_identity = f"pretrained sha256:{sha[:16]} ({OFFICIAL_CHECKPOINT})"
     for where in (path, path.parent):  # a file, or a folder holding the official name
         codec = AcousticCodec(checkpoint=where, device="cpu")
-        assert codec.weights == expected_identity == codec.info().weights
+        assert codec.weights == expected_identity == codec.identity()["weights"]
         assert torch.equal(codec.encode(wav, 22050), source.encode(wav, 22050))
     # the default lookup: torch hub's cache
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(path.parent.parent))

@@ -5,7 +5,8 @@ any sample rate, channel count and PCM type is accepted: samples are read as flo
 averaged, and the result is resampled with ``torchaudio.functional.resample``. A clip is then
 cropped or zero-padded to ``clip_samples`` and the number of real (unpadded) samples is kept so the
 padding can be masked later. Problems a data set really contains (missing, corrupt, empty, silent,
-non-finite files) raise :class:`AudioRejected` with a short machine-readable ``reason``.
+non-finite files, or files shorter than a minimum duration) raise :class:`AudioRejected` with a short
+machine-readable ``reason``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import numpy as np
 import soundfile as sf
 import torch
 
-# Reasons a clip can be refused; prepare_dataset counts them by these names.
+# Reasons a clip can be refused; af-prepare counts them by these names.
 MISSING_FILE = "missing_file"
 UNREADABLE = "unreadable_audio"
 ZERO_LENGTH = "zero_length"
 SILENT = "silent"
 NON_FINITE = "non_finite_samples"
+TOO_SHORT = "too_short"
 
 DEFAULT_SILENCE_DBFS = -80.0  # peak level below which a clip counts as all-silent
 
@@ -106,11 +108,14 @@ def load_clip(
     sample_rate: int,
     clip_seconds: float,
     silence_dbfs: float | None = DEFAULT_SILENCE_DBFS,
+    min_seconds: float = 0.0,
 ) -> Clip:
     """Decode ``path`` into a :class:`Clip` of ``clip_seconds`` at ``sample_rate`` (mono).
 
     Only the first ``clip_seconds`` of a long file are read. ``silence_dbfs=None`` keeps silent
-    clips. Raises :class:`AudioRejected` for missing, unreadable, empty, non-finite or silent audio.
+    clips. Raises :class:`AudioRejected` for missing, unreadable, empty, non-finite or silent audio, and
+    for audio shorter than ``min_seconds`` (a header-only or one-sample file would otherwise become a
+    clip of one valid frame).
     """
     path = Path(path)
     if not path.is_file():
@@ -124,6 +129,11 @@ def load_clip(
         raise AudioRejected(UNREADABLE, f"cannot decode {path}: {exc}") from None
     if data.shape[0] == 0 or source_rate <= 0:
         raise AudioRejected(ZERO_LENGTH, f"{path} holds no samples")
+    if data.shape[0] < min_seconds * source_rate:
+        raise AudioRejected(
+            TOO_SHORT, f"{path} holds {data.shape[0] / source_rate:.3f} s of audio, less than the minimum "
+            f"{min_seconds:g} s (--min-seconds)"
+        )
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise AudioRejected(NON_FINITE, f"{path} has {bad} NaN/inf samples")

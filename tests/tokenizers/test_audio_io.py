@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from af_train import audio_io
-from af_train.audio_io import AudioRejected, load_clip
+from af_train.tokenizers import audio_io
+from af_train.tokenizers.audio_io import AudioRejected, load_clip
 
 
 def _sine(rate: int, seconds: float, freq: float, amp: float = 0.5) -> np.ndarray:

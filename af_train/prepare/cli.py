@@ -1,0 +1,366 @@
+"""``af-prepare``: turn an audio data set into code MDS shards + ``manifest.json`` (one directory per split).
+
+    af-prepare --format csv --input data/labels.csv --out shards/ --tokenizer mel_rvq.safetensors \
+        --clip-seconds 2 --workers 4
+
+(``python3 -m af_train.prepare`` is the same command.) The sources (``--format``) are described in
+:mod:`af_train.prepare.sources`. The tokenizer is ``--tokenizer encodec`` (the default: EnCodec's
+official weights; ``--codec-random-init SEED`` only for plumbing tests) or a file fitted with
+``af-fit-tokenizer``; its identity goes into every manifest.
+
+How it works: the clip list is planned deterministically from the label file
+(:mod:`~af_train.prepare.planning`), cut into chunks of ``--chunk-size`` clips; worker processes
+decode/resample (:mod:`~af_train.prepare.decoding`), the main process encodes equal-length batches
+with the tokenizer (GPU when present) and writes each chunk atomically (:mod:`~af_train.prepare.writing`).
+An interrupted run (Ctrl-C, kill -9) rerun with the same arguments skips the committed chunks and
+redoes the partial one, so every accepted clip ends up in the shards exactly once. Every refused clip
+(missing, unreadable, silent, shorter than ``--min-seconds``, unknown label, ...) is logged with its
+reason and counted.
+
+Object storage: ``--out s3://bucket/prefix`` (endpoint and credentials from the AWS environment,
+``S3_ENDPOINT_URL`` for MinIO/Ceph) works the same way in a local staging folder and uploads each
+committed chunk, then the merged index and the manifest last; the bucket is the resume state
+(:mod:`~af_train.prepare.remote_output`). Each shard's sha1 and xxh64 go into ``index.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from af_train.prepare.decoding import DecodeSettings, decode_item, ordered_map, start_pool
+from af_train.prepare.planning import Task, plan_splits
+from af_train.prepare.remote_output import RemoteOutput
+from af_train.prepare.sources import (
+    DEFAULT_CLIP_SECONDS,
+    LabelFileError,
+    _check_split_name,
+    add_source_arguments,
+    load_source,
+)
+from af_train.prepare.writing import (
+    REJECTS_NAME,
+    ChunkWriter,
+    chunk_name,
+    codec_info,
+    committed_chunks,
+    finalize_split,
+    prepare_split_dir,
+    split_dirs,
+)
+from af_train.shards import Manifest
+from af_train.tokenizers import SAMPLE_RATE, Tokenizer, TokenizerError, audio_io, frames_for_samples
+
+log = logging.getLogger("af_train.prepare")
+
+PREPARE_VERSION = 2  # 2: tokenizer identity and --min-seconds in the resume fingerprint
+DEFAULT_MIN_SECONDS = 0.25
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="af-prepare",
+        description="Encode an audio data set into code MDS shards with a tokenizer (resumable; rerun the same "
+        "command after an interruption).",
+    )
+    add_source_arguments(p)
+    p.add_argument("--out", required=True, help="output directory or object-store URL (s3://bucket/prefix; "
+                   "endpoint and credentials from the AWS environment); one subfolder per split when there are several")
+    p.add_argument("--tokenizer", default="encodec",
+                   help="'encodec' (official EnCodec weights, default) or a mel-rvq file fitted with af-fit-tokenizer")
+    codec = p.add_mutually_exclusive_group()
+    codec.add_argument("--codec-checkpoint", help="--tokenizer encodec: checkpoint file (default: torch hub cache)")
+    codec.add_argument(
+        "--codec-random-init", type=int, metavar="SEED",
+        help="--tokenizer encodec: random codec from SEED (plumbing tests only: its codes carry little information)",
+    )
+    p.add_argument("--bandwidth", type=float, default=3.0,
+                   help="--tokenizer encodec: kbps 1.5/3/6/12/24 → 2/4/8/16/32 codebooks")
+    p.add_argument("--device", help="tokenizer device (default: cuda when available, else cpu)")
+    p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
+                   help="decoding processes; 0 decodes in the main process")
+    p.add_argument("--threads", type=int,
+                   help="torch threads for encoding on the CPU (default: CPU cores minus --workers, at least 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per tokenizer batch")
+    p.add_argument("--decode-timeout", type=float, default=600.0,
+                   help="seconds a worker may spend on one file before it is rejected (default 600)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="clips per committed chunk (the resume unit)")
+    p.add_argument("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS,
+                   help=f"reject files with less audio than this (reason too_short; default {DEFAULT_MIN_SECONDS})")
+    p.add_argument("--silence-threshold-db", type=float, default=audio_io.DEFAULT_SILENCE_DBFS,
+                   help="reject clips whose peak is below this level in dBFS (default -80)")
+    p.add_argument("--keep-silent", action="store_true", help="keep all-silent clips")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier output in --out and start over")
+    p.add_argument("--staging-dir", help="with --out s3://...: local working folder (default: under "
+                   "~/.cache/af_train); it holds about one chunk of shards at a time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _validate_args(args: argparse.Namespace) -> None:
+    if args.workers < 0:
+        raise SystemExit("af-prepare: error: --workers must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit("af-prepare: error: --threads must be >= 1")
+    if args.batch_size < 1 or args.chunk_size < 1:
+        raise SystemExit("af-prepare: error: --batch-size and --chunk-size must be >= 1")
+    if args.clip_seconds is not None and args.clip_seconds <= 0:
+        raise SystemExit("af-prepare: error: --clip-seconds must be > 0")
+    if args.min_seconds < 0:
+        raise SystemExit("af-prepare: error: --min-seconds must be >= 0")
+    clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[args.format]
+    if args.min_seconds > clip_seconds:
+        raise SystemExit(f"af-prepare: error: --min-seconds {args.min_seconds:g} is longer than the clip "
+                         f"({clip_seconds:g} s, --clip-seconds)")
+    if not Path(args.input).exists():
+        raise SystemExit(f"af-prepare: error: --input {args.input} does not exist")
+    if args.tokenizer != "encodec" and (args.codec_checkpoint is not None or args.codec_random_init is not None):
+        raise SystemExit("af-prepare: error: --codec-checkpoint and --codec-random-init choose EnCodec weights; "
+                         f"they do not apply to --tokenizer {args.tokenizer}")
+    _check_split_name(args.split, "--split")
+
+
+def build_tokenizer(args: argparse.Namespace) -> Tokenizer:
+    """The tokenizer the arguments name; raises TokenizerError / ValueError with the fix."""
+    if args.tokenizer == "encodec":
+        from af_train.tokenizers.encodec import AcousticCodec
+
+        return AcousticCodec(bandwidth=args.bandwidth, checkpoint=args.codec_checkpoint,
+                             random_init_seed=args.codec_random_init, device=args.device)
+    from af_train.tokenizers import load_tokenizer
+
+    return load_tokenizer(args.tokenizer, device=args.device)
+
+
+def file_digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _rate(seconds_of_audio: float, since: float | None) -> float:
+    """Seconds of audio per second of wall time since ``since`` (0 before anything arrived)."""
+    if since is None:
+        return 0.0
+    return seconds_of_audio / max(time.monotonic() - since, 1e-9)
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _validate_args(args)
+    import torch
+
+    # Oversubscribed CPUs (encoder threads + decoding workers + anything else) make torch's
+    # intra-op threads spin against each other: 10x slower encoding was seen on a busy 2-core box.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - args.workers))
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        source = load_source(args)
+    except LabelFileError as exc:
+        print(f"af-prepare: error: {exc}", file=sys.stderr)
+        return 2
+    clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[args.format]
+    plans = plan_splits(source)
+
+    try:
+        tokenizer = build_tokenizer(args)
+    except (TokenizerError, ValueError) as exc:
+        print(f"af-prepare: error: {exc}", file=sys.stderr)
+        return 2
+    identity = tokenizer.identity()
+    frames = frames_for_samples(audio_io.clip_length(clip_seconds, SAMPLE_RATE))
+    silence = None if args.keep_silent else args.silence_threshold_db
+    fingerprint = {
+        "version": PREPARE_VERSION,
+        "format": args.format,
+        "input": str(Path(args.input).resolve()),
+        "audio_dir": str(Path(args.audio_dir).resolve()) if args.audio_dir else None,
+        "label_files_sha256": file_digest([f for f in source.label_files if f.is_file()]),
+        "clip_seconds": clip_seconds,
+        "codec": asdict(codec_info(tokenizer)),
+        "tokenizer": identity,
+        "silence_threshold_db": silence,
+        "min_seconds": args.min_seconds,
+        "multi_label": source.multi_label,
+        "chunk_size": args.chunk_size,
+        "batch_size": args.batch_size,
+        "val_fold": args.val_fold if args.format == "esc50" else None,
+        "test_fold": args.test_fold if args.format == "esc50" else None,
+    }
+    from af_train.remote import RemoteError, is_remote
+
+    remote_out = None
+    if is_remote(args.out):
+        staging = Path(args.staging_dir) if args.staging_dir else RemoteOutput.default_staging(args.out)
+        remote_out = RemoteOutput(args.out, staging)
+        logging.getLogger("botocore").setLevel(logging.WARNING)  # not one line per credential lookup
+        log.info("writing to %s through the staging folder %s", args.out, staging)
+    out = remote_out.staging if remote_out else Path(args.out)
+    dirs = split_dirs(out, list(plans), source.split_folders)
+    shown = {split: remote_out.remote_for(d).url if remote_out else str(d) for split, d in dirs.items()}
+    log.info("%s: %s → %s (%s)", args.format, source.description, args.out, tokenizer)
+    try:
+        if remote_out:
+            remote_out.check()
+            for d in dirs.values():
+                remote_out.pull(d, args.overwrite)
+        states = {split: prepare_split_dir(d, fingerprint, args.overwrite, shown[split]) for split, d in dirs.items()}
+        if remote_out:
+            for split, d in dirs.items():
+                if states[split] != "complete":
+                    remote_out.push_state(d)
+    except RemoteError as exc:
+        print(f"af-prepare: error: {exc}", file=sys.stderr)
+        return 2
+
+    manifest_base = {
+        "codec": codec_info(tokenizer),
+        "tokenizer": identity,
+        "clip_seconds": clip_seconds,
+        "frames": frames,
+        "labels": source.vocabulary,
+        "multi_label": source.multi_label,
+        "source_format": args.format,
+        "extra": {"source": source.description,
+                  "prepare": {k: v for k, v in fingerprint.items() if k not in ("codec", "tokenizer")}},
+    }
+
+    # Work list: every task of every chunk not yet committed, in a deterministic order.
+    work: list[tuple[str, int, Task]] = []
+    chunk_tasks: dict[tuple[str, int], list[Task]] = {}
+    total = done_before = 0
+    for split, (tasks, _) in plans.items():
+        chunks = [tasks[i : i + args.chunk_size] for i in range(0, len(tasks), args.chunk_size)]
+        total += len(tasks)
+        if states[split] == "complete":
+            done_before += len(tasks)
+            continue
+        committed = committed_chunks(dirs[split])
+        for k, chunk in enumerate(chunks):
+            chunk_tasks[(split, k)] = chunk
+            if k in committed:
+                done_before += len(chunk)
+            else:
+                work += [(split, k, t) for t in chunk]
+        if committed:
+            log.info("%s: resuming, %d of %d chunks already committed", split, len(committed), len(chunks))
+
+    settings = DecodeSettings(sample_rate=tokenizer.sample_rate, clip_seconds=clip_seconds, silence_dbfs=silence,
+                              min_seconds=args.min_seconds)
+    pool = start_pool(args.workers) if work else None
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=done_before, unit="clip", desc="preparing", disable=args.quiet, smoothing=0.1)
+    start = time.monotonic()
+    audio_seconds = 0.0
+    rejected = 0
+    # the rate is measured from the first clip that arrives (the workers' start-up is not throughput)
+    first_at: float | None = None
+    first_seconds = 0.0
+    writer: ChunkWriter | None = None
+    interrupted = finished = False
+    upload_error: RemoteError | None = None
+    try:
+        for (split, k, task), outcome in ordered_map(
+            functools.partial(decode_item, settings), iter(work), pool,
+            max_in_flight=max(4, 4 * max(args.workers, 1)), timeout=args.decode_timeout,
+        ):
+            if writer is None or (writer.split, writer.k) != (split, k):
+                writer = ChunkWriter(dirs[split], split, k, chunk_tasks[(split, k)], tokenizer, frames,
+                                     args.batch_size)
+            audio_seconds += writer.add(task, outcome)
+            if first_at is None:
+                first_at, first_seconds = time.monotonic(), audio_seconds
+            if outcome[0] == "reject":
+                rejected += 1
+                if rejected <= 10:
+                    bar.write(f"rejected {task.id}: {outcome[1][0]} ({outcome[1][1]})")
+            if writer.remaining == 0:
+                writer.commit()
+                writer = None
+                if remote_out:
+                    remote_out.push_chunk(dirs[split] / chunk_name(k))
+            # the rate counts accepted audio as it is taken in (decoded, queued for its batch), and is
+            # set before update() so the line drawn shows it (it lagged one refresh behind before)
+            bar.set_postfix_str(f"{_rate(audio_seconds - first_seconds, first_at):.1f}x realtime, {rejected} rejected",
+                                refresh=False)
+            bar.update(1)
+        finished = True
+    except KeyboardInterrupt:
+        interrupted = True
+    except RemoteError as exc:
+        upload_error = exc
+    finally:  # on any failure: stop the workers, drop the partial chunk, keep the committed ones
+        bar.close()
+        if pool is not None:
+            pool.close() if finished else pool.terminate()
+            pool.join()
+        if writer is not None:
+            writer.abandon()
+    if interrupted:
+        print("\ninterrupted: committed chunks are kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+    if upload_error is not None:
+        print(f"af-prepare: error: {upload_error}\ncommitted chunks are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return 1
+
+    elapsed = time.monotonic() - start
+    exit_code = 0
+    import torch
+
+    cores = max(1, min(os.cpu_count() or 1, torch.get_num_threads() + args.workers))
+    rate = _rate(audio_seconds - first_seconds, first_at)
+    print(f"\nsummary ({elapsed:.1f} s, {rate:.1f}x realtime this run with {tokenizer.kind} after the first clip, "
+          f"{rate / cores:.1f}x per core on {cores} cores):")
+    for split, (tasks, planned_rejects) in plans.items():
+        num_chunks = (len(tasks) + args.chunk_size - 1) // args.chunk_size
+        if states[split] == "complete":
+            manifest = Manifest.load(dirs[split])
+            note = " (already complete)"
+        else:
+            manifest = finalize_split(dirs[split], split, tasks, planned_rejects, num_chunks, manifest_base)
+            note = ""
+            if remote_out:
+                try:
+                    remote_out.push_final(dirs[split])
+                except RemoteError as exc:
+                    print(f"af-prepare: error: {exc}; rerun the same command to finish the upload", file=sys.stderr)
+                    return 1
+        print(
+            f"  {split:>6}: written {manifest.written}, rejected {sum(manifest.rejected.values())} "
+            f"[{_format_counts(manifest.rejected)}], {manifest.seconds_of_audio / 3600:.3f} h of audio "
+            f"→ {shown[split]}{note}"
+        )
+        if manifest.written == 0:
+            print(
+                f"af-prepare: error: split '{split}' has no usable clip; see {dirs[split] / REJECTS_NAME}",
+                file=sys.stderr,
+            )
+            exit_code = 1
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
