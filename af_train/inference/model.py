@@ -100,78 +100,37 @@ class ModelCard:
 
 
 def recorded_identity(manifest: Any) -> dict[str, Any]:
-    """The tokenizer identity a manifest records."""
-    identity = getattr(manifest, "tokenizer", None)
-    if identity:
-        return dict(identity)
-    return {"kind": "encodec", **asdict(manifest.codec)}  # manifests before the tokenizer field
-
-
-def identity_of(tokenizer: Any) -> dict[str, Any]:
-    if hasattr(tokenizer, "identity"):
-        return dict(tokenizer.identity())
-    return {"kind": "encodec", **asdict(tokenizer.info())}
-
-
-def _same_identity(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    fields = ("kind", "model", "bandwidth", "weights", "codebooks", "codebook_size", "sha256", "rows", "codes")
-    return all(a.get(k) == b.get(k) for k in fields)
-
-
-def _describe(identity: dict[str, Any]) -> str:
-    shown = {k: v for k, v in identity.items() if k in ("kind", "model", "bandwidth", "weights", "sha256", "file")}
-    return json.dumps(shown)
+    """The tokenizer identity a manifest records (derived from its codec section for older manifests)."""
+    return dict(manifest.tokenizer)
 
 
 def tokenizer_for(identity: dict[str, Any], given: Any = None, search_paths: list[Path] | tuple = (),
                   device: str | torch.device | None = None) -> Any:
     """The tokenizer a model was trained with, re-created from its recorded ``identity``.
 
-    ``given``: a tokenizer object, or a path to its weights (file or folder), that must be the
-    recorded one. Refuses (``InferenceError`` naming what is missing or what differs) rather than
-    ever using another tokenizer.
+    ``given``: a tokenizer object, or a path (a fitted tokenizer file, EnCodec weights, or a folder
+    holding them) to look in first. Refuses with an ``InferenceError`` naming what is missing or what
+    differs; never uses another tokenizer.
     """
-    from af_train.codec import AcousticCodec, CodecWeightsError
+    from af_train.tokenizers import TokenizerError, check_same_tokenizer, load_tokenizer, tokenizer_from_identity
 
-    if identity.get("kind", "encodec") != "encodec":
-        raise InferenceError(f"the model was trained on a '{identity.get('kind')}' tokenizer, which this af_train "
-                             "cannot re-create")
-    if given is not None and not isinstance(given, (str, Path)):
-        tokenizer = given
-    else:
-        weights = str(identity.get("weights", ""))
+    what = "the model (its training shards' manifest)"
+    try:
+        if given is not None and not isinstance(given, (str, Path)):
+            check_same_tokenizer(identity, given.identity(), what, "the tokenizer given")
+            return given
+        paths = [Path(given)] if given is not None else []
         try:
-            if weights.startswith("random-init seed "):
-                tokenizer = AcousticCodec(identity.get("bandwidth", 3.0),
-                                          random_init_seed=int(weights.rsplit(" ", 1)[1]), device=device)
-            else:
-                tokenizer = AcousticCodec(identity.get("bandwidth", 3.0), checkpoint=_find_weights(given, search_paths),
-                                          device=device)
-        except CodecWeightsError as exc:
-            raise InferenceError(
-                f"the tokenizer this model was trained with cannot be found: {_describe(identity)}. {exc} "
-                "Give its weights with --tokenizer PATH (AudioTagger(..., tokenizer=PATH))"
-            ) from None
-    actual = identity_of(tokenizer)
-    if not _same_identity(actual, identity):
-        raise InferenceError(
-            f"the model was trained on shards written with the tokenizer {_describe(identity)}, but the tokenizer "
-            f"given is {_describe(actual)}; its codes would mean something else to the model. Give the recorded "
-            "tokenizer's weights (see the manifest.json of the training shards)"
-        )
-    return tokenizer
-
-
-def _find_weights(given: str | Path | None, search_paths: list[Path] | tuple) -> Path | None:
-    if given is not None:
-        return Path(given)
-    for folder in search_paths:
-        from af_train.codec import OFFICIAL_CHECKPOINT
-
-        candidate = Path(folder) / OFFICIAL_CHECKPOINT
-        if candidate.is_file():
-            return candidate
-    return None  # the codec looks in torch hub's cache and says where it looked
+            return tokenizer_from_identity(identity, [*paths, *search_paths], device)
+        except TokenizerError:
+            if given is None or not Path(given).is_file() or identity.get("kind") != "mel-rvq":
+                raise
+            # a fitted file that is not the recorded one: say how it differs
+            check_same_tokenizer(identity, load_tokenizer(given, device).identity(), what, f"'{given}'")
+            raise
+    except TokenizerError as exc:
+        raise InferenceError(f"{exc}. Give the tokenizer the model was trained with: --tokenizer PATH "
+                             "(AudioTagger.load(..., tokenizer=PATH))") from None
 
 
 # --------------------------------------------------------------------------------------------------

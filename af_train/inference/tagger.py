@@ -24,10 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from af_train.audio_io import (
+from af_train.data.collate import Collator
+from af_train.data.tokens import SpecialTokens, frame_rows
+from af_train.inference.model import InferenceError, LoadedModel, load_model, tokenizer_for
+from af_train.inference.windows import Windowing, stitch_frames
+from af_train.inference.windows import aggregate as aggregate_windows
+from af_train.model.heads import masked_mean_pool
+from af_train.objectives import row_type_ids
+from af_train.tokenizers.audio_io import (
     MISSING_FILE,
     NON_FINITE,
     SILENT,
+    TOO_SHORT,
     UNREADABLE,
     ZERO_LENGTH,
     AudioRejected,
@@ -36,17 +44,8 @@ from af_train.audio_io import (
     pcm_to_float,
     resample,
 )
-from af_train.data.collate import Collator
-from af_train.data.tokens import SpecialTokens, frame_rows
-from af_train.inference.model import InferenceError, LoadedModel, load_model, tokenizer_for
-from af_train.inference.windows import Windowing, stitch_frames
-from af_train.inference.windows import aggregate as aggregate_windows
-from af_train.model.heads import masked_mean_pool
-from af_train.objectives import row_type_ids
 
 log = logging.getLogger(__name__)
-
-TOO_SHORT = "too_short"  # af-prepare's reason for clips shorter than --min-seconds
 
 AudioInput = str | Path | np.ndarray | torch.Tensor | tuple  # path | waveform | (waveform, sample_rate)
 
@@ -227,8 +226,13 @@ class AudioTagger:
             wav = torch.as_tensor(np.asarray(wav) if not isinstance(wav, torch.Tensor) else wav)
             wav = downmix(pcm_to_float(wav).cpu())
             name = "waveform"
+        # af-prepare's checks, in its order
         if wav.numel() == 0:
             raise AudioRejected(ZERO_LENGTH, f"{name} holds no samples")
+        seconds = wav.numel() / rate
+        if seconds < self.min_seconds:
+            raise AudioRejected(TOO_SHORT, f"{name} lasts {seconds:.3f} s, shorter than the {self.min_seconds:g} s "
+                                           "the training data required (af-prepare --min-seconds)")
         if not torch.isfinite(wav).all():
             raise AudioRejected(NON_FINITE, f"{name} has {int((~torch.isfinite(wav)).sum())} NaN/inf samples")
         if self.silence_dbfs is not None:
@@ -237,10 +241,6 @@ class AudioTagger:
             if peak_db < self.silence_dbfs:
                 raise AudioRejected(SILENT, f"{name} is silent (peak {peak_db:.1f} dBFS < {self.silence_dbfs:.1f} "
                                             "dBFS, the threshold the training data was prepared with)")
-        seconds = wav.numel() / rate
-        if seconds < self.min_seconds:
-            raise AudioRejected(TOO_SHORT, f"{name} lasts {seconds:.3f} s, shorter than the {self.min_seconds:g} s "
-                                           "the training data required (af-prepare --min-seconds)")
         return resample(wav, rate, self.sample_rate).contiguous()
 
     def _compute(self, pending: list[tuple[FileResult, torch.Tensor | None]], want_scores: bool, want_embedding: bool,
