@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from af_train.files import atomic_open, atomic_write
+from af_train.model.checkpoint import CheckpointError
+
+__all__ = ["CheckpointError"]  # re-exported: one error for weight files and training checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +47,6 @@ LATEST = "latest"
 BEST = "best"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from (missing, incomplete, incompatible)."""
 
 
 def tag_for(step: int) -> str:
@@ -66,18 +67,60 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def agree(value: Any, rank: int) -> Any:
+    """Collective: rank 0's ``value`` on every rank; an exception there is raised on every rank."""
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def capture(fn: Any, *args: Any) -> Any:
+    """fn(*args), or the exception it raised (to be broadcast by ``agree`` and raised on every rank)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - re-raised on all ranks
+        return exc
+
+
+@dataclass
+class Progress:
+    """Counters that make a run resumable (saved in every checkpoint)."""
+
+    step: int = 0  # optimizer steps attempted (applied + skipped)
+    samples: int = 0  # samples consumed, all ranks
+    tokens: int = 0  # real (non-pad) tokens consumed, all ranks and rows
+    epoch: int = 0
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss/gradients, fp16 overflow)
+    nonfinite_steps: int = 0  # of those, skipped for a non-finite loss or gradient (not fp16 scaling)
+    consecutive_nonfinite: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+
+    def count_step(self, samples: int, tokens: int, applied: bool, nonfinite: bool) -> None:
+        """Count one optimizer step (a skipped one too); a non-finite step is logged as a warning."""
+        self.step += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.skipped_steps += not applied
+        if nonfinite:
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            log.warning("step %d skipped: non-finite loss or gradient norm (%d in a row, %d in total)",
+                        self.step, self.consecutive_nonfinite, self.nonfinite_steps)
+        elif applied:
+            self.consecutive_nonfinite = 0
 
 
 # --------------------------------------------------------------------------------------------------
 # Per-rank RNG state
 # --------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -216,14 +259,13 @@ class CheckpointManager:
         rank_dir = path / RANK_DIR
         rank_dir.mkdir(parents=True, exist_ok=True)
         rank_file = rank_dir / f"rank_{self.rank:05d}.pt"
-        tmp = rank_file.with_suffix(".tmp")
-        torch.save(rank_state, tmp)
-        tmp.replace(rank_file)
+        with atomic_open(rank_file) as f:
+            torch.save(rank_state, f)
         barrier()  # every rank's files are written before the marker
         if self.rank == 0:
-            _atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            _atomic_write(path / MARKER, f"complete {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-            _atomic_write(self.root / LATEST, tag + "\n")
+            atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            atomic_write(path / MARKER, f"complete {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            atomic_write(self.root / LATEST, tag + "\n")
             self.prune()
             log.info("saved checkpoint %s in %.1f s", path, time.time() - started)
         barrier()
@@ -244,7 +286,7 @@ class CheckpointManager:
         if self.rank != 0:
             return
         payload = {"tag": tag_for(step), "metric": metric, "value": value, "mode": self.best_mode}
-        _atomic_write(self.root / BEST, json.dumps(payload) + "\n")
+        atomic_write(self.root / BEST, json.dumps(payload) + "\n")
         self.prune()
 
     # -- retention -------------------------------------------------------------------------------
@@ -304,8 +346,157 @@ def convert_to_universal(ckpt: Path, rank: int, out_root: Path) -> Path:
                 shutil.copytree(source, out / name)
             else:
                 shutil.copy2(source, out / name)
-        _atomic_write(done, "complete\n")
+        atomic_write(done, "complete\n")
     barrier()
     if not done.is_file():
         raise CheckpointError(f"universal conversion of {ckpt} did not complete (see rank 0's log)")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The Trainer's checkpoint component: where to resume from, whether it fits, load, save, weights
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint this run resumes from, and how (decided before DeepSpeed is configured)."""
+
+    path: Path
+    meta: dict[str, Any]
+    universal: bool  # convert through DeepSpeed's universal format (another world size, ZeRO >= 1)
+    keep_global_batch: int | None  # the saved global batch, kept when the world size changed
+
+
+class Checkpointer:
+    """Resume and save for one rank of a run (collective methods are called on every rank)."""
+
+    def __init__(self, recipe: Any, run_dir: Path, rank: int, world_size: int):
+        cfg = recipe.train
+        self.recipe, self.rank, self.world_size = recipe, rank, world_size
+        self.manager = CheckpointManager(run_dir / "checkpoints", rank, cfg.keep_last, cfg.best_mode)
+        self.root = self.manager.root
+        self.last_saved_step: int | None = None
+
+    def resume_point(self, spec: str, run_dir: Path) -> ResumePoint | None:
+        """Collective: the checkpoint ``--resume spec`` names (rank 0 decides), checked against this run."""
+        path = agree(capture(resolve_resume, spec, run_dir) if self.rank == 0 else None, self.rank)
+        if path is None:
+            return None
+        meta = read_meta(path)
+        universal, keep_global = self.check_compatible(meta, path)
+        return ResumePoint(path, meta, universal, keep_global)
+
+    def check_compatible(self, meta: dict[str, Any], path: Path) -> tuple[bool, int | None]:
+        """(convert through the universal format?, global batch to keep or None)."""
+        cfg = self.recipe.train
+        saved_stage, saved_world = meta["zero_stage"], meta["world_size"]
+        if (saved_stage == 3) != (cfg.zero_stage == 3):
+            raise CheckpointError(
+                f"{path} was saved with ZeRO stage {saved_stage}; this run uses train.zero_stage={cfg.zero_stage}. "
+                "Crossing between ZeRO-1/2 and ZeRO-3 is not supported by DeepSpeed's checkpoint conversion; "
+                f"resume with train.zero_stage={saved_stage}, or start a new run from consolidated weights "
+                "(objective.init_checkpoint=<run>/final/model.pt)"
+            )
+        if (saved_stage == 0) != (cfg.zero_stage == 0):
+            raise CheckpointError(
+                f"{path} was saved with ZeRO stage {saved_stage}; this run uses train.zero_stage={cfg.zero_stage}. "
+                f"Resume with train.zero_stage={saved_stage}"
+            )
+        if meta.get("recipe_hash") != self.recipe.hash() and self.rank == 0:
+            changed = changed_keys(meta.get("recipe", {}), self.recipe.to_dict())
+            log.warning("resuming with a different recipe than %s was saved with; changed: %s", path,
+                        ", ".join(changed) or "(unknown)")
+        if saved_world == self.world_size:
+            return False, None
+        if saved_stage == 0:  # ZeRO-0 state is not partitioned: it loads at any world size as it is
+            log.info("checkpoint %s was saved by %d ranks, resuming on %d: ZeRO-0 state is not partitioned, loading "
+                     "it directly, keeping the global batch %d", path, saved_world, self.world_size,
+                     meta["global_batch"])
+            return False, meta["global_batch"]
+        log.info("checkpoint %s was saved by %d ranks, resuming on %d: converting through DeepSpeed's universal "
+                 "checkpoint, keeping the global batch %d", path, saved_world, self.world_size, meta["global_batch"])
+        return True, meta["global_batch"]
+
+    def load(self, point: ResumePoint, engine: Any, train_loader: Any) -> tuple[Progress, dict[str, Any] | None]:
+        """Collective: DeepSpeed state, loader position and counters of ``point``.
+
+        Returns the progress and the RNG state to restore once the first batch is drawn (None when the
+        world size changed: each rank is then reseeded from the step)."""
+        meta = point.meta
+        load_path = convert_to_universal(point.path, self.rank, self.root) if point.universal else point.path
+        loaded, _ = engine.load_checkpoint(str(load_path.parent), tag=load_path.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {load_path}")
+        saved_world = meta["world_size"]
+        state = load_rank_state(load_path, self.rank % saved_world)
+        if state.get("loader") is not None:
+            train_loader.load_state_dict(state["loader"])
+        pending_rng = None
+        if saved_world == self.world_size:
+            # Restored after the first batch is drawn: starting a DataLoader iterator draws a seed from
+            # the global RNG, which the uninterrupted run did at its start, not at this step.
+            pending_rng = state["rng"]
+        else:
+            seed_everything(self.recipe.train.seed + 1000 * self.rank + 1 + meta["step"])
+        progress = Progress(**meta["progress"])
+        if point.path.parent.resolve() == self.root.resolve():
+            self.last_saved_step = progress.step  # (a checkpoint of another run is not ours to reuse)
+        log.info("resumed from %s at step %d (%d samples, epoch %d)", point.path, progress.step, progress.samples,
+                 progress.epoch)
+        return progress, pending_rng
+
+    def save(self, engine: Any, progress: Progress, plan: Any, rank_state: dict[str, Any]) -> Path:
+        """Collective: a complete checkpoint of ``progress.step``."""
+        cfg = self.recipe.train
+        meta = {
+            "step": progress.step, "world_size": self.world_size, "zero_stage": cfg.zero_stage,
+            "precision": cfg.precision, "global_batch": plan.global_batch,
+            "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+            "progress": {k: getattr(progress, k) for k in progress.__dataclass_fields__},
+            "recipe": self.recipe.to_dict(), "recipe_hash": self.recipe.hash(),
+            "allow_test_selection": cfg.allow_test_selection,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        path = self.manager.save(engine, progress.step, meta, rank_state)
+        self.last_saved_step = progress.step
+        return path
+
+    def save_weights(self, module: torch.nn.Module, out: Path, checkpoint_dir: Path, manifest: Any) -> None:
+        """Collective: consolidated fp32 module weights (``save_module_weights``) from a checkpoint."""
+        from af_train.model.checkpoint import save_module_weights
+
+        if self.rank == 0:
+            state = self.consolidated_weights(module, checkpoint_dir)
+            save_module_weights(module, out, self.recipe.to_dict(), manifest.num_classes, manifest.multi_label,
+                                state_dict=state)
+            log.info("wrote consolidated weights %s", out)
+        barrier()
+
+    def consolidated_weights(self, module: torch.nn.Module, checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+        """fp32 module weights of one of this run's checkpoints, frozen parameters included.
+
+        DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints (it saves them from stage 2 on):
+        take them from the live ``module``, where they are whole below stage 3 and never change."""
+        state = consolidated_state(checkpoint_dir)
+        if self.recipe.train.zero_stage >= 3:
+            return state
+        frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+        missing = frozen - set(state)
+        if not missing:
+            return state
+        live = module.state_dict()
+        return {**state, **{name: live[name].detach().float().cpu() for name in missing}}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every (dotted) key whose value differs between two nested dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed

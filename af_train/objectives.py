@@ -127,6 +127,7 @@ class PretrainModule(nn.Module):
         joint_rows: bool = False,
         mpc_weight: float = 0.1,
         temperature: float = 0.05,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
         if joint_rows:
@@ -140,7 +141,7 @@ class PretrainModule(nn.Module):
         self.temperature = temperature
         # what save_module_weights records: the row this encoder reads (None: several rows)
         self.code_row = None if joint_rows else code_rows[0]
-        self.encoder = RoFormerEncoder(config)
+        self.encoder = RoFormerEncoder(config, kernels)
         self.mlm_head = MLMHead(config, self.encoder.embeddings.word_embeddings)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +174,7 @@ class PretrainModule(nn.Module):
         if self.mpc_weight > 0:
             pooled = masked_mean_pool(hidden, flat_mask)
             groups = torch.arange(batch_size, device=input_ids.device).repeat_interleave(rows)
-            mpc = dispatch.mpc_loss(pooled, groups, self.temperature)
+            mpc = dispatch.mpc_loss(pooled, groups, self.temperature, backend=self.encoder.kernels)
             loss = mlm + self.mpc_weight * mpc
             logs["mpc_loss"] = mpc
         return {"loss": loss, "logs": _detached(logs)}
@@ -286,7 +287,7 @@ class FineTuneModule(nn.Module):
             embeddings = torch.stack([p.to(pooled.dtype) for p in pooled_rows], dim=1).reshape(batch_size * rows, -1)
             groups = torch.arange(batch_size, device=pooled.device).repeat_interleave(rows)
             anchors = (torch.arange(batch_size * rows, device=pooled.device) % rows) == 0
-            mpc = dispatch.mpc_loss(embeddings, groups, self.temperature, anchors)
+            mpc = dispatch.mpc_loss(embeddings, groups, self.temperature, anchors, backend=self.encoder.kernels)
             logs["mpc_loss"] = mpc
             loss = loss + (1.0 - self.alpha) * mpc
 
@@ -300,7 +301,8 @@ class FineTuneModule(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_init_checkpoint(path: str, config: AudioFormerConfig, code_row: int) -> tuple[RoFormerEncoder, dict]:
+def _load_init_checkpoint(path: str, config: AudioFormerConfig, code_row: int,
+                          kernels: str) -> tuple[RoFormerEncoder, dict]:
     """Trainable encoder from ``objective.init_checkpoint`` (recipe sizes, checkpoint's row-embedding setup)."""
     try:
         payload = read_checkpoint(path)
@@ -309,7 +311,7 @@ def _load_init_checkpoint(path: str, config: AudioFormerConfig, code_row: int) -
         config = dataclasses.replace(
             config, row_embedding=ckpt_config.row_embedding, type_vocab_size=ckpt_config.type_vocab_size
         )
-        encoder = RoFormerEncoder(config)
+        encoder = RoFormerEncoder(config, kernels)
         load_encoder_weights(encoder, path, payload)
     except CheckpointError as exc:
         raise CheckpointError(f"objective.init_checkpoint: {exc}") from None
@@ -331,8 +333,8 @@ def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoForm
     frozen = []
     for row, path in zip(rows, paths):
         try:
-            encoder = load_encoder(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                   activation_checkpointing=False)
+            encoder = load_encoder(path, recipe.model.kernels, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0, activation_checkpointing=False)
         except CheckpointError as exc:
             raise CheckpointError(f"objective.frozen_row_checkpoints (row {row}): {exc}") from None
         if encoder.code_row is not None and encoder.code_row != row:
@@ -351,8 +353,8 @@ def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoForm
 
 def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -> nn.Module:
     """The module that ``recipe.objective.mode`` trains (see the module docstring)."""
-    dispatch.set_backend(recipe.model.kernels)
     config = AudioFormerConfig.from_recipe(recipe.model)
+    kernels = recipe.model.kernels
     objective = recipe.objective
     rows = recipe.data.code_rows
 
@@ -360,7 +362,8 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -
         if len(rows) > 1 and not objective.joint_rows:
             log.warning("pretraining reads only code row %s; data.code_rows=%s loads %d unused row(s)",
                         rows[0], rows, len(rows) - 1)
-        module = PretrainModule(config, rows, objective.joint_rows, objective.mpc_weight, objective.temperature)
+        module = PretrainModule(config, rows, objective.joint_rows, objective.mpc_weight, objective.temperature,
+                                kernels)
         if objective.init_checkpoint:
             try:
                 payload = read_checkpoint(objective.init_checkpoint)
@@ -374,11 +377,11 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -
         log.warning("ft1 reads only code row %s; data.code_rows=%s and objective.frozen_row_checkpoints=%s are "
                     "not used (they are for mode=ft2)", rows[0], rows, objective.frozen_row_checkpoints)
     if objective.init_checkpoint:
-        encoder, payload = _load_init_checkpoint(objective.init_checkpoint, config, rows[0])
+        encoder, payload = _load_init_checkpoint(objective.init_checkpoint, config, rows[0], kernels)
     else:
         log.warning("objective.mode=%s without objective.init_checkpoint: the encoder starts from random "
                     "weights (no pretraining)", objective.mode)
-        encoder, payload = RoFormerEncoder(config), None
+        encoder, payload = RoFormerEncoder(config, kernels), None
     frozen = _load_frozen_rows(recipe, encoder) if objective.mode == "ft2" else []
     use_classifier = objective.use_classifier or objective.mode == "ft1"
     module = FineTuneModule(

@@ -14,10 +14,13 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from af_train.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +141,7 @@ class RunLogger:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill -9
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -173,3 +174,167 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl`` (for tests, notebooks and plots)."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------------
+# The Trainer's logging component: process logging, metric windows, per-step records, sample ids
+# --------------------------------------------------------------------------------------------------
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings only on the others; every line names its rank."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout, force=True)
+
+
+class MetricWindow:
+    """Sums over the steps since the last log line; ``record`` turns them into one metrics record."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.applied = 0
+        self.loss = 0.0
+        self.logs: dict[str, float] = {}
+        self.samples = self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, result: Any, seconds: float) -> None:
+        """Count one step (``result``: the engine's ``StepResult``); only applied, finite steps enter the means."""
+        self.steps += 1
+        self.samples += result.samples
+        self.tokens += result.tokens
+        self.seconds += seconds
+        if result.applied and math.isfinite(result.loss):
+            self.applied += 1
+            self.loss += result.loss
+            for k, v in result.logs.items():
+                self.logs[k] = self.logs.get(k, 0.0) + v
+
+    def mean_loss(self) -> float:
+        return self.loss / self.applied if self.applied else float("nan")
+
+    def mean_logs(self) -> dict[str, float]:
+        return {k: v / self.applied for k, v in self.logs.items()} if self.applied else {}
+
+    def record(self, progress: Any, lr: float, grad_norm: Any, device: torch.device, flops_per_token: float,
+               peak_flops: float | None, world_size: int) -> dict[str, Any]:
+        """The ``metrics.jsonl`` record of this window at ``progress`` (MFU only with a known peak)."""
+        p = progress
+        record: dict[str, Any] = {
+            "step": p.step, "samples": p.samples, "tokens": p.tokens, "epoch": p.epoch,
+            "loss": self.mean_loss(), **self.mean_logs(),
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "skipped_steps": p.skipped_steps, "nonfinite_steps": p.nonfinite_steps,
+            "samples_per_s": self.samples / self.seconds,
+            "tokens_per_s": self.tokens / self.seconds,
+            "step_time_s": self.seconds / self.steps,
+            "memory_gb": memory_gb(device),
+        }
+        if peak_flops is not None:
+            record["mfu"] = flops_per_token * self.tokens / self.seconds / (peak_flops * world_size)
+        return record
+
+
+def log_step_line(record: dict[str, Any], max_steps: int) -> None:
+    """One INFO line per logged step (for batch jobs, where the progress bar does not redraw)."""
+    grad_norm = record["grad_norm"]
+    log.info("step %d/%d loss %.4f lr %.3g grad_norm %s %.1f samples/s%s", record["step"], max_steps, record["loss"],
+             record["lr"], "n/a" if grad_norm is None else f"{grad_norm:.3g}", record["samples_per_s"],
+             f" MFU {record['mfu']:.1%}" if "mfu" in record else "")
+
+
+def progress_bar(enabled: bool, total: int, initial: int) -> Any:
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                mininterval=1.0 if interactive else 30.0, desc="train")
+
+
+class SampleIdLog:
+    """``<run>/sample_ids/rank_NNNNN.jsonl``: the clip ids each step drew on this rank (``train.record_sample_ids``).
+
+    On resume, records after the resumed step are dropped: the resumed run writes those steps again.
+    A disabled log (``enabled=False``) accepts every call and writes nothing.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool, resume_step: int | None):
+        self._file = None
+        if not enabled:
+            return
+        directory = run_dir / "sample_ids"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"rank_{rank:05d}.jsonl"
+        if resume_step is not None and path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and _record_step(line) <= resume_step]
+            atomic_write(path, "".join(f"{line}\n" for line in kept))
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run; close() closes it
+
+    def write(self, step: int, ids: list[str]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, "ids": list(ids)}) + "\n")
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def sync(self) -> None:
+        """Flush and fsync: the records up to a checkpoint must survive a later kill -9."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 1 << 62  # unreadable (cut by a kill -9): dropped
+
+
+def write_run_files(trainer: Any, resume_from: Path | None) -> None:
+    """Rank 0: ``config.yaml`` (resolved recipe), ``ds_config.json``, and the run summary in the log and
+    TensorBoard. ``trainer``: the engine's Trainer (recipe, run_dir, plan, device, ranks, parameter
+    counts, FLOPs, data and logger are read from it)."""
+    t, recipe, cfg = trainer, trainer.recipe, trainer.recipe.train
+    t.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(t.run_dir / "config.yaml",
+                 f"# resolved recipe (hash {recipe.hash()}) from {recipe.source}\n" + recipe.to_yaml())
+    atomic_write(t.run_dir / "ds_config.json", json.dumps(t.ds_config, indent=2) + "\n")
+    import torch.distributed as dist
+
+    summary = [
+        f"af_train run in {t.run_dir}",
+        f"  device {t.device} x {t.world_size} ranks ({dist.get_backend()}), kernels {recipe.model.kernels}",
+        f"  {t.plan.describe()}",
+        f"  ZeRO stage {cfg.zero_stage}, {cfg.precision}, offload_optimizer={cfg.offload_optimizer}",
+        f"  parameters: {t.trainable_params:,} trainable, {t.frozen_params:,} frozen",
+        f"  model FLOPs per real token (fwd+bwd, all rows; MFU ignores padding): {t.flops_per_token:.3e}; "
+        f"{t.peak_note}",
+        f"  data: {t.train_loader.dataset.size} training clips, {t.manifest.num_classes} classes "
+        f"({'multi-label' if t.manifest.multi_label else 'single-label'})",
+        f"  resume: {resume_from if resume_from is not None else 'fresh start'}",
+    ]
+    if cfg.allow_test_selection and (cfg.best_metric or "").startswith("test/"):
+        summary.append(f"  WARNING: checkpoints are selected on the test split ({cfg.best_metric}),"
+                       " allowed by train.allow_test_selection")
+    for line in summary:
+        log.info(line)
+    t.logger.text("run", "\n".join(summary))
+
+
+def write_final_metrics(final: Path, progress: Any, checkpoint: Path, tested: str | None,
+                        metrics: dict[str, float]) -> None:
+    """Rank 0: ``<run>/final/metrics.json``: counters, the last checkpoint, the best, the tested one, metrics."""
+    summary = {"step": progress.step, "samples": progress.samples, "tokens": progress.tokens,
+               "checkpoint": str(checkpoint), "best": progress.best, "test_checkpoint": tested, **metrics}
+    atomic_write(final / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    log.info("finished at step %d; weights in %s", progress.step, final / "model.pt")

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from af_train.files import atomic_write
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -72,11 +74,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
-        tmp.replace(path)  # atomic: a reader never sees half a manifest
-        return path
+        return atomic_write(Path(directory) / MANIFEST_NAME, self.to_json() + "\n")  # never half a manifest
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "<manifest>") -> Manifest:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,16 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from af_train.files import git_commit
+
 SAMPLE_RATE = 24000
 
 
 def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    commit = git_commit(Path(__file__).resolve().parent)["commit"]
+    return commit[:7] if commit else None
 
 
 def _timed(fn, repeats: int) -> float:

@@ -34,7 +34,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -115,12 +114,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _git_commit() -> dict[str, object]:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
-    try:
-        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain").strip())}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": None}
+    from af_train.files import git_commit
+
+    found = git_commit(REPO_ROOT)
+    return {**found, "commit": found["commit"] or "unknown"}
 
 
 def _slug(name: str) -> str:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from af_train.files import atomic_write, sha256_file
+
 MARKER_DIR = ".stages"
 REUSE, RESUME, FRESH = "reuse", "resume", "fresh"
 
@@ -59,7 +61,7 @@ class Stage:
 def file_digest(path: Path) -> str:
     if not path.is_file():
         return "missing"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def stage_hash(stage: Stage, upstream: dict[str, str]) -> str:
@@ -94,9 +96,7 @@ def read_marker(out: Path, name: str) -> dict[str, Any] | None:
 def write_marker(out: Path, name: str, payload: dict[str, Any]) -> None:
     path = marker_path(out, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic: a marker is either the old one or the new one
+    atomic_write(path, json.dumps(payload, indent=2) + "\n")  # a marker is either the old one or the new one
 
 
 def decide(stage: Stage, digest: str, marker: dict[str, Any] | None) -> tuple[str, str]:

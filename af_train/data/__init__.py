@@ -9,7 +9,7 @@ Batches (dicts) from ``build_dataloader``:
 - ``mlm_labels``: LongTensor [B, R, T], original code at masked positions, -100 elsewhere (only when
   built with ``mask=True``; every row is masked independently);
 - ``labels``: FloatTensor [B, C] multi-hot for multi-label data sets, LongTensor [B] otherwise.
-Token ids are in ``af_train.data.tokens``.
+Token ids are in ``af_train.tokens`` (the contract beside ``af_train.shards``).
 """
 
 from af_train.data.collate import Collator
@@ -17,7 +17,7 @@ from af_train.data.dataset import AudioCodeDataset, DataError, check_rows, load_
 from af_train.data.loader import build_collator, build_dataloader, build_dataset, split_source
 from af_train.data.masking import IGNORE_INDEX, MaskingConfig, mask_codes, masking_generator
 from af_train.data.shm import clean_stale_streaming_shm
-from af_train.data.tokens import SpecialTokens
+from af_train.tokens import SpecialTokens
 
 __all__ = [
     "IGNORE_INDEX",

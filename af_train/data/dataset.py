@@ -27,8 +27,8 @@ from streaming import StreamingDataset
 
 from af_train import remote as remote_io
 from af_train.data.masking import MaskingConfig, mask_codes, masking_generator
-from af_train.data.tokens import SpecialTokens, frame_rows
 from af_train.shards import MANIFEST_NAME, Manifest, ManifestError
+from af_train.tokens import SpecialTokens, frame_rows
 
 logger = logging.getLogger(__name__)
 

@@ -217,7 +217,7 @@ def build_dataset(
 
 def build_collator(cfg: DataConfig, manifest: Manifest) -> Collator:
     return Collator(
-        pad_id=manifest.codec.codebook_size,  # PAD (af_train.data.tokens.SpecialTokens.pad)
+        pad_id=manifest.codec.codebook_size,  # PAD (af_train.tokens.SpecialTokens.pad)
         max_length=cfg.max_length,
         num_classes=manifest.num_classes,
         multi_label=manifest.multi_label,

@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from af_train.files import atomic_open
 from af_train.inference.cli_common import (
     Failures,
     add_model_arguments,
@@ -68,11 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _atomic_save(path: Path, write) -> None:
-    """``write(binary file)`` into a temporary file, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """``write(binary file)``; a reader (or a resumed run) never sees half a file."""
+    with atomic_open(path, "wb") as f:
         write(f)
-    os.replace(tmp, path)
 
 
 def _text(text: str):

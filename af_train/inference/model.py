@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from af_train.evaluate import THRESHOLDS_NAME  # noqa: F401 - beside the weights they belong to
 from af_train.model import RoFormerEncoder
 
 log = logging.getLogger(__name__)
 
 CARD_NAME = "af_train_inference.json"  # in an af-export-hf directory
-THRESHOLDS_NAME = "af_thresholds.json"  # beside the weights it belongs to (checkpoint dir, final/)
 CARD_VERSION = 1
 
 
@@ -157,7 +157,7 @@ def _read_thresholds(path: Path, labels: list[str] | None) -> list[float] | None
     if labels is not None and data.get("labels") not in (None, labels):
         log.warning("%s was chosen for other labels than the model's; not used", path)
         return None
-    return data["thresholds"]
+    return [float("nan") if t is None else float(t) for t in data["thresholds"]]
 
 
 def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,

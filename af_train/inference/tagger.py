@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from af_train.data.collate import Collator
-from af_train.data.tokens import SpecialTokens, frame_rows
 from af_train.inference.model import InferenceError, LoadedModel, load_model, tokenizer_for
 from af_train.inference.windows import Windowing, stitch_frames
 from af_train.inference.windows import aggregate as aggregate_windows
@@ -44,6 +43,7 @@ from af_train.tokenizers.audio_io import (
     pcm_to_float,
     resample,
 )
+from af_train.tokens import SpecialTokens, frame_rows
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from af_train.files import atomic_open
 from af_train.model.config import AudioFormerConfig
 from af_train.model.encoder import RoFormerEncoder
 
@@ -50,7 +51,8 @@ TRAINABLE_ENCODER_PREFIX = "encoder."
 
 
 class CheckpointError(ValueError):
-    """A weight file that is missing, of an unknown format, or does not fit the model."""
+    """A weight file or training checkpoint that is missing, damaged, of an unknown format, or does
+    not fit the model or run (the one error for both; ``af_train.checkpoint`` re-exports it)."""
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -83,9 +85,8 @@ def save_encoder(
         "code_row": code_row,
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # never leave a half-written checkpoint under the final name
+    with atomic_open(path) as f:  # never a half-written checkpoint under the final name
+        torch.save(payload, f)
     return path
 
 
@@ -111,9 +112,8 @@ def save_module_weights(
         "encoder_config": asdict(encoder.config) if isinstance(encoder, RoFormerEncoder) else None,
         "code_row": getattr(module, "code_row", None),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_open(path) as f:
+        torch.save(payload, f)
     return path
 
 
@@ -211,10 +211,11 @@ def load_encoder_weights(
     return {"config": config, "code_row": code_row, "format": payload["format"]}
 
 
-def load_encoder(path: str | Path, **config_overrides: Any) -> RoFormerEncoder:
+def load_encoder(path: str | Path, kernels: str = "auto", **config_overrides: Any) -> RoFormerEncoder:
     """Build a ``RoFormerEncoder`` with the checkpoint's config and weights.
 
-    ``config_overrides`` may change training-time fields (dropout, activation checkpointing).
+    ``kernels``: the attention backend (``RoFormerEncoder``). ``config_overrides`` may change
+    training-time fields (dropout, activation checkpointing).
     """
     payload = read_checkpoint(path)
     config, state, code_row = encoder_state_from_checkpoint(payload, path)
@@ -222,7 +223,7 @@ def load_encoder(path: str | Path, **config_overrides: Any) -> RoFormerEncoder:
         if name in AudioFormerConfig.ARCHITECTURE_FIELDS:
             raise ValueError(f"load_encoder: '{name}' is fixed by the checkpoint's weights and cannot be overridden")
     config = AudioFormerConfig.from_dict({**asdict(config), **config_overrides})
-    encoder = RoFormerEncoder(config)
+    encoder = RoFormerEncoder(config, kernels)
     check_and_load_state(encoder, state, f"checkpoint '{path}'")
     encoder.code_row = code_row  # where it came from; informational
     return encoder

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from af_train.data.tokens import SpecialTokens
+from af_train.tokens import SpecialTokens
 
 _SPECIAL = SpecialTokens(1024)
 

@@ -84,8 +84,9 @@ class RoFormerEmbeddings(nn.Module):
 
 
 class RoFormerSelfAttention(nn.Module):
-    def __init__(self, config: AudioFormerConfig) -> None:
+    def __init__(self, config: AudioFormerConfig, kernels: str = "auto") -> None:
         super().__init__()
+        self.kernels = dispatch.check_backend(kernels)
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.dropout_prob = config.attention_probs_dropout_prob
@@ -101,7 +102,8 @@ class RoFormerSelfAttention(nn.Module):
         k = self.key(hidden).view(shape)
         v = self.value(hidden).view(shape)
         dropout_p = self.dropout_prob if self.training else 0.0
-        context = dispatch.rotary_attention(q, k, v, cos, sin, attention_mask, interleaved=True, dropout_p=dropout_p)
+        context = dispatch.rotary_attention(q, k, v, cos, sin, attention_mask, interleaved=True, dropout_p=dropout_p,
+                                            backend=self.kernels)
         return context.reshape(batch, seq, width)
 
 
@@ -117,9 +119,9 @@ class RoFormerSelfOutput(nn.Module):
 
 
 class RoFormerAttention(nn.Module):
-    def __init__(self, config: AudioFormerConfig) -> None:
+    def __init__(self, config: AudioFormerConfig, kernels: str = "auto") -> None:
         super().__init__()
-        self.self = RoFormerSelfAttention(config)
+        self.self = RoFormerSelfAttention(config, kernels)
         self.output = RoFormerSelfOutput(config)
 
     def forward(self, hidden, cos, sin, attention_mask):
@@ -148,9 +150,9 @@ class RoFormerOutput(nn.Module):
 
 
 class RoFormerLayer(nn.Module):
-    def __init__(self, config: AudioFormerConfig) -> None:
+    def __init__(self, config: AudioFormerConfig, kernels: str = "auto") -> None:
         super().__init__()
-        self.attention = RoFormerAttention(config)
+        self.attention = RoFormerAttention(config, kernels)
         self.intermediate = RoFormerIntermediate(config)
         self.output = RoFormerOutput(config)
 
@@ -162,26 +164,42 @@ class RoFormerLayer(nn.Module):
 class RoFormerLayers(nn.Module):
     """Holds ``layer`` so that parameter names read ``encoder.layer.N...`` as in Hugging Face."""
 
-    def __init__(self, config: AudioFormerConfig) -> None:
+    def __init__(self, config: AudioFormerConfig, kernels: str = "auto") -> None:
         super().__init__()
-        self.layer = nn.ModuleList(RoFormerLayer(config) for _ in range(config.num_hidden_layers))
+        self.layer = nn.ModuleList(RoFormerLayer(config, kernels) for _ in range(config.num_hidden_layers))
 
 
 class RoFormerEncoder(nn.Module):
-    """``forward(input_ids [B, T], attention_mask [B, T]) -> hidden states [B, T, hidden]``."""
+    """``forward(input_ids [B, T], attention_mask [B, T]) -> hidden states [B, T, hidden]``.
+
+    ``kernels``: the attention backend, ``auto`` | ``triton`` | ``reference`` (the recipe's
+    ``model.kernels``; see ``kernels.dispatch``). A run-time choice, not part of the weights' config.
+    """
 
     _MAX_CACHED_TABLES = 64  # dynamic padding gives one length per multiple of 8
 
-    def __init__(self, config: AudioFormerConfig) -> None:
+    def __init__(self, config: AudioFormerConfig, kernels: str = "auto") -> None:
         super().__init__()
         config.validate()
         self.config = config
         self.embeddings = RoFormerEmbeddings(config)
-        self.encoder = RoFormerLayers(config)
+        self.encoder = RoFormerLayers(config, kernels)
+        self._kernels = dispatch.check_backend(kernels)
         # (seq_len, device) -> (cos, sin), float32, shared by all layers; rebuilt only for a new length
         # or device. A plain dict, not buffers: the tables are a pure function of the config.
         self._rotary_cache: OrderedDict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         init_weights(self, config.initializer_range)
+
+    @property
+    def kernels(self) -> str:
+        """The attention backend of every layer (settable: e.g. to compare the Triton and reference paths)."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, name: str) -> None:
+        self._kernels = dispatch.check_backend(name)
+        for layer in self.encoder.layer:
+            layer.attention.self.kernels = self._kernels
 
     @property
     def activation_checkpointing(self) -> bool:

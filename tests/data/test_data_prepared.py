@@ -8,7 +8,7 @@ from streaming.base.local import LocalDataset
 
 from af_train.config import DataConfig
 from af_train.data import build_dataloader, load_manifest
-from af_train.data.tokens import SpecialTokens
+from af_train.tokens import SpecialTokens
 
 pytestmark = pytest.mark.slow
 

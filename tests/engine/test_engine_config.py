@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,17 +194,15 @@ def test_rng_state_round_trip():
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
 
 
-def test_resuming_across_zero3_boundary_is_refused():
-    from af_train.engine import Trainer
-
-    fake = SimpleNamespace(recipe=recipe("train.zero_stage=3"), rank=0, world_size=2)
-    meta = {"zero_stage": 2, "world_size": 2, "global_batch": 8, "recipe_hash": fake.recipe.hash()}
+def test_resuming_across_zero3_boundary_is_refused(tmp_path):
+    zero3 = ckpt.Checkpointer(recipe("train.zero_stage=3"), tmp_path, rank=0, world_size=2)
+    meta = {"zero_stage": 2, "world_size": 2, "global_batch": 8, "recipe_hash": zero3.recipe.hash()}
     with pytest.raises(ckpt.CheckpointError, match="Crossing between ZeRO-1/2 and ZeRO-3"):
-        Trainer._check_resume_compatible(fake, meta, Path("ckpt"))
-    fake.recipe = recipe("train.zero_stage=1")
-    assert Trainer._check_resume_compatible(fake, meta, Path("ckpt")) == (False, None)  # 2 -> 1: same layout
-    fake.world_size = 4
-    assert Trainer._check_resume_compatible(fake, meta, Path("ckpt")) == (True, 8)
+        zero3.check_compatible(meta, Path("ckpt"))
+    zero1 = ckpt.Checkpointer(recipe("train.zero_stage=1"), tmp_path, rank=0, world_size=2)
+    assert zero1.check_compatible(meta, Path("ckpt")) == (False, None)  # 2 -> 1: same layout
+    zero1.world_size = 4
+    assert zero1.check_compatible(meta, Path("ckpt")) == (True, 8)
 
 
 def test_metrics_log_truncates_steps_after_the_resume_point(tmp_path):

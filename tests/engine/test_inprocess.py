@@ -148,18 +148,18 @@ def test_crash_during_save_keeps_previous_checkpoint(one_rank, data_root, tmp_pa
     run_dir = tmp_path / "crash"
     overrides = ["train.max_steps=4", "train.save_every=2", "data.val=null"]
     trainer = make_trainer(data_root, run_dir, overrides)
-    real_write = ckpt._atomic_write
+    real_write = ckpt.atomic_write
 
     def crash_on_second_marker(path, text):
         if path.name == ckpt.MARKER and path.parent.name == "step_00000004":
             raise OSError("simulated crash while saving")
         real_write(path, text)
 
-    monkeypatch.setattr(ckpt, "_atomic_write", crash_on_second_marker)
+    monkeypatch.setattr(ckpt, "atomic_write", crash_on_second_marker)
     with pytest.raises(OSError, match="simulated crash"):
         trainer.fit()
     trainer.close()
-    monkeypatch.setattr(ckpt, "_atomic_write", real_write)
+    monkeypatch.setattr(ckpt, "atomic_write", real_write)
     root = run_dir / "checkpoints"
     assert (root / "step_00000004" / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed's files were written
     assert not ckpt.is_complete(root / "step_00000004")

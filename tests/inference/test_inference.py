@@ -184,11 +184,19 @@ def test_af_predict_reports_bad_files_and_scores_the_good_ones(tiny_run, synthet
     assert out.read_text().splitlines()[0].startswith("file,start_s,end_s,predicted,")  # --windows: one row each
 
 
-def test_af_predict_threshold_auto_uses_the_stored_thresholds(tiny_run, synthetic_audio, tmp_path):
+def test_af_predict_threshold_auto_uses_the_stored_thresholds(tiny_run, synthetic_audio, prepared_shards, tmp_path):
     from af_train.inference import predict
+    from af_train.metrics import f1_optimal_thresholds
 
     best_tag, _ = read_best(tiny_run / "checkpoints")
     stored = json.loads((tiny_run / "checkpoints" / best_tag / "af_thresholds.json").read_text())
+    # what the evaluator stored is the F1-optimal cut of the selected checkpoint's validation scores
+    _, val_names, val_ids = split_files(synthetic_audio, "val")
+    val = evaluation_logits(tiny_run, tiny_run / "checkpoints" / best_tag, prepared_shards / "val", "val")
+    expected, _ = f1_optimal_thresholds(1 / (1 + np.exp(-np.stack([val[i] for i in val_ids]).astype(np.float64))),
+                                        multi_hot(val_names, stored["labels"]))
+    np.testing.assert_allclose(np.array(stored["thresholds"], dtype=float), expected, rtol=1e-6)
+    assert stored["step"] == int(best_tag.split("_")[1]) and (tiny_run / "final" / "af_thresholds.json").is_file()
     tagger = AudioTagger.load(tiny_run, device="cpu")
     np.testing.assert_allclose(np.nan_to_num(tagger.thresholds, nan=-1),
                                np.nan_to_num(np.array(stored["thresholds"], dtype=float), nan=-1))

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import af_train.model.encoder as encoder_module
-from af_train.data.tokens import SpecialTokens
 from af_train.model import AudioFormerConfig, RoFormerEncoder
 from af_train.model.hf import export_roformer, import_roformer, sinusoidal_positions
+from af_train.tokens import SpecialTokens
 
 transformers = pytest.importorskip("transformers")
 from transformers import RoFormerConfig, RoFormerModel  # noqa: E402

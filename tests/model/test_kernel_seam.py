@@ -20,7 +20,6 @@ SCRIPT = r"""
 import json, torch
 from af_train.config import Recipe
 from af_train.objectives import build_training_module
-from kernels import dispatch
 
 torch.manual_seed(0)
 recipe = Recipe.from_dict({"model": {"preset": "tiny", "hidden_dropout_prob": 0.0},
@@ -36,7 +35,7 @@ labels[..., 7:] = torch.where(mask[:, None, 7:] == 1, labels[..., 7:], -100)
 batch = {"input_ids": ids, "attention_mask": mask, "mlm_labels": labels}
 result = {}
 for backend in ("reference", "triton"):
-    dispatch.set_backend(backend)
+    module.encoder.kernels = backend  # the attention and the MPC loss follow the encoder's backend
     module.zero_grad(set_to_none=True)
     out = module(batch)
     out["loss"].backward()
@@ -66,7 +65,6 @@ def test_triton_kernels_through_the_model_match_reference():
 DROPOUT_SCRIPT = r"""
 import json, torch
 from af_train.model import AudioFormerConfig, RoFormerEncoder
-from kernels import dispatch
 import kernels.rotary_attention as triton_attention
 
 seeds = []
@@ -93,7 +91,7 @@ def run(seed, checkpointing):
     loss.backward()
     return loss.item(), torch.cat([p.grad.flatten() for p in encoder.parameters()])
 
-dispatch.set_backend("triton")
+encoder.kernels = "triton"
 plain_loss, plain = run(5, False)
 draws_plain = len(seeds)
 ckpt_loss, ckpt = run(5, True)
@@ -101,7 +99,7 @@ other_loss, other = run(6, False)
 encoder.eval()
 with torch.no_grad():
     eval_triton = encoder(ids, mask)
-    dispatch.set_backend("reference")
+    encoder.kernels = "reference"
     eval_reference = encoder(ids, mask)
 print(json.dumps({"loss": [plain_loss, ckpt_loss, other_loss], "draws_plain": draws_plain,
                   "draws_total": len(seeds), "grad_diff": (ckpt - plain).abs().max().item(),

@@ -1,4 +1,4 @@
-"""Token ids: codebook entries first, special tokens above the codebook range."""
+"""Token ids (a contract shared by data, model and inference): codebook entries first, specials above."""
 
 from __future__ import annotations
 
