@@ -267,3 +267,25 @@ def test_hear_functions_return_the_documented_shapes_and_dtypes(tiny_run):
     assert torch.allclose(hop, torch.full_like(hop, 1000 / 75), atol=1e-3) and float(timestamps[0, 0]) == pytest.approx(
         1000 / 150, abs=1e-3)
     assert not torch.allclose(embeddings[1], embeddings[2])
+
+
+def test_a_fitted_tokenizer_is_found_by_hash_and_another_one_is_refused(tmp_path):
+    from af_train.tokenizers.mel_rvq import MelConfig, fit_from_clips
+
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(24000).astype(np.float32) * 0.1 for _ in range(4)]
+    recorded = fit_from_clips(clips, MelConfig(rows=2, codes=8, seed=0))
+    other = fit_from_clips(clips, MelConfig(rows=2, codes=8, seed=1))
+    recorded.save(tmp_path / "trained_on.safetensors")
+    other.save(tmp_path / "other.safetensors")
+    identity = json.loads(json.dumps(recorded.identity()))  # as a manifest records it
+    identity["file"] = str(tmp_path / "trained_on.safetensors")
+    assert tokenizer_for(identity, device="cpu").identity()["sha256"] == identity["sha256"]
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (tmp_path / "trained_on.safetensors").rename(moved / "trained_on.safetensors")
+    with pytest.raises(InferenceError, match=r"trained_on\.safetensors.*--tokenizer PATH"):
+        tokenizer_for(identity, device="cpu")
+    assert tokenizer_for(identity, given=moved, device="cpu").identity()["sha256"] == identity["sha256"]
+    with pytest.raises(InferenceError, match=r"different tokenizers.*other\.safetensors"):
+        tokenizer_for(identity, given=tmp_path / "other.safetensors", device="cpu")
