@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from af_train.evaluate import THRESHOLDS_NAME  # noqa: F401 - beside the weights they belong to
+from af_train.evaluate import THRESHOLDS_NAME
 from af_train.model import RoFormerEncoder
 
 log = logging.getLogger(__name__)
