@@ -53,6 +53,7 @@ setup(
             "af-synth-audio=af_train_tools.make_synthetic_audio:main",
             "af-inspect-shards=af_train_tools.inspect_shards:main",
             "af-benchmark-kernels=af_train_tools.benchmark_kernels:main",
+            "af-kernel-compile-report=af_train_tools.kernel_compile_report:console_main",
             "af-benchmark-data=af_train_tools.benchmark_data:main",
             "af-export-hf=af_train_tools.export_hf:main",
             "af-train=af_train.train:launch_main",

@@ -5,7 +5,8 @@ Layout of ``<run_dir>/checkpoints``::
     step_00000100/                      one checkpoint (a DeepSpeed tag directory)
         mp_rank_00_model_states.pt ...  DeepSpeed's model / optimizer / scheduler state
         af_state/rank_00000.pt          ours, per rank: RNG states, data-loader position
-        af_meta.json                    ours: step, samples, tokens, world size, ZeRO stage, recipe + hash
+        af_meta.json                    ours: step, samples, tokens, world size, ZeRO stage, recipe + hash,
+                                        and the size and xxh64 of every other file (``files``)
         COMPLETE                        written last, after every rank finished writing
     step_00000100_universal/            DeepSpeed universal form, made when resuming at another world size
     latest                              tag of the newest complete checkpoint (moved only to complete ones)
@@ -13,10 +14,16 @@ Layout of ``<run_dir>/checkpoints``::
 
 A crash mid-save leaves a directory without ``COMPLETE``: it is never resumed from, ``latest`` still
 names the previous checkpoint, and the next save of the same step replaces it.
+
+Damage after a complete save (a truncated or altered file) is found by ``verify``: before resuming,
+every file's size is checked against ``af_meta.json``, and its xxh64 unless hashes are skipped
+(``--skip-checkpoint-hashes``). ``--resume auto`` then falls back to the newest intact checkpoint,
+naming the damaged file; a damaged checkpoint named explicitly is refused with the same message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -33,8 +40,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from af_train.files import atomic_open, atomic_write
+from af_train.files import atomic_open, atomic_write, xxh64_file
 from af_train.model.checkpoint import CheckpointError
+from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
 
 __all__ = ["CheckpointError"]  # re-exported: one error for weight files and training checkpoints
 
@@ -163,6 +171,26 @@ def latest_complete(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def newest_intact(root: Path, hashes: bool = True) -> Path | None:
+    """The newest complete checkpoint under ``root`` that passes ``verify`` (``latest`` first); each
+    damaged one on the way is logged, naming the file. Raises when there are checkpoints but none is intact."""
+    newest = latest_complete(root)
+    if newest is None:
+        return None
+    candidates = [newest] + [p for p in reversed(complete_checkpoints(root)) if p != newest]
+    problems = []
+    for candidate in candidates:
+        problem = verify(candidate, hashes)
+        if problem is None:
+            if problems:
+                log.warning("resuming from %s, the newest intact checkpoint", candidate)
+            return candidate
+        log.warning("%s; falling back to the previous checkpoint", problem)
+        problems.append(problem)
+    raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(problems) + ". Move the damaged "
+                          "checkpoints away to start over, or give another train.run_dir")
+
+
 def read_best(root: Path) -> tuple[str, float] | None:
     """(tag, metric value) of the checkpoint recorded as the best under ``root``, or None."""
     pointer = root / BEST
@@ -172,8 +200,9 @@ def read_best(root: Path) -> tuple[str, float] | None:
     return data["tag"], float(data["value"])
 
 
-def resolve_resume(spec: str, run_dir: Path) -> Path | None:
-    """The checkpoint directory to resume from for ``--resume spec`` (``auto`` | ``none`` | a path)."""
+def resolve_resume(spec: str, run_dir: Path, hashes: bool = True) -> Path | None:
+    """The checkpoint directory to resume from for ``--resume spec`` (``auto`` | ``none`` | a path),
+    verified (``verify``; ``hashes=False`` checks sizes only)."""
     root = run_dir / "checkpoints"
     if spec == "none":
         if complete_checkpoints(root):
@@ -183,14 +212,17 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
             )
         return None
     if spec == "auto":
-        return latest_complete(root)
+        return newest_intact(root, hashes)
     path = Path(spec)
     if not path.exists():
         raise CheckpointError(f"--resume {spec}: no such file or directory")
     if is_complete(path):
+        problem = verify(path, hashes)
+        if problem is not None:
+            raise CheckpointError(f"--resume {spec}: {problem}; resume from an earlier checkpoint")
         return path
     for candidate_root in (path, path / "checkpoints"):
-        found = latest_complete(candidate_root) if candidate_root.is_dir() else None
+        found = newest_intact(candidate_root, hashes) if candidate_root.is_dir() else None
         if found is not None:
             return found
     marker_hint = " (it has no COMPLETE marker: the save was interrupted)" if (path / META).exists() or any(
@@ -206,6 +238,54 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         return json.loads((ckpt / META).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{ckpt / META} cannot be read ({exc}); the checkpoint is damaged") from None
+
+
+def _recorded_files(ckpt: Path) -> list[str]:
+    """Files of a checkpoint that ``af_meta.json`` describes (everything but itself and the marker)."""
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name not in (META, MARKER))
+
+
+def describe_files(ckpt: Path, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+    """Collective: ``{relative path: {"size", "xxh64"}}`` of a checkpoint's files; the ranks share the hashing."""
+    names = agree(_recorded_files(ckpt) if rank == 0 else None, rank) if world_size > 1 else _recorded_files(ckpt)
+    mine = {}
+    for name in names[rank::world_size]:
+        with contextlib.suppress(OSError):  # (not visible here: rank 0 hashes it below)
+            mine[name] = {"size": (ckpt / name).stat().st_size, "xxh64": xxh64_file(ckpt / name)}
+    parts = [mine]
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+    described = {name: value for part in parts for name, value in part.items()}
+    if rank == 0:
+        for name in names:
+            if name not in described:
+                described[name] = {"size": (ckpt / name).stat().st_size, "xxh64": xxh64_file(ckpt / name)}
+    return dict(sorted(described.items()))
+
+
+def verify(ckpt: Path, hashes: bool = True) -> str | None:
+    """None if every file recorded at save has its size (and xxh64 with ``hashes``), else a sentence
+    naming the checkpoint and the first damaged file."""
+    try:
+        recorded = read_meta(ckpt).get("files")
+    except CheckpointError as exc:
+        return str(exc)
+    if recorded is None:
+        log.info("%s records no file sizes or hashes (saved by an earlier af_train); not verified", ckpt)
+        return None
+    for name, expected in recorded.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"checkpoint {ckpt} is damaged: {path} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return (f"checkpoint {ckpt} is damaged: {path} has {size} bytes, {expected['size']} were recorded at "
+                    "save (truncated or replaced)")
+        if hashes and xxh64_file(path) != expected["xxh64"]:
+            return (f"checkpoint {ckpt} is damaged: {path} does not match the xxh64 recorded at save (its contents "
+                    "changed after the checkpoint was written)")
+    return None
 
 
 def consolidated_state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -261,7 +341,9 @@ class CheckpointManager:
         rank_file = rank_dir / f"rank_{self.rank:05d}.pt"
         with atomic_open(rank_file) as f:
             torch.save(rank_state, f)
-        barrier()  # every rank's files are written before the marker
+        barrier()  # every rank's files are written before they are described and the marker is set
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        meta = {**meta, "files": describe_files(path, self.rank, world_size)}
         if self.rank == 0:
             atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
             atomic_write(path / MARKER, f"complete {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
@@ -377,10 +459,23 @@ class Checkpointer:
         self.manager = CheckpointManager(run_dir / "checkpoints", rank, cfg.keep_last, cfg.best_mode)
         self.root = self.manager.root
         self.last_saved_step: int | None = None
+        self.tokenizer: dict[str, Any] | None = None  # the training shards' tokenizer, recorded in every meta.json
 
-    def resume_point(self, spec: str, run_dir: Path) -> ResumePoint | None:
-        """Collective: the checkpoint ``--resume spec`` names (rank 0 decides), checked against this run."""
-        path = agree(capture(resolve_resume, spec, run_dir) if self.rank == 0 else None, self.rank)
+    def set_tokenizer(self, identity: dict[str, Any], point: ResumePoint | None) -> None:
+        """Record the data's tokenizer identity in the checkpoints; a checkpoint to resume from that was
+        trained on another tokenizer's codes is refused (both named)."""
+        self.tokenizer = dict(identity) if identity else None
+        if point is not None:
+            try:
+                check_same_tokenizer(point.meta.get("tokenizer"), self.tokenizer, f"checkpoint {point.path}",
+                                     "the training data (data.train's manifest)")
+            except TokenizerError as exc:
+                raise CheckpointError(str(exc)) from None
+
+    def resume_point(self, spec: str, run_dir: Path, hashes: bool = True) -> ResumePoint | None:
+        """Collective: the checkpoint ``--resume spec`` names, verified by rank 0 (``resolve_resume``) and
+        checked against this run."""
+        path = agree(capture(resolve_resume, spec, run_dir, hashes) if self.rank == 0 else None, self.rank)
         if path is None:
             return None
         meta = read_meta(path)
@@ -425,14 +520,19 @@ class Checkpointer:
         world size changed: each rank is then reseeded from the step)."""
         meta = point.meta
         load_path = convert_to_universal(point.path, self.rank, self.root) if point.universal else point.path
-        loaded, _ = engine.load_checkpoint(str(load_path.parent), tag=load_path.name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load {load_path}")
-        saved_world = meta["world_size"]
-        state = load_rank_state(load_path, self.rank % saved_world)
-        if state.get("loader") is not None:
-            train_loader.load_state_dict(state["loader"])
+        failure = None
+        try:
+            loaded, _ = engine.load_checkpoint(str(load_path.parent), tag=load_path.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load {load_path}")
+            saved_world = meta["world_size"]
+            state = load_rank_state(load_path, self.rank % saved_world)
+            if state.get("loader") is not None:
+                train_loader.load_state_dict(state["loader"])
+        except Exception as exc:  # noqa: BLE001 - reported by every rank below
+            failure = f"{type(exc).__name__}: {exc}"
+        self._all_loaded(failure, load_path)
         pending_rng = None
         if saved_world == self.world_size:
             # Restored after the first batch is drawn: starting a DataLoader iterator draws a seed from
@@ -443,9 +543,20 @@ class Checkpointer:
         progress = Progress(**meta["progress"])
         if point.path.parent.resolve() == self.root.resolve():
             self.last_saved_step = progress.step  # (a checkpoint of another run is not ours to reuse)
-        log.info("resumed from %s at step %d (%d samples, epoch %d)", point.path, progress.step, progress.samples,
-                 progress.epoch)
+        log.info("resumed from %s at step %d (%d samples, epoch %d) on all %d ranks", point.path, progress.step,
+                 progress.samples, progress.epoch, self.world_size)
         return progress, pending_rng
+
+    def _all_loaded(self, failure: str | None, path: Path) -> None:
+        """Collective: raise on every rank when any rank failed to load ``path`` (naming the ranks)."""
+        failures = [failure]
+        if self.world_size > 1:
+            failures = [None] * self.world_size
+            dist.all_gather_object(failures, failure)
+        failed = {rank: message for rank, message in enumerate(failures) if message is not None}
+        if failed:
+            shown = "; ".join(f"rank {rank}: {message}" for rank, message in failed.items())
+            raise CheckpointError(f"resuming from {path} failed on {len(failed)} of {self.world_size} rank(s): {shown}")
 
     def save(self, engine: Any, progress: Progress, plan: Any, rank_state: dict[str, Any]) -> Path:
         """Collective: a complete checkpoint of ``progress.step``."""
@@ -457,6 +568,7 @@ class Checkpointer:
             "progress": {k: getattr(progress, k) for k in progress.__dataclass_fields__},
             "recipe": self.recipe.to_dict(), "recipe_hash": self.recipe.hash(),
             "allow_test_selection": cfg.allow_test_selection,
+            "tokenizer": self.tokenizer,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         path = self.manager.save(engine, progress.step, meta, rank_state)
@@ -470,7 +582,7 @@ class Checkpointer:
         if self.rank == 0:
             state = self.consolidated_weights(module, checkpoint_dir)
             save_module_weights(module, out, self.recipe.to_dict(), manifest.num_classes, manifest.multi_label,
-                                state_dict=state)
+                                state_dict=state, tokenizer=manifest.tokenizer)
             log.info("wrote consolidated weights %s", out)
         barrier()
 

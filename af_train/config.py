@@ -316,6 +316,9 @@ class ObjectiveConfig:
     temperature: float = 0.05  # ft2 / joint pretraining: MPC temperature
     use_classifier: bool = True  # ft2 stage 2 option: train MPC alone, no classification head
     mpc_weight: float = 0.1  # joint pretraining: weight of the MPC term next to MLM
+    # MPC negatives: each rank's own micro batch (local) or the micro batches of every rank, gathered with
+    # their gradients (global); null: global when the world size is > 1
+    mpc_negatives: Literal["local", "global"] | None = None
 
     def validate(self) -> None:
         _require(0.0 <= self.alpha <= 1.0, f"objective.alpha must be in [0, 1], got {self.alpha}")

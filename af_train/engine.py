@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,8 @@ from af_train import run_logging as rl
 from af_train.checkpoint import Checkpointer, Progress, seed_everything
 from af_train.config import Recipe
 from af_train.evaluate import Evaluator, move_batch
+from af_train.objectives import global_loss_counts
+from af_train.run_logging import StepResult
 
 __all__ = ["EXIT_NONFINITE", "Progress", "StepResult", "Trainer", "TrainingStopped", "seed_everything"]
 log = logging.getLogger("af_train.engine")
@@ -42,23 +43,11 @@ class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (non-finite steps); a checkpoint was written."""
 
 
-@dataclass
-class StepResult:
-    loss: float  # mean over micro batches and ranks (NaN when a micro batch was non-finite)
-    logs: dict[str, float]
-    applied: bool
-    nonfinite: bool
-    samples: int
-    tokens: int
-    padded_tokens: int
-    stop_requested: bool
-
-
 class Trainer:
     """Builds everything from a recipe and trains; see the module docstring."""
 
-    def __init__(self, recipe: Recipe, resume: str = "auto"):
-        from af_train.data import build_dataloader
+    def __init__(self, recipe: Recipe, resume: str = "auto", verify_hashes: bool = True):
+        from af_train.data import build_dataloader, check_split_tokenizers
         from af_train.objectives import build_training_module
 
         self.recipe, cfg = recipe, recipe.train
@@ -69,7 +58,7 @@ class Trainer:
 
         # where we resume from decides the DeepSpeed config (universal loading, batch plan)
         self.checkpointer = Checkpointer(recipe, self.run_dir, self.rank, self.world_size)
-        point = self.checkpointer.resume_point(resume, self.run_dir)
+        point = self.checkpointer.resume_point(resume, self.run_dir, verify_hashes)
         self.plan = dsc.plan_batch(recipe, self.world_size, keep_global_batch=point and point.keep_global_batch)
         self.ds_config = dsc.build_ds_config(recipe, self.plan, on_cpu=place.on_cpu, load_universal=bool(
             point and point.universal), fp16_supported=place.fp16_supported)
@@ -78,10 +67,13 @@ class Trainer:
         self.train_loader = build_dataloader(recipe.data, "train", self.plan.micro_batch, mask=mask, seed=cfg.seed,
                                              local_cache=str(self.run_dir / "cache"))
         self.manifest = self.train_loader.dataset.manifest
+        check_split_tokenizers(recipe.data, self.manifest)  # val/test codes must come from the same tokenizer
+        self.checkpointer.set_tokenizer(self.manifest.tokenizer, point)
         self.evaluator = Evaluator(recipe, self.run_dir, self.device, self.rank, self.checkpointer)
 
         seed_everything(cfg.seed)  # the same initial weights on every rank, then per-rank dropout streams
-        module = build_training_module(recipe, self.manifest.num_classes, self.manifest.multi_label)
+        module = build_training_module(recipe, self.manifest.num_classes, self.manifest.multi_label,
+                                       self.manifest.tokenizer)
         self.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.frozen_params = sum(p.numel() for p in module.parameters() if not p.requires_grad)
         self.flops_per_token = rl.training_flops_per_token(recipe, module.encoder.config, recipe.data.max_length,
@@ -124,26 +116,36 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepResult:
         """One optimizer step over ``grad_accum`` micro batches (collective across ranks).
 
-        Sums stay on the device (float64) so a step syncs with the host once, at the all-reduce.
+        Each loss term is a sum over the whole global batch divided by its global count (masked tokens,
+        clips; all-reduced before the first backward), and the loss is scaled by accumulation x world
+        size, which DeepSpeed divides by: the gradient then does not depend on how the global batch is
+        split over ranks and micro batches. Sums stay on the device (float64) so a step syncs with the
+        host at the two all-reduces.
         """
-        engine = self.engine
+        engine, batches = self.engine, [move_batch(b, self.device) for b in micro_batches]
+        counts = global_loss_counts(engine.module, batches, self.device)
+        scale = engine.gradient_accumulation_steps() * self.world_size
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_sum, nonfinite_local, tokens = zero.clone(), zero.clone(), zero.clone()
-        log_sums: dict[str, torch.Tensor] = {}
+        log_sums: dict[str, torch.Tensor] = {}  # per-micro-batch logs (counts, N), averaged below
+        term_sums: dict[str, torch.Tensor] = {}  # loss terms, already divided by their global counts
         samples = padded = 0
-        for batch in micro_batches:
-            batch = move_batch(batch, self.device)
+        for batch in batches:
             out = engine(batch)
-            loss = out["loss"]
+            terms = {name: (total / counts[key], weight) for name, (total, key, weight) in out["terms"].items()}
+            loss = sum((weight * value for value, weight in terms.values() if weight), zero.float())
             finite = torch.isfinite(loss.detach())
             # A non-finite loss is back-propagated as NaN: the reduced gradient is then non-finite on
             # every rank and DeepSpeed's overflow check skips this optimizer step everywhere at once.
-            engine.backward(loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype))
+            engine.backward(loss * (scale * torch.where(finite, 1.0, float("nan"))).to(loss.dtype))
             engine.step()
             nonfinite_local += (~finite).double()
             loss_sum += loss.detach().double()
+            for name, (value, _) in terms.items():
+                term_sums[name] = term_sums.get(name, zero) + value.detach().double()
             for name, value in out.get("logs", {}).items():
-                log_sums[name] = log_sums.get(name, zero) + value.detach().double().to(self.device)
+                if name not in terms:
+                    log_sums[name] = log_sums.get(name, zero) + value.detach().double().to(self.device)
             mask, rows = batch["attention_mask"], int(batch["input_ids"].shape[1])
             samples += int(mask.shape[0])
             tokens += mask.sum().double() * rows
@@ -151,15 +153,18 @@ class Trainer:
             self.sample_ids.write(self.progress.step + 1, batch["ids"])
         applied = bool(engine.was_step_applied())
         # One small all-reduce carries the counters, the losses and the stop request.
-        names = sorted(log_sums)
+        names, term_names = sorted(log_sums), sorted(term_sums)
         host = torch.tensor([samples, padded, float(self.stop.received is not None)], dtype=torch.float64,
                             device=self.device)
-        reduced = torch.cat([host, torch.stack([tokens, nonfinite_local, loss_sum, *(log_sums[n] for n in names)])])
+        reduced = torch.cat([host, torch.stack([tokens, nonfinite_local, loss_sum, *(log_sums[n] for n in names),
+                                                *(term_sums[n] for n in term_names)])])
         dist.all_reduce(reduced)
         values = reduced.tolist()
-        count = len(micro_batches) * self.world_size
+        count = len(batches) * self.world_size
+        logs = {n: v / count for n, v in zip(names, values[6:])}
+        logs.update(zip(term_names, values[6 + len(names):]))
         return StepResult(
-            loss=values[5] / count, logs={n: v / count for n, v in zip(names, values[6:])}, applied=applied,
+            loss=values[5], logs=logs, applied=applied,
             nonfinite=values[4] > 0 or (not applied and self.recipe.train.precision != "fp16"),
             samples=int(values[0]), tokens=int(values[3]), padded_tokens=int(values[1]), stop_requested=values[2] > 0,
         )

@@ -220,7 +220,7 @@ class Evaluator:
         tag = best[0]
         selected = self.checkpointer.root / tag
         state = self.checkpointer.consolidated_weights(module, selected)
-        fresh = build_training_module(self.recipe, manifest.num_classes, manifest.multi_label)
+        fresh = build_training_module(self.recipe, manifest.num_classes, manifest.multi_label, manifest.tokenizer)
         check_and_load_state(fresh, state, f"checkpoint '{selected}'")
         fresh.to(self.device)
         if self.rank == 0:
@@ -266,7 +266,7 @@ def evaluation_module(
     from af_train.model.checkpoint import check_and_load_state
     from af_train.objectives import build_training_module
 
-    module = build_training_module(recipe, manifest.num_classes, manifest.multi_label)
+    module = build_training_module(recipe, manifest.num_classes, manifest.multi_label, manifest.tokenizer)
     kept = {k: v.float() for k, v in state.items() if not k.startswith("frozen_encoders.")}
     check_and_load_state(module, kept, f"'{source}'")
     return module
@@ -277,18 +277,20 @@ def evaluation_module(
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_state(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _load_state(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
+    """(weights, where they came from, the tokenizer identity they were trained on or None)."""
     if args.checkpoint:
-        from af_train.checkpoint import consolidated_state
+        from af_train.checkpoint import consolidated_state, read_meta
 
-        return consolidated_state(Path(args.checkpoint)), args.checkpoint
+        meta = read_meta(Path(args.checkpoint))
+        return consolidated_state(Path(args.checkpoint)), args.checkpoint, meta.get("tokenizer")
     weights = Path(args.weights) if args.weights else run_dir / "final" / "model.pt"
     from af_train.model.checkpoint import read_checkpoint
 
     payload = read_checkpoint(weights)
     if "state_dict" not in payload or payload.get("format") != "af_train.module/1":
         raise SystemExit(f"{weights}: not module weights (af_train.module/1); give the run's final/model.pt")
-    return payload["state_dict"], str(weights)
+    return payload["state_dict"], str(weights), payload.get("tokenizer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,12 +320,19 @@ def main(argv: list[str] | None = None) -> int:
     except EvaluationError as exc:
         raise SystemExit(str(exc)) from None
     manifest = load_manifest(recipe.data.train or split_path)
-    state, source = _load_state(args, run_dir)
+    state, source, trained_on = _load_state(args, run_dir)
     module = evaluation_module(recipe, manifest, state, source)
     device = torch.device(args.device)
     module.to(device)
     loader = build_dataloader(recipe.data, args.split, args.batch_size, mask=False, seed=recipe.train.seed,
                               local_cache=str(run_dir / "cache"))
+    from af_train.tokenizers import TokenizerError, check_same_tokenizer
+
+    try:  # codes of another tokenizer would be scored as if they were these
+        check_same_tokenizer(trained_on, loader.dataset.manifest.tokenizer, f"weights '{source}'",
+                             f"data.{args.split}")
+    except TokenizerError as exc:
+        raise SystemExit(f"af-evaluate: error: {exc}") from None
     metrics = evaluate_module(module, loader, device, args.split)
     metrics = {"weights": source, "split": args.split, **metrics}
     out = Path(args.out) if args.out else run_dir / f"eval_{args.split}.json"

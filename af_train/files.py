@@ -1,4 +1,4 @@
-"""File helpers every layer shares: durable atomic writes, content hashes, the source commit.
+"""File helpers every layer shares: durable atomic writes, content hashes (sha256, xxh64), the source commit.
 
 Standard library only, so any module (data preparation, model, engine, tools) can import it.
 """
@@ -69,6 +69,17 @@ def sha256_files(paths: Iterable[str | Path]) -> str:
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of one file's contents."""
     return sha256_files([path])
+
+
+def xxh64_file(path: str | Path) -> str:
+    """Hex xxh64 of one file's contents (fast; for integrity checks, not security)."""
+    import xxhash  # installed with mosaicml-streaming
+
+    digest = xxhash.xxh64()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def git_commit(directory: str | Path | None = None) -> dict[str, Any]:

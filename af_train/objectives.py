@@ -1,8 +1,25 @@
 """Training objectives: what a recipe's ``objective.mode`` trains, as one ``nn.Module`` per mode.
 
-``build_training_module(recipe, num_classes, multi_label)`` returns a module whose
-``forward(batch) -> {"loss": scalar, "logs": {name: float tensor}, ...}``; ft1/ft2 also return
-``scores`` [B, C] (logits) for evaluation and ``embeddings`` [B, H] (pooled trainable row).
+``build_training_module(recipe, num_classes, multi_label, tokenizer)`` returns a module whose
+``forward(batch) -> {"loss": scalar, "logs": {name: float tensor}, "terms": {...}, ...}``; ft1/ft2
+also return ``scores`` [B, C] (logits) for evaluation and ``embeddings`` [B, H] (pooled trainable row).
+
+Normalisation over the global batch: ``loss`` is this micro batch's own mean (what evaluation
+averages). For training, ``terms`` gives each loss term as ``name -> (sum, count key, weight)``: a sum
+over this micro batch, the name of the count it is divided by and its weight in the loss;
+``loss_counts(batch)`` gives those counts from the batch alone (before the forward pass):
+``masked_tokens`` (MLM), ``clips`` (classification, FT2 MPC anchors), ``mpc_anchors`` (joint
+pretraining). The engine all-reduces the counts over every micro batch of the step on every rank,
+so that the step loss is sum / global count per term, whatever the split over ranks and micro batches.
+
+MPC negatives (``objective.mpc_negatives``): ``local`` contrasts each anchor with its own rank's
+micro batch; ``global`` (the default when the world size is > 1) gathers the embeddings of every
+rank's micro batch with ``gather_rows`` (differentiable: the gradient of each gathered copy is summed
+over ranks and returned to its owner once), so every clip of the global micro batch is a negative.
+Each rank's anchors are its own clips. Negatives come from the same micro batch index of the same
+accumulation step on every rank, never from other micro batches: with accumulation A, N = global
+micro batch x rows, not global batch x rows. Evaluation (``module.eval()``) uses local negatives.
+``logs["mpc_n"]`` reports N, the embeddings each anchor is contrasted with (itself included).
 
 Batches (from ``af_train.data``): ``input_ids`` [B, R, T] with R = len(data.code_rows) in recipe
 order, ``attention_mask`` [B, T], ``mlm_labels`` [B, R, T] (-100 where not masked; present when the
@@ -25,6 +42,10 @@ Modes and the checkpoints they need:
   ``.train()``, no grad, ``requires_grad=False`` so no optimizer state. Every clip's pooled
   embeddings over all rows form one group; anchors are the trainable row's embeddings.
   loss = alpha * classification + (1 - alpha) * MPC(temperature); ``use_classifier=false``: MPC only.
+
+``tokenizer`` is the identity of the tokenizer that made the training shards (their manifest's
+``tokenizer``): the vocabulary follows its codebook size, and a checkpoint recorded as trained on
+another tokenizer's codes is refused with an error naming both.
 """
 
 from __future__ import annotations
@@ -34,6 +55,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,9 +76,12 @@ from af_train.model.checkpoint import (
     check_and_load_state,
     encoder_state_from_checkpoint,
 )
+from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
+from af_train.tokens import IGNORE_INDEX, SpecialTokens
 from kernels import dispatch
 
-__all__ = ["build_training_module", "PretrainModule", "FineTuneModule", "BatchError"]
+__all__ = ["build_training_module", "PretrainModule", "FineTuneModule", "BatchError", "gather_rows",
+           "global_loss_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +128,12 @@ def _mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return loss, accuracy.detach()
 
 
+def _mlm_terms(loss: torch.Tensor, accuracy: torch.Tensor, targets: torch.Tensor) -> dict[str, tuple]:
+    """MLM loss and accuracy as sums over this micro batch's masked tokens (see ``terms``)."""
+    n = targets.numel()
+    return {"mlm_loss": (loss * n, "masked_tokens", 1.0), "mlm_accuracy": (accuracy * n, "masked_tokens", 0.0)}
+
+
 def _count(targets: torch.Tensor) -> torch.Tensor:
     # on the loss's device, so that the engine can all-reduce the logs as they are
     return torch.tensor(float(targets.numel()), device=targets.device)
@@ -110,6 +141,77 @@ def _count(targets: torch.Tensor) -> torch.Tensor:
 
 def _detached(logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in logs.items()}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order; backward sums the gradient over ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, sizes: list[int], start: int) -> torch.Tensor:
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.start, ctx.size = start, local.shape[0]
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # Every rank's loss reaches every gathered row: a row's gradient is the sum over the ranks'
+        # losses, returned to its owner only (the other ranks' copies are not parameters' inputs).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start: ctx.start + ctx.size], None, None
+
+
+def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Collective: (the rows of ``local`` [n_r, ...] of every rank, concatenated in rank order; the
+    index of this rank's first row). Differentiable; the identity without a process group. Ranks
+    may hold different numbers of rows."""
+    if not _distributed():
+        return local, 0
+    rank = dist.get_rank()
+    sizes = torch.zeros(dist.get_world_size(), dtype=torch.long, device=local.device)
+    sizes[rank] = local.shape[0]
+    dist.all_reduce(sizes)
+    counts = sizes.tolist()
+    start = sum(counts[:rank])
+    return _GatherRows.apply(local, counts, start), start
+
+
+def global_loss_counts(module: nn.Module, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
+    """Collective: what each loss term is divided by (``module.loss_counts``), summed over ``batches`` (one
+    optimizer step's micro batches) and over every rank. At least 1, so a term with nothing to count is 0."""
+    local: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        for name, value in module.loss_counts(batch).items():
+            local[name] = local.get(name, 0) + value.double()
+    names = sorted(local)
+    if not names:
+        return {}
+    reduced = torch.stack([local[n] for n in names]).to(device)
+    if _distributed():
+        dist.all_reduce(reduced)
+    return {n: max(v, 1.0) for n, v in zip(names, reduced.tolist())}
+
+
+def _contrast(module: nn.Module, embeddings: torch.Tensor, groups: torch.Tensor, anchors: torch.Tensor,
+              rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MPC loss over this rank's ``anchors``, N). ``embeddings`` [B * rows, D] clip-major, ``groups``
+    the local clip of each row; with global negatives every rank's rows join, clips renumbered."""
+    if module.mpc_negatives == "global" and module.training and _distributed():
+        embeddings, start = gather_rows(embeddings)
+        n = embeddings.shape[0]
+        groups = torch.arange(n // rows, device=embeddings.device).repeat_interleave(rows)
+        mine = anchors.new_zeros(n)
+        mine[start: start + anchors.shape[0]] = anchors  # anchors: this rank's rows only
+        anchors = mine
+    n_rows = torch.tensor(float(embeddings.shape[0]), device=embeddings.device)
+    return dispatch.mpc_loss(embeddings, groups, module.temperature, anchors, backend=module.encoder.kernels), n_rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,6 +230,7 @@ class PretrainModule(nn.Module):
         mpc_weight: float = 0.1,
         temperature: float = 0.05,
         kernels: str = "auto",
+        mpc_negatives: str = "local",
     ) -> None:
         super().__init__()
         if joint_rows:
@@ -139,10 +242,20 @@ class PretrainModule(nn.Module):
         self.joint_rows = joint_rows
         self.mpc_weight = mpc_weight
         self.temperature = temperature
+        self.mpc_negatives = mpc_negatives
         # what save_module_weights records: the row this encoder reads (None: several rows)
         self.code_row = None if joint_rows else code_rows[0]
         self.encoder = RoFormerEncoder(config, kernels)
         self.mlm_head = MLMHead(config, self.encoder.embeddings.word_embeddings)
+
+    def loss_counts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What the loss terms are divided by, from the batch alone (see the module docstring)."""
+        mlm_labels = _require_key(batch, "mlm_labels", "pretraining needs a loader built with mask=True")
+        rows = len(self.code_rows) if self.joint_rows else 1
+        counts = {"masked_tokens": (mlm_labels[:, :rows] != IGNORE_INDEX).sum()}
+        if self.joint_rows and self.mpc_weight > 0:
+            counts["mpc_anchors"] = torch.tensor(mlm_labels.shape[0] * rows, device=mlm_labels.device)
+        return counts
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         input_ids = _require_key(batch, "input_ids", "token ids [B, R, T]")
@@ -159,7 +272,7 @@ class PretrainModule(nn.Module):
             logits, targets = self.mlm_head(hidden, mlm_labels[:, 0])
             loss, accuracy = _mlm_loss(logits, targets)
             logs = {"mlm_loss": loss, "mlm_accuracy": accuracy, "masked_tokens": _count(targets)}
-            return {"loss": loss, "logs": _detached(logs)}
+            return {"loss": loss, "logs": _detached(logs), "terms": _mlm_terms(loss, accuracy, targets)}
 
         # Joint rows: clip b, row r -> sequence b * R + r of one flat batch.
         flat_ids = input_ids[:, :rows].reshape(batch_size * rows, seq)
@@ -170,14 +283,17 @@ class PretrainModule(nn.Module):
         logits, targets = self.mlm_head(hidden, mlm_labels[:, :rows].reshape(batch_size * rows, seq))
         mlm, accuracy = _mlm_loss(logits, targets)
         logs = {"mlm_loss": mlm, "mlm_accuracy": accuracy, "masked_tokens": _count(targets)}
+        terms = _mlm_terms(mlm, accuracy, targets)
         loss = mlm
         if self.mpc_weight > 0:
             pooled = masked_mean_pool(hidden, flat_mask)
             groups = torch.arange(batch_size, device=input_ids.device).repeat_interleave(rows)
-            mpc = dispatch.mpc_loss(pooled, groups, self.temperature, backend=self.encoder.kernels)
+            anchors = torch.ones(batch_size * rows, dtype=torch.bool, device=input_ids.device)
+            mpc, logs["mpc_n"] = _contrast(self, pooled, groups, anchors, rows)
             loss = mlm + self.mpc_weight * mpc
             logs["mpc_loss"] = mpc
-        return {"loss": loss, "logs": _detached(logs)}
+            terms["mpc_loss"] = (mpc * (batch_size * rows), "mpc_anchors", self.mpc_weight)
+        return {"loss": loss, "logs": _detached(logs), "terms": terms}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +314,7 @@ class FineTuneModule(nn.Module):
         use_classifier: bool = True,
         alpha: float = 0.8,
         temperature: float = 0.05,
+        mpc_negatives: str = "local",
     ) -> None:
         super().__init__()
         frozen_encoders = list(frozen_encoders or [])
@@ -214,6 +331,7 @@ class FineTuneModule(nn.Module):
         self.multi_label = multi_label
         self.alpha = alpha if use_classifier else 0.0
         self.temperature = temperature
+        self.mpc_negatives = mpc_negatives
         self.classifier = ClassificationHead(encoder.config, num_classes) if use_classifier else None
         for frozen in frozen_encoders:
             if frozen.config.hidden_size != encoder.config.hidden_size:
@@ -248,6 +366,11 @@ class FineTuneModule(nn.Module):
             raise BatchError(f"class index out of range [0, {self.num_classes}): {labels.tolist()}")
         return labels.long()
 
+    def loss_counts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What the loss terms are divided by: the clips (classification and the MPC anchors)."""
+        input_ids = _require_key(batch, "input_ids", "token ids [B, R, T]")
+        return {"clips": torch.tensor(input_ids.shape[0], device=input_ids.device)}
+
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         input_ids = _require_key(batch, "input_ids", "token ids [B, R, T]")
         attention_mask = _require_key(batch, "attention_mask", "[B, T]")
@@ -259,6 +382,7 @@ class FineTuneModule(nn.Module):
         pooled = masked_mean_pool(hidden, attention_mask)
         out: dict[str, Any] = {"embeddings": pooled}
         logs: dict[str, torch.Tensor] = {}
+        terms: dict[str, tuple[torch.Tensor, str, float]] = {}
         loss = pooled.new_zeros((), dtype=torch.float32)
 
         if self.classifier is not None:
@@ -271,7 +395,10 @@ class FineTuneModule(nn.Module):
                 else:
                     cls_loss = F.cross_entropy(scores.float(), labels)
                     logs["accuracy"] = (scores.argmax(dim=-1) == labels).float().mean()
+                    terms["accuracy"] = (logs["accuracy"].detach() * batch_size, "clips", 0.0)
                 logs["cls_loss"] = cls_loss
+                weight = self.alpha if self.frozen_encoders else 1.0
+                terms["cls_loss"] = (cls_loss * batch_size, "clips", weight)
                 loss = loss + self.alpha * cls_loss if self.frozen_encoders else cls_loss
             elif self.training:
                 raise BatchError("fine-tuning needs 'labels' in training batches")
@@ -287,12 +414,14 @@ class FineTuneModule(nn.Module):
             embeddings = torch.stack([p.to(pooled.dtype) for p in pooled_rows], dim=1).reshape(batch_size * rows, -1)
             groups = torch.arange(batch_size, device=pooled.device).repeat_interleave(rows)
             anchors = (torch.arange(batch_size * rows, device=pooled.device) % rows) == 0
-            mpc = dispatch.mpc_loss(embeddings, groups, self.temperature, anchors, backend=self.encoder.kernels)
+            mpc, logs["mpc_n"] = _contrast(self, embeddings, groups, anchors, rows)
             logs["mpc_loss"] = mpc
+            terms["mpc_loss"] = (mpc * batch_size, "clips", 1.0 - self.alpha)
             loss = loss + (1.0 - self.alpha) * mpc
 
         out["loss"] = loss
         out["logs"] = _detached(logs)
+        out["terms"] = terms
         return out
 
 
@@ -301,11 +430,20 @@ class FineTuneModule(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_checkpoint_tokenizer(recorded: dict | None, tokenizer: dict | None, what: str) -> None:
+    """A checkpoint trained on another tokenizer's codes cannot continue on these shards."""
+    try:
+        check_same_tokenizer(recorded, tokenizer, what, "the training data (data.train's manifest)")
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def _load_init_checkpoint(path: str, config: AudioFormerConfig, code_row: int,
-                          kernels: str) -> tuple[RoFormerEncoder, dict]:
+                          kernels: str, tokenizer: dict | None = None) -> tuple[RoFormerEncoder, dict]:
     """Trainable encoder from ``objective.init_checkpoint`` (recipe sizes, checkpoint's row-embedding setup)."""
     try:
         payload = read_checkpoint(path)
+        _check_checkpoint_tokenizer(payload.get("tokenizer"), tokenizer, f"objective.init_checkpoint '{path}'")
         ckpt_config, _, ckpt_row = encoder_state_from_checkpoint(payload, path)
         # How rows are embedded is decided at pretraining; sizes come from the recipe and must match.
         config = dataclasses.replace(
@@ -322,7 +460,8 @@ def _load_init_checkpoint(path: str, config: AudioFormerConfig, code_row: int,
     return encoder, payload
 
 
-def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoFormerEncoder]:
+def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder,
+                      tokenizer: dict | None = None) -> list[RoFormerEncoder]:
     rows = recipe.data.code_rows[1:]
     paths = recipe.objective.frozen_row_checkpoints
     if len(paths) != len(rows):
@@ -337,6 +476,8 @@ def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoForm
                                    attention_probs_dropout_prob=0.0, activation_checkpointing=False)
         except CheckpointError as exc:
             raise CheckpointError(f"objective.frozen_row_checkpoints (row {row}): {exc}") from None
+        _check_checkpoint_tokenizer(encoder.tokenizer, tokenizer,
+                                    f"objective.frozen_row_checkpoints '{path}' (row {row})")
         if encoder.code_row is not None and encoder.code_row != row:
             raise CheckpointError(
                 f"objective.frozen_row_checkpoints: '{path}' was pretrained on code row {encoder.code_row} but is "
@@ -351,10 +492,14 @@ def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder) -> list[RoForm
     return frozen
 
 
-def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -> nn.Module:
-    """The module that ``recipe.objective.mode`` trains (see the module docstring)."""
-    config = AudioFormerConfig.from_recipe(recipe.model)
+def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool,
+                          tokenizer: dict[str, Any] | None = None) -> nn.Module:
+    """The module that ``recipe.objective.mode`` trains (see the module docstring); ``tokenizer``: the
+    training shards' tokenizer identity (vocabulary size, checkpoint compatibility)."""
+    codebook_size = int((tokenizer or {}).get("codes") or SpecialTokens().codebook_size)
+    config = AudioFormerConfig.from_recipe(recipe.model, codebook_size)
     kernels = recipe.model.kernels
+    negatives = recipe.objective.mpc_negatives or ("global" if _distributed() else "local")
     objective = recipe.objective
     rows = recipe.data.code_rows
 
@@ -363,10 +508,12 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -
             log.warning("pretraining reads only code row %s; data.code_rows=%s loads %d unused row(s)",
                         rows[0], rows, len(rows) - 1)
         module = PretrainModule(config, rows, objective.joint_rows, objective.mpc_weight, objective.temperature,
-                                kernels)
+                                kernels, negatives)
         if objective.init_checkpoint:
             try:
                 payload = read_checkpoint(objective.init_checkpoint)
+                _check_checkpoint_tokenizer(payload.get("tokenizer"), tokenizer,
+                                            f"objective.init_checkpoint '{objective.init_checkpoint}'")
                 load_encoder_weights(module.encoder, objective.init_checkpoint, payload)
             except CheckpointError as exc:
                 raise CheckpointError(f"objective.init_checkpoint: {exc}") from None
@@ -377,16 +524,17 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool) -
         log.warning("ft1 reads only code row %s; data.code_rows=%s and objective.frozen_row_checkpoints=%s are "
                     "not used (they are for mode=ft2)", rows[0], rows, objective.frozen_row_checkpoints)
     if objective.init_checkpoint:
-        encoder, payload = _load_init_checkpoint(objective.init_checkpoint, config, rows[0], kernels)
+        encoder, payload = _load_init_checkpoint(objective.init_checkpoint, config, rows[0], kernels, tokenizer)
     else:
         log.warning("objective.mode=%s without objective.init_checkpoint: the encoder starts from random "
                     "weights (no pretraining)", objective.mode)
         encoder, payload = RoFormerEncoder(config, kernels), None
-    frozen = _load_frozen_rows(recipe, encoder) if objective.mode == "ft2" else []
+    frozen = _load_frozen_rows(recipe, encoder, tokenizer) if objective.mode == "ft2" else []
     use_classifier = objective.use_classifier or objective.mode == "ft1"
     module = FineTuneModule(
         encoder, num_classes, multi_label, rows[: 1 + len(frozen)], frozen,
         use_classifier=use_classifier, alpha=objective.alpha, temperature=objective.temperature,
+        mpc_negatives=negatives,
     )
     if payload is not None and module.classifier is not None:
         _maybe_load_head(module, payload, "classifier", objective.init_checkpoint)

@@ -3,7 +3,7 @@
 mosaicml-streaming streams the shards themselves; this module covers what happens around it:
 
 - ``RemoteDir(url)``: list / read / upload / download / delete files under a remote "directory"
-  (used by ``tools/prepare_dataset.py --out s3://...`` and to read ``manifest.json``);
+  (used by ``af-prepare --out s3://...`` and to read ``manifest.json``);
 - every S3 call goes through one boto3 client with a bounded connect/read timeout and a bounded
   number of attempts, so a wrong endpoint fails in seconds, not minutes;
 - failures become :class:`RemoteError` messages that say which bucket, prefix or endpoint is wrong

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,20 @@ def setup_logging(rank: int) -> None:
                         stream=sys.stdout, force=True)
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step reports (``Trainer.train_step``), summed over every rank."""
+
+    loss: float  # sum over terms of (global sum / global count) x weight (NaN when a micro batch was non-finite)
+    logs: dict[str, float]
+    applied: bool
+    nonfinite: bool
+    samples: int
+    tokens: int
+    padded_tokens: int
+    stop_requested: bool
+
+
 class MetricWindow:
     """Sums over the steps since the last log line; ``record`` turns them into one metrics record."""
 
@@ -199,8 +214,8 @@ class MetricWindow:
         self.samples = self.tokens = 0
         self.seconds = 0.0
 
-    def add(self, result: Any, seconds: float) -> None:
-        """Count one step (``result``: the engine's ``StepResult``); only applied, finite steps enter the means."""
+    def add(self, result: StepResult, seconds: float) -> None:
+        """Count one step; only applied, finite steps enter the means."""
         self.steps += 1
         self.samples += result.samples
         self.tokens += result.tokens

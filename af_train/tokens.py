@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+IGNORE_INDEX = -100  # MLM label of an unmasked position (torch.nn.functional.cross_entropy skips it)
 NUM_SPECIAL = 8  # PAD, MASK, BOA, EOA + 4 reserved (keeps the vocabulary a multiple of 8)
 
 

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", default="auto",
                         help="auto (latest complete checkpoint of the run directory, if any) | none | a checkpoint, "
                              "checkpoints or run directory")
+    parser.add_argument("--skip-checkpoint-hashes", action="store_true",
+                        help="before resuming, check only the sizes of the checkpoint's files, not their xxh64 "
+                             "hashes (faster on very large checkpoints)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value, e.g. train.max_steps=100")
     return parser.parse_args(argv)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     _single_process_env()
     from af_train.engine import EXIT_NONFINITE, Trainer, TrainingStopped
 
-    trainer = Trainer(recipe, resume=args.resume)
+    trainer = Trainer(recipe, resume=args.resume, verify_hashes=not args.skip_checkpoint_hashes)
     try:
         trainer.fit()
     except TrainingStopped:

@@ -9,7 +9,8 @@ averaged over the anchors that have a positive (and are selected by ``anchor_mas
 
 The N x N similarity matrix is never stored; memory is O(N * D):
 - the positive term needs only per-group sums of the normalised embeddings:
-  sum_{p in P(i)} s_ip = z_i . (G_g(i) - z_i) with G_g = sum_{j in g} z_j (an index_add, O(N * D));
+  sum_{p in P(i)} s_ip = z_i . (G_g(i) - z_i) with G_g = sum_{j in g} z_j (O(N * D); summed in a fixed
+  order, no atomics, so the loss is the same bits on every run);
 - the off-diagonal log-sum-exp is the Triton part. Forward: each program owns a block of anchors
   and streams over all rows tile by tile with an online log-sum-exp. Backward: with upstream
   gradient g and P_ia = exp(s_ia / t - lse_i), the gradient is
@@ -21,8 +22,10 @@ The N x N similarity matrix is never stored; memory is O(N * D):
   O(N) vectors, recomputes z in the backward, and works in row chunks, so the extra memory is a
   few N x D float32 buffers at most.
 
-Dot products run in fp32 (tf32 tensor cores on CUDA, exact fp32 in the interpreter); the result
-is a float32 scalar.
+Dot products run on the TF32 tensor cores on CUDA, with operands rounded to TF32 to nearest first (z
+once on the host, the backward's weights in the kernel with PTX cvt.rna): the tensor cores would
+truncate raw fp32, which biases the log-sum-exp (about -1.3e-2 on the loss at N = 2048, D = 768,
+t = 0.05). Exact fp32 in the interpreter. The result is a float32 scalar.
 """
 
 from __future__ import annotations
@@ -33,12 +36,26 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.autotune import shared_memory_prune
+from kernels.reference import check_mpc_args
 from kernels.rope import check_kernel_inputs, kernels_interpreted, row_max, row_sum
 
 __all__ = ["mpc_loss", "off_diagonal_logsumexp"]
 
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
+
+
+@triton.jit
+def _round_tf32(x, ASM: tl.constexpr):
+    """fp32 -> the nearest TF32 value (10 mantissa bits; ties away from zero), still stored as fp32.
+    The tensor cores truncate fp32 operands to TF32, a bias; already-rounded operands are exact.
+    ASM: PTX ``cvt.rna.tf32.f32`` (compiled); else the same rounding in integer arithmetic."""
+    if ASM:
+        return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    bits = x.to(tl.uint32, bitcast=True)
+    return (((bits + 0x1000) >> 13) << 13).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -87,8 +104,8 @@ def _mpc_lse_fwd_kernel(
 def _mpc_lse_bwd_kernel(
     z_ptr, lse_ptr, grad_lse_ptr, grad_z_ptr, n_rows, dim,
     stride_zn, stride_zd, stride_gn, stride_gd, logit_scale, inv_temperature,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_DOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROUND_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -113,6 +130,8 @@ def _mpc_lse_bwd_kernel(
         logits = tl.where(keep, logits, float("-inf"))
         # W_ma = g_m P_ma + g_a P_am, with P_am = exp(s_ma / t - lse_a) by symmetry of s.
         weights = g_m[:, None] * tl.exp2(logits - lse_m[:, None]) + g_n[None, :] * tl.exp2(logits - lse_n[None, :])
+        if DOT_PRECISION == "tf32":
+            weights = _round_tf32(weights, ROUND_ASM)
         z_n = tl.load(z_ptr + offs_n[:, None] * stride_zn + offs_dout[None, :] * stride_zd,
                       mask=col_ok[:, None] & (offs_dout[None, :] < dim), other=0.0).to(tl.float32)
         acc += tl.dot(weights, z_n, input_precision=DOT_PRECISION)
@@ -123,7 +142,7 @@ def _mpc_lse_bwd_kernel(
 
 def _fwd_configs() -> list[triton.Config]:
     # H100: matmul-like tiles over the feature dimension (D = 768 typical); a short list because
-    # every config is compiled on the first call.
+    # every config is compiled on the first call. Chosen from tools/kernel_compile_report.py (no spills).
     shapes = ((128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
               (64, 64, 64, 4, 3), (128, 128, 32, 8, 4))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -132,20 +151,57 @@ def _fwd_configs() -> list[triton.Config]:
 
 def _bwd_configs() -> list[triton.Config]:
     # BLOCK_DOUT: the slice of the feature dimension one program accumulates (fp32 registers);
-    # D / BLOCK_DOUT programs per row block recompute the same similarity tiles.
-    shapes = ((128, 64, 64, 256, 8, 2), (64, 64, 64, 256, 4, 2), (128, 64, 32, 128, 4, 2),
-              (64, 128, 64, 128, 4, 2), (128, 128, 64, 128, 8, 2), (64, 64, 64, 512, 8, 2))
+    # D / BLOCK_DOUT programs per row block recompute the same similarity tiles. The prune keeps the
+    # BLOCK_DOUT that divide D (no half-masked extra program).
+    shapes = ((64, 64, 64, 256, 8, 2), (64, 64, 32, 128, 4, 2), (128, 64, 32, 128, 8, 2),
+              (64, 128, 64, 128, 8, 2), (128, 64, 64, 256, 8, 2), (64, 64, 64, 512, 8, 2))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "BLOCK_DOUT": d}, num_warps=w, num_stages=s)
             for m, n, k, d, w, s in shapes]
 
 
-_mpc_lse_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=["n_rows", "dim", "DOT_PRECISION"])(
+def _fwd_shared_bytes(config: triton.Config, args: dict) -> int:
+    """Estimated shared memory: per pipeline stage a [BLOCK_M, BLOCK_K] and a [BLOCK_N, BLOCK_K] fp32 tile."""
+    kw = config.kwargs
+    return config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4
+
+
+def _bwd_shared_bytes(config: triton.Config, args: dict) -> int:
+    """The forward's tiles plus the [BLOCK_N, BLOCK_DOUT] z tile and the [BLOCK_M, BLOCK_N] weights."""
+    kw = config.kwargs
+    return (_fwd_shared_bytes(config, args) + config.num_stages * kw["BLOCK_N"] * kw["BLOCK_DOUT"] * 4
+            + kw["BLOCK_M"] * kw["BLOCK_N"] * 4)
+
+
+def _bwd_prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Shared memory first, then the BLOCK_DOUT that divide D (all that fit when none does)."""
+    fitting = shared_memory_prune(_bwd_shared_bytes)(configs, named_args, **kwargs)
+    dim = named_args["dim"]
+    dividing = [config for config in fitting if dim % config.kwargs["BLOCK_DOUT"] == 0]
+    return dividing or fitting
+
+
+_mpc_lse_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=["n_rows", "dim", "DOT_PRECISION"],
+                                     prune_configs_by={"early_config_prune": shared_memory_prune(_fwd_shared_bytes)})(
     _mpc_lse_fwd_kernel
 )
 # grad_z is fully overwritten by each trial: no reset needed.
-_mpc_lse_bwd_tuned = triton.autotune(configs=_bwd_configs(), key=["n_rows", "dim", "DOT_PRECISION"])(
-    _mpc_lse_bwd_kernel
-)
+_mpc_lse_bwd_tuned = triton.autotune(configs=_bwd_configs(), key=["n_rows", "dim", "DOT_PRECISION"],
+                                     prune_configs_by={"early_config_prune": _bwd_prune})(_mpc_lse_bwd_kernel)
+
+
+def _compiled() -> bool:
+    """Whether the MPC kernels really are compiled (PTX inline assembly is then available). Unlike
+    ``kernels_interpreted``, never stood in for by the tests of the CUDA launch branch."""
+    return isinstance(_mpc_lse_bwd_kernel, triton.runtime.JITFunction)
+
+
+def round_to_tf32(z: torch.Tensor) -> torch.Tensor:
+    """float32 z rounded to the nearest TF32 value (ties away from zero, as PTX cvt.rna.tf32.f32), still
+    float32: the tensor cores then read it exactly instead of truncating it (a bias of the loss)."""
+    bits = z.contiguous().view(torch.int32)
+    # sign-magnitude: adding half an ulp of TF32 to the magnitude bits rounds to nearest, ties away.
+    rounded = ((bits + 0x1000) >> 13) << 13
+    return rounded.view(torch.float32)
 
 
 def _interpreter_blocks(n_rows: int, dim: int) -> dict[str, int]:
@@ -159,6 +215,8 @@ def _lse_forward(z: torch.Tensor, temperature: float) -> torch.Tensor:
     n_rows, dim = z.shape
     lse = torch.empty(n_rows, dtype=torch.float32, device=z.device)
     precision = "ieee" if kernels_interpreted() else "tf32"
+    if precision == "tf32":
+        z = round_to_tf32(z)
     args = (z, lse, n_rows, dim, *z.stride(), _LOG2E / temperature)
     if kernels_interpreted():
         blocks = _interpreter_blocks(n_rows, dim)
@@ -175,17 +233,19 @@ def _lse_backward(z: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor, te
     grad_lse = grad_lse.float().contiguous()
     grad_z = torch.empty((n_rows, dim), dtype=torch.float32, device=z.device)
     precision = "ieee" if kernels_interpreted() else "tf32"
+    if precision == "tf32":
+        z = round_to_tf32(z)
     args = (z, lse, grad_lse, grad_z, n_rows, dim, *z.stride(), *grad_z.stride(),
             _LOG2E / temperature, 1.0 / temperature)
     if kernels_interpreted():
         blocks = _interpreter_blocks(n_rows, dim)
         blocks["BLOCK_DOUT"] = blocks["BLOCK_K"]
         grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]), triton.cdiv(dim, blocks["BLOCK_DOUT"]))
-        _mpc_lse_bwd_kernel[grid](*args, DOT_PRECISION=precision, **blocks)
+        _mpc_lse_bwd_kernel[grid](*args, DOT_PRECISION=precision, ROUND_ASM=_compiled(), **blocks)
     else:
         grid = lambda m: (triton.cdiv(n_rows, m["BLOCK_M"]), triton.cdiv(dim, m["BLOCK_DOUT"]))
         with torch.cuda.device(z.device):
-            _mpc_lse_bwd_tuned[grid](*args, DOT_PRECISION=precision)
+            _mpc_lse_bwd_tuned[grid](*args, DOT_PRECISION=precision, ROUND_ASM=_compiled())
     return grad_z
 
 
@@ -228,14 +288,24 @@ def _normalise(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return z, norms
 
 
-def _group_sums(z: torch.Tensor, group_index: torch.Tensor, num_groups: int,
+def _group_sums(z: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                 row_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """[groups, D]: sum over each group's rows of z (times row_weight), chunked."""
-    sums = torch.zeros((num_groups, z.shape[1]), dtype=torch.float32, device=z.device)
-    for start in range(0, z.shape[0], _ROW_CHUNK):
-        rows = slice(start, start + _ROW_CHUNK)
+    """[groups, D]: sum over each group's rows of z (times row_weight), deterministic.
+
+    ``order`` lists the rows group by group (a stable sort of the group index) and ``offsets`` [groups + 1]
+    where each group starts in it. Rows are summed in that fixed order, one row chunk at a time
+    (``segment_reduce`` adds each segment's rows in sequence; no atomics, unlike ``index_add_`` on CUDA),
+    so the result is the same bits on every run.
+    """
+    n_rows = z.shape[0]
+    sums = torch.zeros((offsets.numel() - 1, z.shape[1]), dtype=torch.float32, device=z.device)
+    for start in range(0, n_rows, _ROW_CHUNK):
+        stop = min(start + _ROW_CHUNK, n_rows)
+        rows = order[start:stop]
         block = z[rows] if row_weight is None else z[rows] * row_weight[rows, None]
-        sums.index_add_(0, group_index[rows], block)
+        # each group's part of this chunk: its [start, stop) offsets, relative to the chunk
+        local = offsets.clamp(start, stop) - start
+        sums += torch.segment_reduce(block, "sum", offsets=local, axis=0, unsafe=True)
     return sums
 
 
@@ -248,10 +318,10 @@ class _MPCLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, embeddings, group_index, num_groups: int, num_positives, anchor_weight, temperature: float):
+    def forward(ctx, embeddings, group_index, order, offsets, num_positives, anchor_weight, temperature: float):
         z, norms = _normalise(embeddings)
         lse = _lse_forward(z, temperature)
-        sums = _group_sums(z, group_index, num_groups)
+        sums = _group_sums(z, order, offsets)
         positive = torch.empty_like(lse)
         for start in range(0, z.shape[0], _ROW_CHUNK):
             rows = slice(start, start + _ROW_CHUNK)
@@ -259,14 +329,13 @@ class _MPCLoss(torch.autograd.Function):
         per_anchor = lse - positive / (temperature * num_positives.clamp(min=1))
         # where(): excluded anchors (lse may be -inf for N = 1) stay out of the value.
         loss = torch.where(anchor_weight > 0, per_anchor * anchor_weight, torch.zeros_like(per_anchor)).sum()
-        ctx.save_for_backward(embeddings, norms, lse, group_index, num_positives, anchor_weight)
-        ctx.num_groups = num_groups
+        ctx.save_for_backward(embeddings, norms, lse, group_index, order, offsets, num_positives, anchor_weight)
         ctx.temperature = temperature
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        embeddings, norms, lse, group_index, num_positives, anchor_weight = ctx.saved_tensors
+        embeddings, norms, lse, group_index, order, offsets, num_positives, anchor_weight = ctx.saved_tensors
         temperature = ctx.temperature
         z, _ = _normalise(embeddings)
         grad_lse = anchor_weight * grad_loss
@@ -275,8 +344,8 @@ class _MPCLoss(torch.autograd.Function):
         # d/dz_j = -(c_j G_g(j) - 2 c_j z_j + C_g(j)), C_g = sum_{i in g} c_i z_i. (The z_j part is
         # removed again by the normalisation's projection below; kept so grad_z is the true dL/dz.)
         coeff = grad_lse / (temperature * num_positives.clamp(min=1))
-        sums = _group_sums(z, group_index, ctx.num_groups)
-        weighted_sums = _group_sums(z, group_index, ctx.num_groups, coeff)
+        sums = _group_sums(z, order, offsets)
+        weighted_sums = _group_sums(z, order, offsets, coeff)
         for start in range(0, z.shape[0], _ROW_CHUNK):
             rows = slice(start, start + _ROW_CHUNK)
             c = coeff[rows, None]
@@ -286,7 +355,7 @@ class _MPCLoss(torch.autograd.Function):
         radial = torch.where(norms > _NORM_EPS, radial, torch.zeros_like(radial))
         grad_z.addcmul_(z, radial[:, None], value=-1.0)
         grad_z.div_(norms[:, None])
-        return grad_z.to(embeddings.dtype), None, None, None, None, None
+        return grad_z.to(embeddings.dtype), None, None, None, None, None, None
 
 
 def mpc_loss(
@@ -302,17 +371,8 @@ def mpc_loss(
     Returns a float32 scalar: the mean over anchors with at least one positive, 0 when there are none.
     Keeps only the input and O(N) vectors for the backward.
     """
-    if embeddings.dim() != 2:
-        raise ValueError(f"mpc_loss expects embeddings [N, D], got {tuple(embeddings.shape)}")
+    temperature = check_mpc_args(embeddings, groups, temperature, anchor_mask)
     n = embeddings.shape[0]
-    if groups.shape != (n,):
-        raise ValueError(f"groups must be [N] = [{n}], got {list(groups.shape)}")
-    if groups.is_floating_point() or groups.is_complex():
-        raise TypeError(f"groups must hold integer ids, got {groups.dtype}")
-    if anchor_mask is not None and anchor_mask.shape != (n,):
-        raise ValueError(f"anchor_mask must be [N] = [{n}], got {list(anchor_mask.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     tensors = (embeddings, groups) + (() if anchor_mask is None else (anchor_mask,))
     check_kernel_inputs("mpc_loss", *tensors)
     if n == 0:
@@ -325,5 +385,7 @@ def mpc_loss(
         valid = valid & anchor_mask.to(torch.bool)
     # 1 / #valid on valid anchors: the mean, with no host sync; all zeros when none qualifies.
     anchor_weight = valid.float() / valid.sum().clamp(min=1)
-    return _MPCLoss.apply(embeddings, group_index, int(group_sizes.shape[0]), num_positives, anchor_weight,
-                          float(temperature))
+    # rows group by group, and where each group starts: the deterministic group sums' fixed order
+    order = torch.argsort(group_index, stable=True)
+    offsets = torch.cat((group_sizes.new_zeros(1), group_sizes.cumsum(0)))
+    return _MPCLoss.apply(embeddings, group_index, order, offsets, num_positives, anchor_weight, temperature)

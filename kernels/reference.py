@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rotary_tables", "apply_rotary", "rotary_attention", "mpc_loss"]
+__all__ = ["rotary_tables", "apply_rotary", "rotary_attention", "mpc_loss", "check_mpc_args"]
 
 
 def rotary_tables(
@@ -130,6 +130,26 @@ def rotary_attention(
     return out
 
 
+def check_mpc_args(
+    embeddings: torch.Tensor, groups: torch.Tensor, temperature: float, anchor_mask: torch.Tensor | None
+) -> float:
+    """Raise a clear error unless embeddings is [N, D], groups [N] integer ids, anchor_mask [N] and
+    temperature a finite number > 0 (NaN included in the refusal); returns temperature as a float."""
+    if embeddings.dim() != 2:
+        raise ValueError(f"mpc_loss expects embeddings [N, D], got {tuple(embeddings.shape)}")
+    n = embeddings.shape[0]
+    if groups.shape != (n,):
+        raise ValueError(f"groups must be [N] = [{n}], got {list(groups.shape)}")
+    if groups.is_floating_point() or groups.is_complex():
+        raise TypeError(f"groups must hold integer ids, got {groups.dtype}")
+    if anchor_mask is not None and anchor_mask.shape != (n,):
+        raise ValueError(f"anchor_mask must be [N] = [{n}], got {list(anchor_mask.shape)}")
+    temperature = float(temperature)
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+    return temperature
+
+
 def mpc_loss(
     embeddings: torch.Tensor,
     groups: torch.Tensor,
@@ -142,15 +162,8 @@ def mpc_loss(
     loss_i = -(1/|P(i)|) sum_p log(exp(s_ip / t) / sum_{a != i} exp(s_ia / t)), s = cosine similarity.
     Returns the mean over anchors with at least one positive (0 when there is none).
     """
-    if embeddings.dim() != 2:
-        raise ValueError(f"mpc_loss expects embeddings [N, D], got {tuple(embeddings.shape)}")
+    check_mpc_args(embeddings, groups, temperature, anchor_mask)
     n = embeddings.shape[0]
-    if groups.shape != (n,):
-        raise ValueError(f"groups must be [N] = [{n}], got {list(groups.shape)}")
-    if anchor_mask is not None and anchor_mask.shape != (n,):
-        raise ValueError(f"anchor_mask must be [N] = [{n}], got {list(anchor_mask.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     z = F.normalize(embeddings.to(compute), dim=-1)
     logits = (z @ z.t()) / temperature

@@ -1,4 +1,5 @@
-"""Session-wide fixtures: a small synthetic audio set, its prepared shards, and a random-init codec.
+"""Session-wide fixtures: a small synthetic audio set, its prepared shards, a random-init codec and a
+fitted mel-rvq tokenizer.
 
 All are built lazily (only when a test asks) and once per session, because encoding costs real
 CPU time. Other test packages may reuse ``prepared_shards`` for an end-to-end data set.
@@ -36,6 +37,18 @@ def pytest_configure(config) -> None:
 
 def pytest_unconfigure(config) -> None:
     faulthandler.cancel_dump_traceback_later()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``cuda`` skip, with the reason, where no CUDA GPU is visible."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in cuda_items:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @contextlib.contextmanager
@@ -80,6 +93,20 @@ def prepared_shards(synthetic_audio, tmp_path_factory) -> Path:
             "--codec-random-init", "0", "--clip-seconds", str(SYNTH_SECONDS),
             "--workers", "0", "--chunk-size", "4", "--batch-size", "4", "--quiet"]
     assert prepare.main([*argv, "--threads", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def mel_rvq_file(synthetic_audio, tmp_path_factory) -> Path:
+    """A small mel-rvq tokenizer (2 rows x 32 codes) fitted by af-fit-tokenizer on ``synthetic_audio``'s train
+    split."""
+    from af_train.prepare import fit_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer") / "mel_rvq.safetensors"
+    argv = ["--kind", "mel-rvq", "--format", "csv", "--input", str(synthetic_audio / "labels.csv"),
+            "--labels", str(synthetic_audio / "vocabulary.txt"), "--out", str(out), "--rows", "2", "--codes", "32",
+            "--clip-seconds", str(SYNTH_SECONDS), "--workers", "0", "--threads", "1", "--quiet"]
+    assert fit_tokenizer.main(argv) == 0
     return out
 
 

@@ -2,11 +2,13 @@
 
 Two measurements, printed as tables and optionally written as JSON (``--out``):
 
-1. Tokenization real-time factor (RTF): seconds of audio encoded per second of wall time by
-   ``af_train.codec.AcousticCodec`` (random-init weights: same network, same cost as the pretrained
-   ones), with torch limited to ``--threads`` CPU threads (default 1: the figure per CPU core), and on
-   the GPU when one is present. Two paths: ``encode_batch`` (24 kHz mono, batched, the model alone) and
-   ``encode`` (one 44.1 kHz stereo clip: downmix + resampling + model, as a file would go).
+1. Tokenization real-time factor (RTF): seconds of audio encoded per second of wall time by each
+   tokenizer of ``--tokenizers``: ``encodec`` (``af_train.tokenizers.encodec.AcousticCodec``,
+   random-init weights: same network, same cost as the pretrained ones) and ``mel-rvq`` (the file of
+   ``--mel-rvq``, or one fitted here on synthetic audio: the cost depends on the sizes, not on the
+   data), with torch limited to ``--threads`` CPU threads (default 1: the figure per CPU core), and on
+   the GPU when one is present. Paths: ``encode_batch`` (24 kHz mono, batched, the tokenizer alone)
+   and, for EnCodec, ``encode`` (one 44.1 kHz stereo clip: downmix + resampling + model).
 2. DataLoader samples/s per worker count (default 0, 1, 2) over synthetic shards shaped like AudioSet
    (4 codebooks x 750 frames, 10 s clips), with MLM masking on (the heaviest path), per-rank batch
    ``--batch-size``. Reported: time to the first batch and the steady rate after it.
@@ -40,40 +42,71 @@ def _git_commit() -> str | None:
     return commit[:7] if commit else None
 
 
-def _timed(fn, repeats: int) -> float:
-    """Median wall seconds of ``repeats`` calls after one warm-up call."""
+def _timed_both(fn, repeats: int) -> tuple[float, float]:
+    """Median (wall seconds, CPU seconds of this process) of ``repeats`` calls after one warm-up call.
+
+    On a shared machine the wall time also counts the time other processes held the core; the CPU
+    time (with torch limited to one thread) is the cost per core itself.
+    """
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    return float(np.median(walls)), float(np.median(cpus))
+
+
+def _build_tokenizer(kind: str, args: argparse.Namespace, device: str, work: Path):
+    """The tokenizer measured for ``kind`` on ``device``."""
+    if kind == "encodec":
+        from af_train.tokenizers.encodec import AcousticCodec
+
+        return AcousticCodec(bandwidth=args.bandwidth, random_init_seed=0, device=device)
+    from af_train.tokenizers.mel_rvq import MelConfig, MelRVQFitter, MelRVQTokenizer
+
+    path = Path(args.mel_rvq) if args.mel_rvq else work / "mel_rvq_benchmark.safetensors"
+    if not path.is_file():  # sizes decide the cost; synthetic audio is enough to fit one
+        from af_train_tools.make_synthetic_audio import make_clip
+
+        fitter = MelRVQFitter(MelConfig(rows=args.mel_rows, codes=args.mel_codes, seed=0))
+        for i in range(max(8, args.mel_codes // 40)):  # >= 75 frames per clip, > 1.8 frames per code
+            fitter.add(make_clip(i, seed=0, sample_rate=SAMPLE_RATE, clip_seconds=1.0, multi_label_prob=0.0)[0][:, 0])
+        fitter.fit({"source": "benchmark synthetic audio"}).save(path)
+    return MelRVQTokenizer.load(path, device=device)
 
 
 def benchmark_codec(args: argparse.Namespace) -> list[dict]:
-    from af_train.codec import AcousticCodec
-
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
     rows = []
     rng = np.random.default_rng(0)
-    for device in devices:
-        start = time.perf_counter()
-        codec = AcousticCodec(bandwidth=args.bandwidth, random_init_seed=0, device=device)
-        setup_s = time.perf_counter() - start
-        seconds = args.clip_seconds
-        for batch in args.codec_batches:
-            clips = torch.from_numpy(rng.standard_normal((batch, int(seconds * SAMPLE_RATE))).astype(np.float32) * 0.1)
-            wall = _timed(functools.partial(codec.encode_batch, clips), args.repeats)
-            rows.append({"path": "encode_batch 24k mono", "device": device, "threads": torch.get_num_threads(),
-                         "batch": batch, "clip_s": seconds, "wall_s": wall, "rtf": batch * seconds / wall,
-                         "codec_setup_s": setup_s})
-        stereo = torch.from_numpy(rng.standard_normal((2, int(seconds * 44100))).astype(np.float32) * 0.1)
-        wall = _timed(functools.partial(codec.encode, stereo, 44100), args.repeats)
-        rows.append({"path": "encode 44.1k stereo", "device": device, "threads": torch.get_num_threads(),
-                     "batch": 1, "clip_s": seconds, "wall_s": wall, "rtf": seconds / wall, "codec_setup_s": setup_s})
+    work = Path(tempfile.mkdtemp(prefix="af_bench_tok_"))
+    try:
+        for kind in args.tokenizers:
+            for device in devices:
+                start = time.perf_counter()
+                tokenizer = _build_tokenizer(kind, args, device, work)
+                setup_s = time.perf_counter() - start
+                seconds = args.clip_seconds
+                common = {"tokenizer": kind, "device": device, "threads": torch.get_num_threads(), "clip_s": seconds,
+                          "rows": tokenizer.num_rows, "codes": tokenizer.codebook_size, "setup_s": setup_s}
+                for batch in args.codec_batches:
+                    clips = rng.standard_normal((batch, int(seconds * SAMPLE_RATE))).astype(np.float32) * 0.1
+                    wall, cpu = _timed_both(functools.partial(tokenizer.encode_batch, torch.from_numpy(clips)),
+                                            args.repeats)
+                    rows.append({"path": "encode_batch 24k mono", "batch": batch, "wall_s": wall,
+                                 "rtf": batch * seconds / wall, "cpu_s": cpu, "rtf_cpu": batch * seconds / cpu,
+                                 **common})
+                if kind == "encodec":
+                    stereo = torch.from_numpy(rng.standard_normal((2, int(seconds * 44100))).astype(np.float32) * 0.1)
+                    wall, cpu = _timed_both(functools.partial(tokenizer.encode, stereo, 44100), args.repeats)
+                    rows.append({"path": "encode 44.1k stereo", "batch": 1, "wall_s": wall, "rtf": seconds / wall,
+                                 "cpu_s": cpu, "rtf_cpu": seconds / cpu, **common})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -137,8 +170,14 @@ def _print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the codec (default 1)")
-    parser.add_argument("--bandwidth", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the tokenizers (default 1)")
+    parser.add_argument("--tokenizers", nargs="+", default=["encodec", "mel-rvq"], choices=["encodec", "mel-rvq"],
+                        help="tokenizers to measure (default both)")
+    parser.add_argument("--bandwidth", type=float, default=3.0, help="encodec bandwidth (kbps)")
+    parser.add_argument("--mel-rvq", help="a fitted mel-rvq file to measure (default: fit one of --mel-rows x "
+                        "--mel-codes on synthetic audio)")
+    parser.add_argument("--mel-rows", type=int, default=4)
+    parser.add_argument("--mel-codes", type=int, default=1024)
     parser.add_argument("--clip-seconds", type=float, default=10.0)
     parser.add_argument("--codec-batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per codec measurement")
@@ -166,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_codec:
         result["codec"] = benchmark_codec(args)
         _print_table(
-            f"Tokenization (EnCodec {args.bandwidth:g} kbps, random init; rtf = audio s per wall s; "
+            f"Tokenization (EnCodec {args.bandwidth:g} kbps random init, mel-rvq; rtf = audio s per wall s, "
+            f"rtf_cpu = per CPU s of this process; "
             f"CPU threads = {args.threads})",
             result["codec"],
-            [("path", "s"), ("device", "s"), ("threads", "d"), ("batch", "d"), ("clip_s", ".1f"),
-             ("wall_s", ".3f"), ("rtf", ".1f"), ("codec_setup_s", ".1f")],
+            [("tokenizer", "s"), ("path", "s"), ("device", "s"), ("threads", "d"), ("rows", "d"), ("codes", "d"),
+             ("batch", "d"), ("clip_s", ".1f"), ("wall_s", ".3f"), ("rtf", ".1f"), ("cpu_s", ".3f"),
+             ("rtf_cpu", ".1f"), ("setup_s", ".1f")],
         )
     if not args.skip_loader:
         result["loader"] = benchmark_loader(args)

@@ -45,6 +45,7 @@ RESULTS_ROOT = REPO_ROOT if (REPO_ROOT / "kernels").is_dir() else Path.cwd()
 KERNELS = ("rope", "attention", "mpc")
 MODEL_SHAPE = (32, 751, 12, 64)  # [batch, seq, heads, head_dim] of the base model on 10 s clips
 MPC_DIM = 768
+DROPOUT_P = 0.1  # the model's attention_probs_dropout_prob
 MPC_VIEWS = 4  # views per clip (code rows) in FT2
 CSV_FIELDS = (
     "kernel", "shape", "size", "impl", "mode", "status", "ms", "ms_p20", "ms_p80", "metric", "value",
@@ -271,6 +272,10 @@ def attention_cases(shapes: list[tuple[int, int, int, int]], dtype, device: str,
             Impl("triton", lambda q=q, k=k, v=v, c=cos, s=sin: rotary_attention(q, k, v, c, s), leaves),
             Impl("triton+padding_mask",
                  lambda q=q, k=k, v=v, c=cos, s=sin, m=mask: rotary_attention(q, k, v, c, s, m), leaves),
+            # the model's attention dropout: its cost against the same call with p = 0 (row above)
+            Impl(f"triton+padding_mask+dropout{DROPOUT_P}",
+                 lambda q=q, k=k, v=v, c=cos, s=sin, m=mask: rotary_attention(q, k, v, c, s, m, dropout_p=DROPOUT_P),
+                 leaves),
             Impl("eager", lambda q=q, k=k, v=v, c=cos, s=sin: reference.rotary_attention(q, k, v, c, s), leaves),
             Impl("rope+sdpa_flash" if device == "cuda" else "rope+sdpa",
                  lambda q=q, k=k, v=v, c=cos, s=sin: rope_then_sdpa(q, k, v, c, s), leaves),
@@ -405,6 +410,11 @@ def check_targets(rows: list[dict], peaks: dict[str, float]) -> dict[str, dict]:
     if attn and attn["status"] == "ok" and attn.get("triton_speedup"):
         targets["attention_full_vs_rope+sdpa_flash>=1.15x"] = {"value": attn["triton_speedup"],
                                                                 "met": attn["triton_speedup"] >= 1.15}
+    plain = find("attention", model, "triton+padding_mask")
+    dropped = find("attention", model, f"triton+padding_mask+dropout{DROPOUT_P}")
+    if plain and dropped and plain["status"] == "ok" and dropped["status"] == "ok":
+        ratio = dropped["ms"] / plain["ms"]
+        targets[f"attention_dropout{DROPOUT_P}_full_vs_p0<=1.3x"] = {"value": ratio, "met": ratio <= 1.3}
     big = find("mpc", f"N=65536,D={MPC_DIM}", "triton")
     if big and big["status"] == "ok" and big.get("peak_mem_mb") is not None:
         targets["mpc_N65536_peak_mem<1GB"] = {"value_mb": big["peak_mem_mb"], "met": big["peak_mem_mb"] < 1024}

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     dirs = find_split_dirs(root)
     if not dirs:
         print(f"af-inspect-shards: error: no {MANIFEST_NAME} in {root} or its subfolders: not prepared shards "
-              "(or the preparation has not finished; rerun tools/prepare_dataset.py)", file=sys.stderr)
+              "(or the preparation has not finished; rerun af-prepare)", file=sys.stderr)
         return 2
     status = 0
     for d in dirs:

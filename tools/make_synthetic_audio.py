@@ -18,7 +18,7 @@ The primary class cycles through the classes so every class occurs once per ``nu
 Clip ``i`` is generated from ``(seed, i)`` alone: the same seed gives identical files, and a
 larger ``--num-clips`` extends a smaller set. Output: ``DIR/audio/*.wav``, ``DIR/labels.csv``
 (header ``path,labels,split,id``; labels separated by ';'; ready for
-``tools/prepare_dataset.py --format csv --labels DIR/vocabulary.txt``) and ``DIR/vocabulary.txt``.
+``af-prepare --format csv --labels DIR/vocabulary.txt``) and ``DIR/vocabulary.txt``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Token ids are in ``af_train.tokens`` (the contract beside ``af_train.shards``).
 
 from af_train.data.collate import Collator
 from af_train.data.dataset import AudioCodeDataset, DataError, check_rows, load_manifest, setup_distributed_env
-from af_train.data.loader import build_collator, build_dataloader, build_dataset, split_source
+from af_train.data.loader import build_collator, build_dataloader, build_dataset, check_split_tokenizers, split_source
 from af_train.data.masking import IGNORE_INDEX, MaskingConfig, mask_codes, masking_generator
 from af_train.data.shm import clean_stale_streaming_shm
 from af_train.tokens import SpecialTokens
@@ -30,6 +30,7 @@ __all__ = [
     "build_dataloader",
     "build_dataset",
     "check_rows",
+    "check_split_tokenizers",
     "clean_stale_streaming_shm",
     "load_manifest",
     "mask_codes",

@@ -56,7 +56,7 @@ def load_manifest(path: str | os.PathLike, *, timeout: float = 60.0, retries: in
     if not remote_io.is_remote(path):
         if not Path(path).is_dir():
             raise DataError(
-                f"shard directory '{path}' does not exist; write one with tools/prepare_dataset.py "
+                f"shard directory '{path}' does not exist; write one with af-prepare "
                 "(or fix data.train / data.val / data.test in the recipe)"
             )
         return Manifest.load(path)
@@ -191,12 +191,12 @@ class AudioCodeDataset(StreamingDataset):
             return DataError(
                 f"shard '{name}' of '{source}' failed its {stream.validate_hash} check: the downloaded bytes "
                 "differ from the hash recorded in index.json at preparation. The object in the store is corrupt "
-                "or was overwritten; re-upload it from the prepared data set or re-run tools/prepare_dataset.py"
+                "or was overwritten; re-upload it from the prepared data set or re-run af-prepare"
             )
         if text.startswith("Hash algorithm"):
             return DataError(
                 f"data.validate_hash={stream.validate_hash} but shard '{name}' of '{source}' records no such hash "
-                "(its index.json was written without it); re-prepare the shards with tools/prepare_dataset.py "
+                "(its index.json was written without it); re-prepare the shards with af-prepare "
                 "(it records sha1 and xxh64) or set data.validate_hash=null"
             )
         return DataError(f"could not download shard '{name}' from '{source}' ({self.download_retry} attempts, "

@@ -41,7 +41,8 @@ from af_train.data.collate import Collator
 from af_train.data.dataset import INDEX_NAME, AudioCodeDataset, DataError, load_manifest, setup_distributed_env
 from af_train.data.masking import MaskingConfig
 from af_train.data.shm import clean_stale_streaming_shm
-from af_train.shards import Manifest
+from af_train.shards import Manifest, ManifestError
+from af_train.tokenizers import TokenizerError, check_same_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,32 @@ def split_source(cfg: DataConfig, split: str) -> tuple[str, str | None]:
         return remote, remote
     if not configured:
         raise DataError(
-            f"data.{split} is not set; point it at a shard directory written by tools/prepare_dataset.py "
+            f"data.{split} is not set; point it at a shard directory written by af-prepare "
             f"(e.g. data.{split}=data/esc50/{split})"
         )
     return configured, None
+
+
+def check_split_tokenizers(cfg: DataConfig, train: Manifest) -> None:
+    """Refuse val/test shards made by another tokenizer than the training shards (``train``'s manifest).
+
+    Splits that are not configured, or whose manifest cannot be read yet, are left to
+    ``build_dataset``, which reports them when the split is used.
+    """
+    for split in SPLITS:
+        if split == "train" or (getattr(cfg, split) is None and not (cfg.remote and split == "val")):
+            continue
+        source, remote = split_source(cfg, split)
+        try:
+            manifest = (load_manifest(source) if remote is None else
+                        load_manifest(remote, timeout=cfg.download_timeout, retries=cfg.download_retry))
+        except (DataError, ManifestError):
+            continue
+        try:
+            check_same_tokenizer(train.tokenizer, manifest.tokenizer, f"data.train ({split_source(cfg, 'train')[0]})",
+                                 f"data.{split} ({source})")
+        except TokenizerError as exc:
+            raise DataError(str(exc)) from None
 
 
 def cache_dir_for(cfg: DataConfig, split: str, remote: str, local_cache: str | None) -> str:
@@ -166,7 +189,7 @@ def build_dataset(
             ).is_file() else ""
             raise DataError(
                 f"data.{split}: '{local}' holds no MDS shard index ({INDEX_NAME}){manifest_hint}; "
-                "write the shards with tools/prepare_dataset.py"
+                "write the shards with af-prepare"
             )
         manifest = load_manifest(local)
     else:

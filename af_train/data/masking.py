@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips
+from af_train.tokens import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "MaskingConfig", "mask_codes", "masking_generator", "num_to_mask"]
 
 
 @dataclass(frozen=True)

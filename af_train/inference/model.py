@@ -163,7 +163,7 @@ def _read_thresholds(path: Path, labels: list[str] | None) -> list[float] | None
 def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
                   weights: str | Path | None = None) -> LoadedModel:
     """A fine-tuned run's model: the checkpoint selected on validation unless told otherwise."""
-    from af_train.checkpoint import BEST, consolidated_state, latest_complete, read_best
+    from af_train.checkpoint import BEST, consolidated_state, latest_complete, read_best, read_meta
     from af_train.data import load_manifest
     from af_train.evaluate import EvaluationError, evaluation_module, evaluation_recipe
     from af_train.model.checkpoint import CheckpointError, read_checkpoint
@@ -188,6 +188,7 @@ def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         state, source, thresholds_file = consolidated_state(checkpoint), str(checkpoint), checkpoint / THRESHOLDS_NAME
+        trained_on = read_meta(checkpoint).get("tokenizer")
     else:
         try:
             payload = read_checkpoint(weights)
@@ -195,8 +196,10 @@ def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
             raise InferenceError(str(exc)) from None
         state, source = payload["state_dict"], str(weights)
         thresholds_file = Path(weights).parent / THRESHOLDS_NAME
+        trained_on = payload.get("tokenizer")
     shards = next((s for s in (recipe.data.train, recipe.data.val, recipe.data.test) if s), None)
     manifest = _manifest(load_manifest, shards, f"the training shards named in {run_dir / 'config.yaml'}")
+    _check_trained_on(trained_on, manifest, source, shards)
     objectives_log = logging.getLogger("af_train.objectives")
     level = objectives_log.level
     objectives_log.setLevel(logging.ERROR)  # "starts from random weights": true of the shell, not of the weights
@@ -207,6 +210,17 @@ def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     encoder, classifier, code_row = _heads_from_module(module)
     card = ModelCard.build(manifest, recipe.data, code_row, _read_thresholds(thresholds_file, list(manifest.labels)))
     return LoadedModel(encoder, classifier, card, source)
+
+
+def _check_trained_on(trained_on: dict[str, Any] | None, manifest: Any, source: str, shards: Any) -> None:
+    """Weights that record the tokenizer they were trained on must match the manifest given with them."""
+    from af_train.tokenizers import TokenizerError, check_same_tokenizer
+
+    try:
+        check_same_tokenizer(trained_on, manifest.tokenizer, f"the weights '{source}'", f"the shards '{shards}'")
+    except TokenizerError as exc:
+        raise InferenceError(f"{exc}. Give the manifest of the shards the model was trained on (--manifest DIR)") \
+            from None
 
 
 def _manifest(load_manifest: Any, where: str | Path | None, what: str) -> Any:
@@ -245,6 +259,7 @@ def load_from_weights(weights: str | Path, manifest: str | Path | None = None) -
     if manifest is None:
         manifest = next((s for s in (data.train, data.val, data.test) if s), None)
     shards = _manifest(load_manifest, manifest, f"the shards {weights} was trained on")
+    _check_trained_on(payload.get("tokenizer"), shards, str(weights), manifest)
     classifier = None
     if payload["format"] == MODULE_FORMAT:
         head = {k[len("classifier."):]: v for k, v in payload["state_dict"].items() if k.startswith("classifier.")}

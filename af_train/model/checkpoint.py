@@ -3,12 +3,18 @@
 Encoder checkpoint (``save_encoder``), what pretraining hands to fine-tuning::
 
     {"format": "af_train.encoder/1", "config": asdict(AudioFormerConfig), "state_dict": {...},
-     "code_row": int | None, "extra": {...}}
+     "code_row": int | None, "extra": {...}, "tokenizer": {...} | None}
 
 Module weights (``save_module_weights``), what the engine writes at the end of a run::
 
     {"format": "af_train.module/1", "recipe": {...}, "num_classes": int, "multi_label": bool,
-     "state_dict": {...}, "encoder_config": asdict(AudioFormerConfig), "code_row": int | None}
+     "state_dict": {...}, "encoder_config": asdict(AudioFormerConfig), "code_row": int | None,
+     "tokenizer": {...} | None}
+
+``tokenizer`` is the identity of the tokenizer whose codes the weights were trained on
+(``af_train.tokenizers``; the shards' ``manifest.json`` ``tokenizer``): fine-tuning refuses weights
+of another tokenizer, and inference re-creates it (``tokenizer_from_identity``). Files written before
+it existed have none (None: not compared).
 
 In a module state dict the trainable encoder's tensors are the keys under ``encoder.``; frozen FT2
 row encoders live under ``frozen_encoders.N.``, the heads under ``mlm_head.`` and ``classifier.``.
@@ -71,8 +77,10 @@ def save_encoder(
     code_row: int | None = None,
     extra: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    tokenizer: dict[str, Any] | None = None,
 ) -> Path:
-    """Write an encoder checkpoint. ``state_dict`` overrides the module's (e.g. consolidated ZeRO-3)."""
+    """Write an encoder checkpoint. ``state_dict`` overrides the module's (e.g. consolidated ZeRO-3);
+    ``tokenizer``: the identity of the tokenizer whose codes it was trained on."""
     encoder = _unwrap(encoder)
     if not isinstance(encoder, RoFormerEncoder):
         raise TypeError(f"save_encoder expects a RoFormerEncoder, got {type(encoder).__name__}")
@@ -84,6 +92,7 @@ def save_encoder(
         "state_dict": _cpu_state(state_dict if state_dict is not None else encoder.state_dict()),
         "code_row": code_row,
         "extra": dict(extra or {}),
+        "tokenizer": dict(tokenizer) if tokenizer else None,
     }
     with atomic_open(path) as f:  # never a half-written checkpoint under the final name
         torch.save(payload, f)
@@ -97,8 +106,10 @@ def save_module_weights(
     num_classes: int,
     multi_label: bool,
     state_dict: dict[str, torch.Tensor] | None = None,
+    tokenizer: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a training module's weights (all of them, frozen encoders included) with its recipe."""
+    """Write a training module's weights (all of them, frozen encoders included) with its recipe and the
+    identity of the tokenizer whose codes it was trained on."""
     module = _unwrap(module)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +122,7 @@ def save_module_weights(
         "state_dict": _cpu_state(state_dict if state_dict is not None else module.state_dict()),
         "encoder_config": asdict(encoder.config) if isinstance(encoder, RoFormerEncoder) else None,
         "code_row": getattr(module, "code_row", None),
+        "tokenizer": dict(tokenizer) if tokenizer else None,
     }
     with atomic_open(path) as f:
         torch.save(payload, f)
@@ -194,7 +206,7 @@ def load_encoder_weights(
 ) -> dict[str, Any]:
     """Copy the (trainable) encoder weights of an encoder or module-weights file into ``encoder``.
 
-    Returns the file's metadata (``config``, ``code_row``, ``format``). A tensor whose shape differs
+    Returns the file's metadata (``config``, ``code_row``, ``format``, ``tokenizer``). A tensor whose shape differs
     is reported by name with both shapes, together with the architecture fields that differ.
     ``payload``: the file already read with ``read_checkpoint`` (avoids reading it twice).
     """
@@ -208,7 +220,7 @@ def load_encoder_weights(
         else ""
     )
     check_and_load_state(encoder, state, f"checkpoint '{path}'", hint)
-    return {"config": config, "code_row": code_row, "format": payload["format"]}
+    return {"config": config, "code_row": code_row, "format": payload["format"], "tokenizer": payload.get("tokenizer")}
 
 
 def load_encoder(path: str | Path, kernels: str = "auto", **config_overrides: Any) -> RoFormerEncoder:
@@ -226,4 +238,5 @@ def load_encoder(path: str | Path, kernels: str = "auto", **config_overrides: An
     encoder = RoFormerEncoder(config, kernels)
     check_and_load_state(encoder, state, f"checkpoint '{path}'")
     encoder.code_row = code_row  # where it came from; informational
+    encoder.tokenizer = payload.get("tokenizer")  # whose codes it was trained on (None: not recorded)
     return encoder

@@ -116,10 +116,13 @@ class AudioFormerConfig:
         return cls(**data)
 
     @classmethod
-    def from_recipe(cls, model: Any) -> AudioFormerConfig:
-        """From the recipe's ``model`` section (``af_train.config.ModelConfig``)."""
+    def from_recipe(cls, model: Any, codebook_size: int = 1024) -> AudioFormerConfig:
+        """From the recipe's ``model`` section (``af_train.config.ModelConfig``); the vocabulary follows the
+        tokenizer's ``codebook_size`` (code ids first, the special tokens above them)."""
+        special = SpecialTokens(int(codebook_size))
         return cls.preset(
-            model.preset, **model.overrides(), activation_checkpointing=model.activation_checkpointing
+            model.preset, **model.overrides(), activation_checkpointing=model.activation_checkpointing,
+            vocab_size=special.vocab_size, pad_token_id=special.pad,
         )
 
     def to_dict(self) -> dict[str, Any]:

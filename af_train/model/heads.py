@@ -7,10 +7,9 @@ from torch import nn
 
 from af_train.model.config import AudioFormerConfig
 from af_train.model.encoder import activation_fn, init_weights
+from af_train.tokens import IGNORE_INDEX
 
 __all__ = ["MLMHead", "ClassificationHead", "masked_mean_pool", "gather_masked"]
-
-IGNORE_INDEX = -100
 
 
 class MLMPredictionTransform(nn.Module):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import logging
 import os
 import sys
@@ -35,6 +34,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from af_train.files import sha256_files
 from af_train.prepare.decoding import DecodeSettings, decode_item, ordered_map, start_pool
 from af_train.prepare.planning import Task, plan_splits
 from af_train.prepare.remote_output import RemoteOutput
@@ -139,13 +139,6 @@ def build_tokenizer(args: argparse.Namespace) -> Tokenizer:
     return load_tokenizer(args.tokenizer, device=args.device)
 
 
-def file_digest(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _rate(seconds_of_audio: float, since: float | None) -> float:
     """Seconds of audio per second of wall time since ``since`` (0 before anything arrived)."""
     if since is None:
@@ -195,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
         "format": args.format,
         "input": str(Path(args.input).resolve()),
         "audio_dir": str(Path(args.audio_dir).resolve()) if args.audio_dir else None,
-        "label_files_sha256": file_digest([f for f in source.label_files if f.is_file()]),
+        "label_files_sha256": sha256_files([f for f in source.label_files if f.is_file()])[:16],
         "clip_seconds": clip_seconds,
         "codec": asdict(codec_info(tokenizer)),
         "tokenizer": identity,

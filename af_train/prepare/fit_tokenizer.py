@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from af_train.prepare.cli import DEFAULT_MIN_SECONDS, file_digest
+from af_train.files import sha256_files
+from af_train.prepare.cli import DEFAULT_MIN_SECONDS
 from af_train.prepare.decoding import DecodeSettings, decode, ordered_map, start_pool
 from af_train.prepare.planning import plan_splits
 from af_train.prepare.sources import DEFAULT_CLIP_SECONDS, LabelFileError, add_source_arguments, load_source
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     threads = args.threads or max(1, (os.cpu_count() or 1) - args.workers)
-    threads_before = torch.get_num_threads()
+    threads_before = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     try:
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"af-fit-tokenizer: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(threads_before[0])
+        faiss.omp_set_num_threads(threads_before[1])
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -159,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     description = {
         "source_format": args.format,
         "source": source.description,
-        "label_files_sha256": file_digest([f for f in source.label_files if f.is_file()]),
+        "label_files_sha256": sha256_files([f for f in source.label_files if f.is_file()])[:16],
         "clip_seconds": clip_seconds,
         "min_seconds": args.min_seconds,
         "max_hours": args.max_hours,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from af_train.files import atomic_write
 from af_train.prepare.planning import Reject, Task
 from af_train.shards import MANIFEST_NAME, CodecInfo, Manifest, shard_columns
 from af_train.tokenizers import Tokenizer, frames_for_samples
@@ -62,15 +63,6 @@ def committed_chunks(split_dir: Path) -> dict[int, dict]:
     return done
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, shown: str | None = None) -> str:
     """Check/establish the resume state. Returns "fresh", "resume" or "complete".
 
@@ -104,7 +96,7 @@ def prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, shown
             )
     (split_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     resumed = state_file.is_file()
-    _atomic_write(state_file, json.dumps(fingerprint, indent=2, sort_keys=True))
+    atomic_write(state_file, json.dumps(fingerprint, indent=2, sort_keys=True))
     for stale in (split_dir / STATE_DIR).glob("*.tmp"):  # partial chunks of an interrupted run
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
     return "resume" if resumed else "fresh"
@@ -179,7 +171,7 @@ class ChunkWriter:
                 f.write(json.dumps({"order": r.order, **r.record()}) + "\n")
         info = {"chunk": self.k, "written": len(self.written_ids), "rejected": len(self.rejects)}
         info["seconds"] = self.seconds
-        _atomic_write(self.tmp / CHUNK_DONE, json.dumps(info))
+        atomic_write(self.tmp / CHUNK_DONE, json.dumps(info))
         if self.final.exists():  # a leftover from an earlier attempt that never got its marker
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)  # the commit point
@@ -215,8 +207,8 @@ def finalize_split(
             rejects += [json.loads(line) for line in f if line.strip()]
     rejects += [{"order": r.order, **r.record()} for r in planned_rejects]
     rejects.sort(key=lambda r: r["order"])
-    _atomic_write(split_dir / "index.json", json.dumps({"version": 2, "shards": shards}))
-    _atomic_write(
+    atomic_write(split_dir / "index.json", json.dumps({"version": 2, "shards": shards}))
+    atomic_write(
         split_dir / REJECTS_NAME,
         "".join(json.dumps({k: v for k, v in r.items() if k != "order"}) + "\n" for r in rejects),
     )

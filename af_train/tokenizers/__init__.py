@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from af_train.files import sha256_file
 from af_train.tokenizers.base import (
     FRAME_RATE,
     HOP_LENGTH,
@@ -27,7 +28,6 @@ from af_train.tokenizers.base import (
     TokenizerError,
     check_same_tokenizer,
     describe_identity,
-    file_sha256,
     frames_for_samples,
     identity_key,
 )
@@ -41,7 +41,6 @@ __all__ = [
     "TokenizerError",
     "check_same_tokenizer",
     "describe_identity",
-    "file_sha256",
     "frames_for_samples",
     "identity_key",
     "load_tokenizer",
@@ -93,7 +92,7 @@ def tokenizer_from_identity(
         for p in search_paths:
             candidates += [p] if p.is_file() else [p / recorded.name] if recorded is not None else []
         for path in candidates:
-            if path.is_file() and file_sha256(path) == wanted:
+            if path.is_file() and sha256_file(path) == wanted:
                 return MelRVQTokenizer.load(path, device=device)
         looked = ", ".join(str(c) for c in candidates) or "nowhere (no file recorded, no search path)"
         raise TokenizerError(

@@ -10,10 +10,8 @@ comparison, so moving a fitted file does not make its shards incompatible.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -31,15 +29,6 @@ class TokenizerError(ValueError):
 def frames_for_samples(num_samples: int) -> int:
     """Code frames a tokenizer emits for ``num_samples`` at 24 kHz (a partial last hop counts)."""
     return math.ceil(num_samples / HOP_LENGTH)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -44,13 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from af_train.files import sha256_file
 from af_train.tokenizers.audio_io import downmix, load_clip, pcm_to_float, resample
 from af_train.tokenizers.base import (
     FRAME_RATE,
     HOP_LENGTH,
     SAMPLE_RATE,
     TokenizerError,
-    file_sha256,
     frames_for_samples,
     resolve_device,
 )
@@ -68,7 +68,7 @@ _CALIBRATION_SECONDS = 16  # 1200 frames ≥ 1024 centroids per codebook
 _KMEANS_ITERS = 8
 
 
-__all__ = ["AcousticCodec", "CodecWeightsError", "frames_for_samples", "file_sha256", "HOP_LENGTH",
+__all__ = ["AcousticCodec", "CodecWeightsError", "frames_for_samples", "HOP_LENGTH",
            "SAMPLE_RATE", "FRAME_RATE", "CODEBOOK_SIZE", "OFFICIAL_CHECKPOINT", "OFFICIAL_URL", "hub_checkpoint_dir"]
 
 
@@ -277,7 +277,7 @@ class AcousticCodec:
             path = resolve_checkpoint(checkpoint)  # fails fast, before building anything
             model = _build_encodec()
             self._load_checkpoint(model, path)
-            self.weights = f"pretrained sha256:{file_sha256(path)[:16]} ({path.name})"
+            self.weights = f"pretrained sha256:{sha256_file(path)[:16]} ({path.name})"
             self.checkpoint_path = path
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
@@ -287,7 +287,7 @@ class AcousticCodec:
     @staticmethod
     def _load_checkpoint(model: torch.nn.Module, path: Path) -> None:
         expected = OFFICIAL_CHECKPOINT.split("-")[1].split(".")[0]
-        if path.name == OFFICIAL_CHECKPOINT and not file_sha256(path).startswith(expected):
+        if path.name == OFFICIAL_CHECKPOINT and not sha256_file(path).startswith(expected):
             log.warning(
                 "%s is named like the official EnCodec checkpoint but its sha256 does not start with %s: "
                 "not the official weights (the manifest records its actual hash)",
@@ -427,7 +427,7 @@ def codec_from_identity(identity: dict, search_paths=(), device: str | torch.dev
         folder = Path(folder)
         candidates += [folder, folder / name, folder / OFFICIAL_CHECKPOINT]
     for path in candidates:
-        if path.is_file() and file_sha256(path).startswith(wanted):
+        if path.is_file() and sha256_file(path).startswith(wanted):
             return AcousticCodec(bandwidth=bandwidth, checkpoint=path, device=device)
     looked = ", ".join(dict.fromkeys(str(c) for c in candidates))
     raise TokenizerError(

@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from af_train.files import sha256_file
 from af_train.tokenizers.base import (
     FRAME_RATE,
     HOP_LENGTH,
     SAMPLE_RATE,
     TokenizerError,
-    file_sha256,
     frames_for_samples,
     resolve_device,
 )
@@ -62,7 +62,7 @@ class MelConfig:
     n_mels: int = 64
     f_min: float = 0.0
     f_max: float = 12_000.0
-    log_floor: float = 1e-10  # added to the mel power before the log (about -100 dB re full scale)
+    log_floor: float = 1e-8  # added to the mel power before the log: 80 dB below a full-scale sine
     sample_rate: int = SAMPLE_RATE
     hop_length: int = HOP_LENGTH
 
@@ -224,7 +224,7 @@ class MelRVQTokenizer:
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
         tmp.replace(path)
-        self.path, self.sha256 = path, file_sha256(path)
+        self.path, self.sha256 = path, sha256_file(path)
         return self.sha256
 
     @classmethod
@@ -249,7 +249,7 @@ class MelRVQTokenizer:
         if missing:
             raise TokenizerError(f"{path}: tensors {sorted(missing)} are missing; fit the tokenizer again")
         tokenizer = cls(config, tensors["mean"], tensors["std"], tensors["codebooks"], meta.get("fit"), path,
-                        file_sha256(path), device)
+                        sha256_file(path), device)
         if not torch.allclose(tokenizer._filters, tensors["mel_filters"], rtol=0, atol=1e-12):
             raise TokenizerError(f"{path}: its mel filters differ from the ones this torchaudio computes; "
                                  "the file was written by an incompatible version")

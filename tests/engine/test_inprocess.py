@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -94,8 +95,12 @@ class NaNAtCalls(nn.Module):
         self.snapshots[self.calls] = {k: v.detach().float().clone() for k, v in self.inner.state_dict().items()}
         out = self.inner(batch)
         if self.calls in self.bad_calls or (self.bad_from is not None and self.calls >= self.bad_from):
-            out = {**out, "loss": out["loss"] * float("nan")}
+            nan_terms = {name: (total * float("nan"), key, w) for name, (total, key, w) in out["terms"].items()}
+            out = {**out, "loss": out["loss"] * float("nan"), "terms": nan_terms}
         return out
+
+    def loss_counts(self, batch):
+        return self.inner.loss_counts(batch)
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
@@ -232,3 +237,95 @@ def test_test_split_is_scored_with_the_checkpoint_selected_on_validation(one_ran
     assert evaluate_main([str(run_dir), "--split", "test", "--out", str(out), "--checkpoint", str(selected)]) == 0
     standalone = json.loads(out.read_text())
     assert standalone["test/mAP"] == pytest.approx(final["test/mAP"], abs=1e-5)
+
+
+def _copy_split_as_other_tokenizer(src: Path, dst: Path) -> Path:
+    """The same shards, with a manifest that says another tokenizer made them."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["tokenizer"] = {"kind": "mel-rvq", "rows": 4, "codes": 1024, "sha256": "ab" * 32,
+                             "file": "other.safetensors"}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_tokenizer_identity_is_recorded_and_mixing_tokenizers_is_refused(one_rank, data_root, tmp_path):
+    from af_train.data import DataError
+    from af_train.model.checkpoint import CheckpointError
+    from af_train.shards import Manifest
+
+    identity = Manifest.load(data_root / "train").tokenizer
+    assert identity["kind"] == "encodec"  # a manifest without the field reads as the EnCodec its codec section names
+    run_dir = tmp_path / "pre"
+    trainer = make_trainer(data_root, run_dir, ["train.max_steps=2", "train.save_every=2", "data.val=null"])
+    trainer.fit()
+    trainer.close()
+    meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "af_meta.json").read_text())
+    assert meta["tokenizer"] == identity
+    weights = run_dir / "final" / "model.pt"
+    assert torch.load(weights, weights_only=True)["tokenizer"] == identity
+
+    other_val = _copy_split_as_other_tokenizer(data_root / "val", tmp_path / "val_other")
+    with pytest.raises(DataError, match=r"data\.train .*and data\.val .*different tokenizers.*mel-rvq"):
+        make_trainer(data_root, tmp_path / "mixed", ["train.max_steps=1", f"data.val={other_val}"])
+    other_train = _copy_split_as_other_tokenizer(data_root / "train", tmp_path / "train_other")
+    for overrides in (["objective.mode=ft1", f"objective.init_checkpoint={weights}"],
+                      [f"objective.init_checkpoint={weights}"]):
+        with pytest.raises(CheckpointError, match=r"objective\.init_checkpoint .*model\.pt.*training data.*encodec"):
+            make_trainer(data_root, tmp_path / "ft", ["train.max_steps=1", "data.val=null",
+                                                      f"data.train={other_train}", *overrides])
+    # resuming a checkpoint on shards of another tokenizer is refused too
+    with pytest.raises(CheckpointError, match=r"checkpoint .*step_00000002.*training data"):
+        make_trainer(data_root, run_dir, ["train.max_steps=4", "data.val=null", f"data.train={other_train}"])
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_damaged_newest_checkpoint_falls_back_naming_the_file(one_rank, data_root, tmp_path):
+    run_dir = tmp_path / "damaged"
+    overrides = ["train.max_steps=4", "train.save_every=2", "data.val=null", "train.zero_stage=2"]
+    trainer = make_trainer(data_root, run_dir, overrides)
+    trainer.fit()
+    trainer.close()
+    root = run_dir / "checkpoints"
+    newest, previous = root / "step_00000004", root / "step_00000002"
+    recorded = json.loads((newest / ckpt.META).read_text())["files"]
+    assert "af_state/rank_00000.pt" in recorded and any(name.endswith("optim_states.pt") for name in recorded)
+    assert ckpt.verify(newest) is None and ckpt.resolve_resume("auto", run_dir) == newest
+    records = _Records()
+    logging.getLogger("af_train.checkpoint").addHandler(records)
+    try:
+        # half of the optimizer shard cut off (disk damage after a complete save)
+        shard = next(newest.glob("*optim_states.pt"))
+        intact = shard.read_bytes()
+        shard.write_bytes(intact[: len(intact) // 2])
+        assert ckpt.resolve_resume("auto", run_dir) == previous
+        assert any(str(shard) in m and "bytes" in m for m in records.messages), records.messages
+        with pytest.raises(ckpt.CheckpointError, match=f"{shard}.*bytes"):
+            ckpt.resolve_resume(str(newest), run_dir)
+        shard.write_bytes(intact)
+        # one flipped bit, same size: only the hash sees it
+        weights = newest / "mp_rank_00_model_states.pt"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        weights.write_bytes(bytes(data))
+        records.messages.clear()
+        assert ckpt.resolve_resume("auto", run_dir) == previous
+        assert any(str(weights) in m and "xxh64" in m for m in records.messages), records.messages
+        with pytest.raises(ckpt.CheckpointError, match=f"{weights}.*xxh64"):
+            ckpt.resolve_resume(str(newest), run_dir)
+        assert ckpt.resolve_resume("auto", run_dir, hashes=False) == newest  # sizes only: not detected
+    finally:
+        logging.getLogger("af_train.checkpoint").removeHandler(records)
+    resumed = make_trainer(data_root, run_dir, overrides)  # --resume auto: from the newest intact checkpoint
+    assert resumed.progress.step == 2
+    resumed.close()

@@ -142,13 +142,14 @@ def test_resume_on_one_rank_converts_through_universal_checkpoint(reference, dat
     assert "global batch 8 = micro batch 4 x gradient accumulation 2 x world size 1" in log
     mine, theirs = train_records(run_dir), train_records(reference)
     assert sorted(mine) == list(range(9, 17))
-    # Same global batches; the logged loss is a mean of micro-batch means and one rank groups the 8
-    # clips into micro batches differently from two ranks, so losses agree closely but not exactly.
+    # Same global batches, grouped into micro batches differently by one rank than by two. Losses are
+    # normalised by the global masked-token count, so the gradients and losses agree up to float order
+    # (the earlier mean of per-micro-batch means differed by ~2e-3 here).
     reference_ids = global_ids(reference)
     assert all(global_ids(run_dir)[s] == reference_ids[s] for s in range(9, 17))
     for step in range(9, 17):
         assert mine[step]["samples"] == theirs[step]["samples"]
-        assert mine[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=1e-2), step
+        assert mine[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=1e-4), step
     assert not (reference / "checkpoints" / "step_00000008_universal").exists()  # the source run is only read
     # The universal form holds exactly the fp32 master weights of the 2-rank checkpoint (the run removed
     # its copy once it had checkpoints of its own; convert again here to inspect it).
@@ -177,9 +178,9 @@ def test_zero0_checkpoint_resumes_on_another_world_size(data_root, tmp_path):
     mine, theirs = train_records(one), train_records(two)
     assert sorted(mine) == [5, 6, 7, 8]
     assert all(global_ids(one)[s] == global_ids(two)[s] for s in range(5, 9))
-    for step in range(5, 9):  # same clips, other micro-batch grouping (the loss is a mean of micro-batch token means)
+    for step in range(5, 9):  # same clips, other micro-batch grouping; losses over the global masked-token count
         assert mine[step]["samples"] == theirs[step]["samples"]
-        assert mine[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=1e-2), step
+        assert mine[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=1e-4), step
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,

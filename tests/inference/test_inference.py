@@ -289,3 +289,12 @@ def test_a_fitted_tokenizer_is_found_by_hash_and_another_one_is_refused(tmp_path
     assert tokenizer_for(identity, given=moved, device="cpu").identity()["sha256"] == identity["sha256"]
     with pytest.raises(InferenceError, match=r"different tokenizers.*other\.safetensors"):
         tokenizer_for(identity, given=tmp_path / "other.safetensors", device="cpu")
+
+
+def test_weights_with_the_manifest_of_another_tokenizer_are_refused(tiny_run, prepared_shards, tmp_path):
+    manifest = json.loads((prepared_shards / "train" / "manifest.json").read_text())
+    manifest["tokenizer"]["weights"] = manifest["codec"]["weights"] = "random-init seed 7"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InferenceError, match=r"different tokenizers.*random-init seed 0.*random-init seed 7"):
+        AudioTagger.load(tiny_run / "final" / "model.pt", manifest=tmp_path / "other", device="cpu")

@@ -133,7 +133,12 @@ def test_mpc_gpu_branch(gpu_branch):
     logits = (z64 @ z64.t() / 0.1).masked_fill(torch.eye(150, dtype=torch.bool), float("-inf"))
     expected = torch.logsumexp(logits, dim=1)
     expected.backward(upstream.double())
-    # The CUDA branch asks for tf32 dot products; the interpreter computes them in full fp32.
-    torch.testing.assert_close(lse.double(), expected.detach(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(z.grad.double(), z64.grad, atol=2e-5 * float(z64.grad.abs().max()), rtol=0)
+    # The CUDA branch rounds z (and the backward's weights) to TF32 to nearest; the interpreter then
+    # multiplies those exactly, as the tensor cores do. TF32 keeps 11 significant bits: per row the
+    # log-sum-exp (logits up to 1 / t = 10) moves by up to ~1e-3 (seen: 9.6e-4), but without bias (seen:
+    # mean 8e-6); truncating to TF32 instead, as the tensor cores do with raw fp32, gives mean -2.4e-3.
+    error = lse.double() - expected.detach()
+    assert float(error.abs().max()) < 2e-3, float(error.abs().max())
+    assert abs(float(error.mean())) < 2e-4, float(error.mean())
+    torch.testing.assert_close(z.grad.double(), z64.grad, atol=5e-3 * float(z64.grad.abs().max()), rtol=0)
     assert gpu_branch["_mpc_lse_fwd_tuned"].launches == 1 and gpu_branch["_mpc_lse_bwd_tuned"].launches == 1

@@ -276,3 +276,43 @@ def test_bf16_modules_run_forward_and_backward(row_checkpoints):
         assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
         out["loss"].backward()
         assert module.encoder.encoder.layer[0].attention.self.query.weight.grad.dtype == torch.bfloat16
+
+
+MEL_A = {"kind": "mel-rvq", "rows": 4, "codes": 256, "sha256": "a" * 64, "file": "a.safetensors"}
+MEL_B = {**MEL_A, "sha256": "b" * 64, "file": "b.safetensors"}
+
+
+def test_vocabulary_follows_the_tokenizer_codebook_size():
+    module = build_training_module(_recipe("pretrain", [0]), 0, False, tokenizer=MEL_A)
+    assert module.encoder.config.vocab_size == 256 + 8 and module.encoder.config.pad_token_id == 256
+    assert module.encoder.embeddings.word_embeddings.weight.shape == (264, 64)
+    ids = torch.randint(0, 256, (B, 1, T))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "mlm_labels": torch.where(torch.rand(B, 1, T) < 0.3, ids, torch.full_like(ids, -100))}
+    batch["mlm_labels"][:, :, 0] = ids[:, :, 0]
+    assert module.mlm_head.predictions.decoder.weight.shape[0] == 264  # predicts codes and special tokens
+    assert torch.isfinite(module(batch)["loss"])
+    assert build_training_module(_recipe("pretrain", [0]), 0, False).encoder.config.vocab_size == 1032
+
+
+def test_checkpoints_of_another_tokenizer_are_refused(tmp_path):
+    pretrained = build_training_module(_recipe("pretrain", [0]), 0, False, tokenizer=MEL_A)
+    path = save_encoder(pretrained.encoder, tmp_path / "row0.pt", code_row=0, tokenizer=MEL_A)
+    row1 = save_encoder(pretrained.encoder, tmp_path / "row1.pt", code_row=1, tokenizer=MEL_A)
+    weights = save_module_weights(pretrained, tmp_path / "w.pt", _recipe("pretrain", [0]).to_dict(), 0, False,
+                                  tokenizer=MEL_A)
+    same = _recipe("ft2", [0, 1], init_checkpoint=str(path), frozen_row_checkpoints=[str(row1)])
+    build_training_module(same, 5, True, tokenizer={**MEL_A, "file": "moved/a.safetensors"})  # only the path differs
+    for init in (path, weights):
+        with pytest.raises(CheckpointError, match=r"objective\.init_checkpoint .* come from different tokenizers.*"
+                                                  r"file a\.safetensors.*file b\.safetensors"):
+            build_training_module(_recipe("ft1", [0], init_checkpoint=str(init)), 5, True, tokenizer=MEL_B)
+    with pytest.raises(CheckpointError, match=r"objective\.init_checkpoint .*different tokenizers"):
+        build_training_module(_recipe("pretrain", [0], init_checkpoint=str(weights)), 0, False, tokenizer=MEL_B)
+    other_row1 = save_encoder(pretrained.encoder, tmp_path / "row1_b.pt", code_row=1, tokenizer=MEL_B)
+    with pytest.raises(CheckpointError, match=r"frozen_row_checkpoints '.*row1_b\.pt' \(row 1\).*different tokenizers"):
+        build_training_module(_recipe("ft2", [0, 1], init_checkpoint=str(path),
+                                      frozen_row_checkpoints=[str(other_row1)]), 5, True, tokenizer=MEL_A)
+    # a file written before identities were recorded has none: nothing to compare, it loads
+    legacy = save_encoder(pretrained.encoder, tmp_path / "legacy.pt", code_row=0)
+    build_training_module(_recipe("ft1", [0], init_checkpoint=str(legacy)), 5, True, tokenizer=MEL_B)

@@ -119,32 +119,45 @@ def test_every_bad_input_is_rejected_with_its_reason(tmp_path):
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage" + bytes(64))
     sf.write(str(tmp_path / "empty.wav"), np.zeros((0, 1)), 16000)
     sf.write(str(tmp_path / "silent.wav"), np.zeros(8000), 16000)
+    sf.write(str(tmp_path / "one_sample.wav"), np.full(1, 0.5), 16000)  # was a clip of 1 valid frame
+    sf.write(str(tmp_path / "short.wav"), np.sin(np.arange(3999) / 5.0) * 0.3, 16000)  # 0.25 s less a sample
+    sf.write(str(tmp_path / "just_enough.wav"), np.sin(np.arange(4000) / 5.0) * 0.3, 16000)  # 0.25 s
     nan = np.sin(np.arange(8000) / 5.0) * 0.3
     nan[77] = np.nan
     sf.write(str(tmp_path / "nan.wav"), nan, 16000, subtype="FLOAT")
     (tmp_path / "vocab.txt").write_text("tone\nchirp\nnoise_burst\n")
     lines = ["id,path,labels", "g1,good1.wav,tone", "g2,good2.wav,chirp;tone", "gone,missing.wav,tone",
              "bad,corrupt.wav,tone", "empty,empty.wav,tone", "quiet,silent.wav,chirp", "nan,nan.wav,tone",
-             "unk,unknown.wav,tone;elephant", "g1,dup.wav,tone", "nolab,nolab.wav,"]
+             "unk,unknown.wav,tone;elephant", "g1,dup.wav,tone", "nolab,nolab.wav,", "one,one_sample.wav,tone",
+             "short,short.wav,tone", "enough,just_enough.wav,tone"]
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     argv = ["--format", "csv", "--input", str(tmp_path / "labels.csv"), "--labels", str(tmp_path / "vocab.txt"),
             "--clip-seconds", "0.5", *FAST]
     assert prep.main([*argv, "--out", str(tmp_path / "out")]) == 0
     manifest = Manifest.load(tmp_path / "out")
     expected = {"missing_file": 1, "unreadable_audio": 1, "zero_length": 1, "silent": 1, "non_finite_samples": 1,
-                "unknown_label": 1, "duplicate_id": 1, "no_labels": 1}
-    assert manifest.rejected == expected and manifest.written == 2
+                "unknown_label": 1, "duplicate_id": 1, "no_labels": 1, "too_short": 2}
+    assert manifest.rejected == expected and manifest.written == 3
     log = [json.loads(x) for x in (tmp_path / "out" / manifest.rejects_log).read_text().splitlines()]
     assert [(r["id"], r["reason"]) for r in log] == [
         ("gone", "missing_file"), ("bad", "unreadable_audio"), ("empty", "zero_length"), ("quiet", "silent"),
-        ("nan", "non_finite_samples"), ("unk", "unknown_label"), ("g1", "duplicate_id"), ("nolab", "no_labels")]
+        ("nan", "non_finite_samples"), ("unk", "unknown_label"), ("g1", "duplicate_id"), ("nolab", "no_labels"),
+        ("one", "too_short"), ("short", "too_short")]
+    assert "--min-seconds" in log[-1]["detail"]
     assert all(set(r) >= {"id", "path", "reason"} for r in log)
     assert log[0]["path"].endswith("missing.wav") and "elephant" in log[5]["detail"]
-    assert [s["id"] for s in _read_split(tmp_path / "out")] == ["g1", "g2"]
+    written = {s["id"]: s for s in _read_split(tmp_path / "out")}
+    assert list(written) == ["g1", "g2", "enough"]
+    assert int(written["enough"]["length"]) == 19  # 0.25 s → 6000 samples at 24 kHz → ceil(6000 / 320)
     # --keep-silent keeps the silent clip; a threshold change is a different preparation (new --out)
     assert prep.main([*argv, "--out", str(tmp_path / "keep"), "--keep-silent"]) == 0
     kept = Manifest.load(tmp_path / "keep")
-    assert kept.written == 3 and "silent" not in kept.rejected
+    assert kept.written == 4 and "silent" not in kept.rejected
+    # --min-seconds 0 turns the check off: the one-sample file is a clip again, of one valid frame
+    assert prep.main([*argv, "--out", str(tmp_path / "any_length"), "--min-seconds", "0"]) == 0
+    assert Manifest.load(tmp_path / "any_length").written == 5
+    lengths = {s["id"]: int(s["length"]) for s in _read_split(tmp_path / "any_length")}
+    assert lengths["one"] == 1 and lengths["short"] == 19
 
 
 def test_nothing_written_exits_non_zero(tmp_path, capsys):
@@ -368,3 +381,39 @@ def test_ordered_map_keeps_order_and_survives_a_hung_worker():
     assert (status, reason) == ("reject", "unreadable_audio") and "within 0.5 s" in detail
     assert [r for _, r in prep.ordered_map(lambda x: ("ok", x), iter([3, 1, 2]), None, 2)] == [
         ("ok", 3), ("ok", 1), ("ok", 2)]
+
+
+def test_kill_9_with_a_fitted_tokenizer_resumes_exactly(mel_rvq_file, tmp_path):
+    """A real af-prepare process with a fitted tokenizer, killed with SIGKILL right after its first chunk
+    commit, rerun with the same arguments: the result equals an uninterrupted run."""
+    count = 48  # 24 chunks: the run is still going when the kill lands
+    for i in range(count):
+        _write_clip(tmp_path / "audio" / f"c{i}.wav", i, seconds=0.6)
+    (tmp_path / "labels.csv").write_text("path,labels\n" + "".join(f"audio/c{i}.wav,tone\n" for i in range(count)))
+
+    def argv(out: Path) -> list[str]:
+        return ["--format", "csv", "--input", str(tmp_path / "labels.csv"), "--out", str(out), "--tokenizer",
+                str(mel_rvq_file), "--clip-seconds", "1.0", "--chunk-size", "2", "--batch-size", "2",
+                "--threads", "1", "--quiet"]
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "af_train.prepare", *argv(out), "--workers", "1"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("part-*/chunk.json")):
+        assert proc.poll() is None, f"prepare exited early: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "no chunk committed within 240 s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    assert not (out / "manifest.json").exists(), "finished before the kill"
+    first_commit = {p: p.stat().st_mtime_ns for p in out.glob("part-*/chunk.json")}
+    assert prep.main([*argv(out), "--workers", "0"]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in first_commit.items())  # committed chunks were kept
+    assert prep.main([*argv(tmp_path / "reference"), "--workers", "0"]) == 0
+    left, right = _read_split(out), _read_split(tmp_path / "reference")
+    assert [s["id"] for s in left] == [s["id"] for s in right] == [f"audio/c{i}" for i in range(count)]
+    for x, y in zip(left, right):
+        assert np.array_equal(x["codes"], y["codes"]) and int(x["length"]) == int(y["length"]) == 45
+    assert Manifest.load(out).tokenizer == Manifest.load(tmp_path / "reference").tokenizer
