@@ -1,6 +1,7 @@
 """Inference throughput: files/s and x real time of AudioTagger (tokenizer + model) for a model preset.
 
-    python3 tools/benchmark_inference.py --preset tiny --files 8 --seconds 10 [--device cpu] [--batch-size 16]
+    python3 tools/benchmark_inference.py --preset tiny --files 4 --seconds 10 [--device cpu] [--batch-size 16]
+        [--encode-batch-size 4]
 
 The model is untrained (throughput does not depend on the weights) and the tokenizer is the
 random-initialised EnCodec (the same network as the official one, so the same cost); clips are the
@@ -45,10 +46,12 @@ def build_model(folder: Path, preset: str, clip_seconds: float, max_length: int,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "base", "large"])
-    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each file")
     parser.add_argument("--clip-seconds", type=float, default=10.0, help="training clip length")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per model batch")
+    parser.add_argument("--encode-batch-size", type=int, default=4,
+                        help="af-prepare's --batch-size recorded in the manifest: clips per tokenizer batch")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         weights = build_model(Path(tmp), args.preset, args.clip_seconds, round(args.clip_seconds * 75) + 2,
-                              args.batch_size)
+                              args.encode_batch_size)
         tagger = AudioTagger.load(weights, device=device, batch_size=args.batch_size)
         rng = np.random.default_rng(0)
         waves = [(rng.standard_normal(int(args.seconds * 24000)).astype(np.float32) * 0.1, 24000)
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     report = {
         "preset": args.preset, "device": str(tagger.device), "threads": torch.get_num_threads(),
-        "files": args.files, "file_seconds": args.seconds, "windows": int(sum(len(r.windows) for r in results)),
+        "files": args.files, "file_seconds": args.seconds, "encode_batch": tagger.encode_batch_size, "windows": int(sum(len(r.windows) for r in results)),
         "files_per_s": args.files / elapsed, "x_realtime": args.files * args.seconds / elapsed,
         "tokenizer_share": spent["tokenizer"] / elapsed,
         # CPU seconds of this process per second of audio: what the hardware costs on a shared machine

@@ -25,6 +25,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                             "when they are not where the manifest says")
     parser.add_argument("--hop", type=float, help="seconds between windows (default: half the training clip)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per model batch (default 16)")
+    parser.add_argument("--encode-batch-size", type=int,
+                        help="clips per tokenizer batch (default: af-prepare's, so that codes equal the training "
+                             "shards' bit for bit; partial batches are zero-padded to it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -33,7 +36,7 @@ def build_tagger(args: argparse.Namespace, **kwargs):
 
     return AudioTagger.load(args.model, checkpoint=args.checkpoint, weights=args.weights, manifest=args.manifest,
                             tokenizer=args.tokenizer, device=args.device, hop_seconds=args.hop,
-                            batch_size=args.batch_size, **kwargs)
+                            batch_size=args.batch_size, encode_batch_size=args.encode_batch_size, **kwargs)
 
 
 def find_audio(arguments: list[str], recursive: bool) -> list[Path]:
