@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     report = {
         "preset": args.preset, "device": str(tagger.device), "threads": torch.get_num_threads(),
-        "files": args.files, "file_seconds": args.seconds, "encode_batch": tagger.encode_batch_size, "windows": int(sum(len(r.windows) for r in results)),
+        "files": args.files, "file_seconds": args.seconds, "encode_batch": tagger.encode_batch_size,
+        "windows": int(sum(len(r.windows) for r in results)),
         "files_per_s": args.files / elapsed, "x_realtime": args.files * args.seconds / elapsed,
         "tokenizer_share": spent["tokenizer"] / elapsed,
         # CPU seconds of this process per second of audio: what the hardware costs on a shared machine
