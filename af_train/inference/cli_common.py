@@ -19,8 +19,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--checkpoint", help="a checkpoint directory of the run (default: the one selected on val)")
     group.add_argument("--weights", help="a module weights file of the run (e.g. RUN/final/model.pt)")
-    parser.add_argument("--manifest", help="shard directory (or manifest.json) the model was trained on, for a "
-                                           "model.pt whose recipe names shards that are not here")
+    parser.add_argument("--manifest", help="shard directory (or manifest.json) the model was trained on, when "
+                                           "its recipe names shards that are not here (label names, tokenizer)")
     parser.add_argument("--tokenizer", help="weights of the tokenizer the model was trained with (file or folder), "
                                             "when they are not where the manifest says")
     parser.add_argument("--hop", type=float, help="seconds between windows (default: half the training clip)")

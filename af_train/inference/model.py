@@ -161,8 +161,10 @@ def _read_thresholds(path: Path, labels: list[str] | None) -> list[float] | None
 
 
 def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
-                  weights: str | Path | None = None) -> LoadedModel:
-    """A fine-tuned run's model: the checkpoint selected on validation unless told otherwise."""
+                  weights: str | Path | None = None, manifest: str | Path | None = None) -> LoadedModel:
+    """A fine-tuned run's model: the checkpoint selected on validation unless told otherwise.
+    ``manifest``: the training shards (or their manifest.json) when they are no longer where the
+    run's recipe says."""
     from af_train.checkpoint import BEST, consolidated_state, latest_complete, read_best, read_meta
     from af_train.data import load_manifest
     from af_train.evaluate import EvaluationError, evaluation_module, evaluation_recipe
@@ -197,7 +199,7 @@ def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
         state, source = payload["state_dict"], str(weights)
         thresholds_file = Path(weights).parent / THRESHOLDS_NAME
         trained_on = payload.get("tokenizer")
-    shards = next((s for s in (recipe.data.train, recipe.data.val, recipe.data.test) if s), None)
+    shards = manifest or next((s for s in (recipe.data.train, recipe.data.val, recipe.data.test) if s), None)
     manifest = _manifest(load_manifest, shards, f"the training shards named in {run_dir / 'config.yaml'}")
     _check_trained_on(trained_on, manifest, source, shards)
     objectives_log = logging.getLogger("af_train.objectives")
@@ -313,7 +315,7 @@ def load_model(path: str | Path, *, checkpoint: str | Path | None = None, weight
         raise InferenceError(f"model '{path}' does not exist; give a run directory, a model.pt or an af-export-hf "
                              "directory")
     if path.is_dir() and (path / "config.yaml").is_file():
-        return load_from_run(path, checkpoint, weights)
+        return load_from_run(path, checkpoint, weights, manifest)
     if checkpoint is not None or weights is not None:
         raise InferenceError(f"--checkpoint/--weights pick weights inside a run directory; '{path}' is not one")
     if path.is_dir() and (path / "config.json").is_file():
