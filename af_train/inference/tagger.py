@@ -8,8 +8,10 @@ longer than one window therefore gets the logits that training-time evaluation g
 
 Bit-exact codes: a code is a nearest-centroid decision, and CPU convolutions round differently for
 different batch sizes, which can flip a decision (often with a random-initialised codec, whose
-centroids crowd near silence). Windows are therefore encoded in batches of the size af-prepare used
-(``encode_batch_size``, from the manifest), zero-padded when a batch is not full.
+centroids crowd near silence). af-prepare encodes every clip in a batch of exactly its ``--batch-size``
+(zero-padding a chunk's last batch), and windows here are encoded the same way: in batches of that
+size (``encode_batch_size``, recorded in the manifest), zero-padded when not full. Same machine and
+thread count, same codes; elsewhere a rare near-tie frame may still differ.
 """
 
 from __future__ import annotations
