@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -31,12 +33,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything written to the standard output (file descriptor 1, C libraries and loggers bound to it
+    included) to the standard error: loading weights prints DeepSpeed's messages, and the standard output
+    carries the results."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):  # print() to whatever sys.stdout is now
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def build_tagger(args: argparse.Namespace, **kwargs):
     from af_train.inference import AudioTagger
 
-    return AudioTagger.load(args.model, checkpoint=args.checkpoint, weights=args.weights, manifest=args.manifest,
-                            tokenizer=args.tokenizer, device=args.device, hop_seconds=args.hop,
-                            batch_size=args.batch_size, encode_batch_size=args.encode_batch_size, **kwargs)
+    with stdout_to_stderr():
+        return AudioTagger.load(args.model, checkpoint=args.checkpoint, weights=args.weights, manifest=args.manifest,
+                                tokenizer=args.tokenizer, device=args.device, hop_seconds=args.hop,
+                                batch_size=args.batch_size, encode_batch_size=args.encode_batch_size, **kwargs)
 
 
 def find_audio(arguments: list[str], recursive: bool) -> list[Path]:

@@ -42,7 +42,7 @@ def tiny_run(prepared_shards, tmp_path_factory) -> Path:
             f"data.train={prepared_shards / 'train'}", f"data.val={prepared_shards / 'val'}",
             f"data.test={prepared_shards / 'test'}", "data.max_length=80", "objective.init_checkpoint=null",
             f"train.run_dir={run_dir}", "train.max_steps=6", "train.eval_every=2", "train.save_every=2",
-            "train.micro_batch_size=4", "train.log_every=2", "train.zero_stage=0", "train.keep_last=3",
+            "train.micro_batch_size=4", "train.log_every=2", "train.zero_stage=1", "train.keep_last=3",
             "train.save_weights_every_checkpoint=true", "optim.lr=3e-3",
         ])
         trainer = Trainer(recipe, resume="auto")

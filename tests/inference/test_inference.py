@@ -298,3 +298,13 @@ def test_weights_with_the_manifest_of_another_tokenizer_are_refused(tiny_run, pr
     (tmp_path / "other" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InferenceError, match=r"different tokenizers.*random-init seed 0.*random-init seed 7"):
         AudioTagger.load(tiny_run / "final" / "model.pt", manifest=tmp_path / "other", device="cpu")
+
+
+def test_af_predict_standard_output_holds_only_results(tiny_run, synthetic_audio, capfd):
+    from af_train.inference import predict
+
+    paths, _, _ = split_files(synthetic_audio, "test")
+    assert predict.main([str(tiny_run), str(paths[0]), "--format", "jsonl", "--device", "cpu",
+                         "--checkpoint", str(tiny_run / "checkpoints" / read_best(tiny_run / "checkpoints")[0])]) == 0
+    lines = capfd.readouterr().out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["file"] == str(paths[0])
