@@ -36,6 +36,8 @@ setup(
         "matplotlib",
         "safetensors",
         "faiss-cpu",  # k-means of the mel-rvq tokenizer (af-fit-tokenizer)
+        "scipy",
+        "espeakng-loader",  # af-synth-speech: the eSpeak NG library and voices in a wheel
     ],
     extras_require={
         "dev": [
@@ -51,10 +53,12 @@ setup(
             "af-prepare=af_train.prepare.cli:main",
             "af-fit-tokenizer=af_train.prepare.fit_tokenizer:main",
             "af-synth-audio=af_train_tools.make_synthetic_audio:main",
+            "af-synth-speech=af_train_tools.make_speech_audio:main",
             "af-inspect-shards=af_train_tools.inspect_shards:main",
             "af-benchmark-kernels=af_train_tools.benchmark_kernels:main",
             "af-kernel-compile-report=af_train_tools.kernel_compile_report:console_main",
             "af-benchmark-data=af_train_tools.benchmark_data:main",
+            "af-benchmark-train=af_train_tools.benchmark_train:main",
             "af-export-hf=af_train_tools.export_hf:main",
             "af-train=af_train.train:launch_main",
             "af-evaluate=af_train.evaluate:main",

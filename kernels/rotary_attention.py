@@ -431,12 +431,12 @@ def _configs(shapes) -> list[triton.Config]:
 # The forward keeps a [BLOCK_M, D] accumulator and streams keys; dK/dV keeps two [BLOCK_N, D] fp32
 # accumulators (k, v resident) and streams queries; dQ keeps one [BLOCK_M, D] and streams keys.
 # BLOCK_N is a multiple of KEEP_GROUP (the dropout mask's column groups).
-FWD_CONFIGS = _configs(((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3),
-                        (128, 64, 8, 2)))
-DKDV_CONFIGS = _configs(((64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3),
-                         (128, 64, 8, 2)))
-DQ_CONFIGS = _configs(((64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
-                       (128, 32, 4, 2)))
+FWD_CONFIGS = _configs(((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2),
+                        (64, 64, 4, 2)))
+DKDV_CONFIGS = _configs(((32, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3), (64, 64, 8, 2),
+                         (16, 128, 8, 3)))
+DQ_CONFIGS = _configs(((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 2),
+                       (128, 32, 8, 2)))
 
 
 def _element_size(args: dict) -> int:

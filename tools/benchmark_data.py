@@ -110,7 +110,8 @@ def benchmark_codec(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _write_synthetic_shards(out: Path, num_clips: int, frames: int, num_classes: int) -> None:
+def write_synthetic_shards(out: Path, num_clips: int, frames: int, num_classes: int) -> None:
+    """``num_clips`` full-length clips of random codes (4 rows x ``frames``), 1-3 of ``num_classes`` labels each."""
     from streaming import MDSWriter
 
     from af_train.shards import CodecInfo, Manifest, shard_columns
@@ -134,7 +135,7 @@ def benchmark_loader(args: argparse.Namespace) -> list[dict]:
     rows = []
     try:
         frames = int(round(args.clip_seconds * 75))
-        _write_synthetic_shards(work / "train", args.clips, frames, num_classes=527)
+        write_synthetic_shards(work / "train", args.clips, frames, num_classes=527)
         cfg = DataConfig(train=str(work / "train"), max_length=frames + 2, code_rows=list(args.code_rows))
         for workers in args.workers:
             loader = build_dataloader(cfg, "train", args.batch_size, mask=True, seed=0, num_workers=workers)

@@ -1,28 +1,34 @@
 #!/usr/bin/env python3
-"""``make demo``: the whole af_train pipeline on the embedded synthetic data, end to end.
+"""``make demo``: the whole af_train pipeline on embedded, realistic speech data, end to end.
 
     python3 tools/demo.py [--out runs/demo] [--data data/demo] [--plan] [--redo STAGE ...]
 
 Stages (each one is a command you can also run by hand; ``--plan`` prints them):
 
-1. ``synth``       af-synth-audio: a labelled multi-label audio set (8 synthetic sound classes, 2 s clips)
-2. ``prepare``     af-prepare: EnCodec 24 kHz at 3 kbps -> MDS shards (train/val/test). The official
-                   weights are used when ``encodec_24khz-d7cc33bc.th`` is in the torch hub cache (or
-                   ``--codec-checkpoint``); otherwise a random-initialised codec, announced loudly and
-                   recorded in the manifest.
-3. ``pretrain_rowR`` af-train: MLM pretraining of the tiny RoFormer on code row R through the DeepSpeed
+1. ``synth``       af-synth-speech: 10 spoken words from many synthetic voices (eSpeak NG), 1 s clips;
+                   the validation and test speakers are never heard in training (chance accuracy 0.10).
+2. ``fit_tokenizer`` af-fit-tokenizer (only without the official EnCodec weights): a ``mel-rvq``
+                   tokenizer (residual k-means over log-mel frames, 75 Hz, 4 code rows) fitted on the
+                   training split. With ``encodec_24khz-d7cc33bc.th`` in the torch hub cache (or
+                   ``--codec-checkpoint``) the demo tokenizes with the official EnCodec instead.
+3. ``prepare``     af-prepare: tokenize every split into MDS shards; the manifest records the tokenizer.
+4. ``baselines``   on the test split: the label prior and a bag of codes (logistic regression on code
+                   histograms), the bars a sequence model has to clear.
+5. ``pretrain_rowR`` af-train: MLM pretraining of the tiny RoFormer on code row R through the DeepSpeed
                    launcher (all GPUs when present, else ``--num-cpu-ranks`` CPU processes): row 0 for
                    fine-tuning, the other rows as FT2's frozen encoders.
-4. ``ft1``, ``ft2`` af-train: fine-tuning from the row-0 encoder (FT1: classification; FT2: + MPC
+6. ``ft1``, ``ft2`` af-train: fine-tuning from the row-0 encoder (FT1: classification; FT2: + MPC
                    against the frozen row encoders); the checkpoint is selected on val/mAP.
-5. ``evaluate_ft1``, ``evaluate_ft2`` af-evaluate on the held-out test clips with the selected
+7. ``evaluate_ft1``, ``evaluate_ft2`` af-evaluate on the held-out test speakers with the selected
                    checkpoint, plus per-class AP and the label-prior baseline (cross-checked).
-6. ``plots``       tools/plot_run.py: loss curves, validation mAP, per-class AP (PNG) in every run.
+8. ``plots``       tools/plot_run.py: loss curves, validation mAP, per-class AP (PNG) in every run.
 
-Then a results table (``OUT/results.md``, ``OUT/results.json``). TensorBoard logs are in every run
-directory (``tensorboard --logdir runs/demo``). Rerunning reuses finished stages (markers in
-``OUT/.stages`` keyed by a hash of the stage's configuration and its inputs) and resumes an interrupted
-training run from its last checkpoint.
+Then a results table (``OUT/results.md``, ``OUT/results.json``): test accuracy and mAP of FT1 and FT2
+against chance, the label prior and the bag of codes. TensorBoard logs are in every run directory
+(``tensorboard --logdir runs/demo``). Rerunning reuses finished stages (markers in ``OUT/.stages`` keyed
+by a hash of the stage's configuration and its inputs) and resumes an interrupted training run from
+its last checkpoint. ``--codec-random-init SEED`` tokenizes with a random-initialised EnCodec instead:
+for plumbing checks only, its codes carry almost no information about speech.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import json
 import os
 import queue
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -53,7 +60,7 @@ else:
     from . import demo_eval
     from . import demo_stages as st
 from af_train.checkpoint import latest_complete, read_best  # noqa: E402
-from af_train.codec import OFFICIAL_CHECKPOINT, OFFICIAL_URL, hub_checkpoint_dir  # noqa: E402
+from af_train.tokenizers.encodec import OFFICIAL_CHECKPOINT, OFFICIAL_URL, hub_checkpoint_dir  # noqa: E402
 
 ENCODEC_WEIGHTS = OFFICIAL_CHECKPOINT
 RECIPES = REPO / "recipes"
@@ -64,25 +71,45 @@ DEFAULT_DATA = Path("data/demo")
 class Settings:
     """The demo's size; ``--smoke`` shrinks it to about a minute for the README test."""
 
-    num_clips: int = 400
-    clip_seconds: float = 2.0
+    train_speakers: int = 40
+    val_speakers: int = 8
+    test_speakers: int = 12
+    repeats: int = 2  # takes of every word per speaker
+    clip_seconds: float = 1.0
     seed: int = 0
+    codes: int = 1024  # mel-rvq codebook size (entries per code row)
     frozen_rows: tuple[int, ...] = (1, 2, 3)
-    pretrain_steps: int = 400
-    ft_steps: int = 300
+    pretrain_steps: int = 500
+    ft_steps: int = 500
     eval_every: int = 50
     # FT2's loss weights for the tiny setting, chosen on val/mAP among (alpha, T) = (0.8, 0.05) (the paper's
     # stage 1, recipes/tiny_ft2.yaml), (0.9, 0.2), (0.95, 0.1), (0.97, 0.05): with tiny frozen row encoders
-    # on random-codec codes a strong MPC term pulls row 0 towards embeddings that carry little class
-    # information (0.8 / 0.05 lost 0.16 test mAP against FT1).
+    # a strong MPC term pulls row 0 towards embeddings that carry little class information (0.8 / 0.05 lost
+    # 0.16 test mAP against FT1 on the earlier synthetic tones).
     ft2_alpha: float = 0.95
     ft2_temperature: float = 0.1
     micro_batch_size: int | None = None  # default: the recipe's (8)
-    max_length: int | None = None  # default: the recipe's (2 s clips: 152)
+    max_length: int | None = 77  # 1 s clips: 75 frames + BOA + EOA
 
 
-SMOKE = Settings(num_clips=24, clip_seconds=1.0, frozen_rows=(1,), pretrain_steps=3, ft_steps=3, eval_every=3,
-                 micro_batch_size=4, max_length=77)
+SMOKE = Settings(train_speakers=2, val_speakers=1, test_speakers=1, repeats=1, frozen_rows=(1,),
+                 pretrain_steps=3, ft_steps=3, eval_every=3, micro_batch_size=4)
+
+
+@dataclass(frozen=True)
+class TokenizerChoice:
+    """How the demo tokenizes: ``mel-rvq`` (fitted here), the official ``encodec`` weights, or ``random``."""
+
+    kind: str  # "mel-rvq" | "encodec" | "random"
+    checkpoint: Path | None = None  # encodec: the official weights file
+    seed: int = 0  # random: the random-init seed
+
+    def note(self) -> str:
+        if self.kind == "encodec":
+            return f"official EnCodec weights {self.checkpoint}"
+        if self.kind == "random":
+            return f"RANDOM-INITIALISED EnCodec (seed {self.seed}; plumbing only)"
+        return "mel-rvq fitted on the demo's training split"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,27 +153,47 @@ def best_checkpoint(run_dir: Path) -> Path:
     return latest
 
 
-def build_plan(out: Path, data: Path, s: Settings, ranks: list[str], codec: Path | None, codec_seed: int,
-               ) -> list[st.Stage]:
+def build_plan(out: Path, data: Path, s: Settings, ranks: list[str], tokenizer: TokenizerChoice) -> list[st.Stage]:
     audio, shards = data / "audio", data / "shards"
+    labels, vocabulary = audio / "labels.csv", audio / "vocabulary.txt"
     splits = {split: shards / split for split in ("train", "val", "test")}
     # recipes/tiny_*.yaml read data/demo/shards/{train,val,test}: name the splits only when elsewhere
     data_overrides = [] if data == DEFAULT_DATA else [f"data.{k}={v}" for k, v in splits.items()]
     if s.max_length is not None:
         data_overrides.append(f"data.max_length={s.max_length}")
     batch = [f"train.micro_batch_size={s.micro_batch_size}"] if s.micro_batch_size else []
-    codec_args = ["--codec-checkpoint", str(codec)] if codec else ["--codec-random-init", str(codec_seed)]
+    speakers = f"{s.train_speakers}/{s.val_speakers}/{s.test_speakers}"
     stages = [
-        st.Stage("synth", f"synthesise {s.num_clips} labelled clips of {s.clip_seconds:g} s",
-                 ["af-synth-audio", "--out", str(audio), "--num-clips", str(s.num_clips),
-                  "--clip-seconds", f"{s.clip_seconds:g}", "--seed", str(s.seed)],
-                 outputs=[audio / "labels.csv", audio / "vocabulary.txt"], owned=[audio]),
-        st.Stage("prepare", "tokenize with EnCodec (3 kbps, 4 code rows) into MDS shards",
-                 ["af-prepare", "--format", "csv", "--input", str(audio / "labels.csv"),
-                  "--labels", str(audio / "vocabulary.txt"), "--out", str(shards),
-                  "--clip-seconds", f"{s.clip_seconds:g}", *codec_args],
-                 outputs=[p / "manifest.json" for p in splits.values()], owned=[shards], depends=["synth"],
-                 files=[codec] if codec else []),
+        st.Stage("synth", f"speak 10 words ({s.clip_seconds:g} s clips), {speakers} train/val/test speakers (disjoint)",
+                 ["af-synth-speech", "--out", str(audio), "--train-speakers", str(s.train_speakers),
+                  "--val-speakers", str(s.val_speakers), "--test-speakers", str(s.test_speakers),
+                  "--repeats", str(s.repeats), "--clip-seconds", f"{s.clip_seconds:g}", "--seed", str(s.seed)],
+                 outputs=[labels, vocabulary], owned=[audio]),
+    ]
+    if tokenizer.kind == "mel-rvq":
+        fitted = data / "mel_rvq.safetensors"
+        stages.append(st.Stage(
+            "fit_tokenizer", f"fit the mel-rvq tokenizer (4 rows x {s.codes} codes) on the training split",
+            ["af-fit-tokenizer", "--kind", "mel-rvq", "--format", "csv", "--input", str(labels), "--out", str(fitted),
+             "--rows", "4", "--codes", str(s.codes), "--seed", str(s.seed)],
+            outputs=[fitted], owned=[fitted], depends=["synth"]))
+        tokenizer_args, title, files = ["--tokenizer", str(fitted)], "tokenize with the fitted mel-rvq", []
+    elif tokenizer.kind == "encodec":
+        tokenizer_args = ["--tokenizer", "encodec", "--codec-checkpoint", str(tokenizer.checkpoint)]
+        title, files = "tokenize with EnCodec (3 kbps, 4 code rows)", [tokenizer.checkpoint]
+    else:
+        tokenizer_args = ["--codec-random-init", str(tokenizer.seed)]
+        title, files = "tokenize with a RANDOM-INITIALISED EnCodec (plumbing only)", []
+    stages += [
+        st.Stage("prepare", f"{title} into MDS shards",
+                 ["af-prepare", "--format", "csv", "--input", str(labels), "--labels", str(vocabulary),
+                  "--out", str(shards), "--clip-seconds", f"{s.clip_seconds:g}", "--single-label", *tokenizer_args],
+                 outputs=[p / "manifest.json" for p in splits.values()], owned=[shards],
+                 depends=["synth"] + (["fit_tokenizer"] if tokenizer.kind == "mel-rvq" else []), files=files),
+        st.Stage("baselines", "baselines on the test split: label prior, bag of codes (logistic regression)",
+                 ["python3", _rel(REPO / "tools" / "demo_eval.py"), str(shards), "--out", str(out / "baselines.json")],
+                 outputs=[out / "baselines.json"], owned=[out / "baselines.json"], depends=["prepare"],
+                 files=[REPO / "tools" / "demo_eval.py"]),
     ]
     pretrain_recipe = RECIPES / "tiny_pretrain.yaml"
     no_test = [o for o in data_overrides if not o.startswith("data.test=")]  # pretraining never sees test clips
@@ -218,7 +265,8 @@ def _rel(path: Path) -> str:
 # Lines worth showing on the terminal (everything goes to the stage's log file).
 _SHOW = re.compile(
     r"af_train\.(engine|evaluate)|af_train\.data\.loader: data\.train|^wrote |summary|written \d+|codec|"
-    r"Traceback|Error|error:|exits with return code|^\s+\w+: written|^\s*\"test/mAP\"|random", re.IGNORECASE)
+    r"Traceback|Error|error:|exits with return code|^\s+\w+: written|^\s*\"test/mAP\"|random|^baselines:|^fit|"
+    r"^wrote .*safetensors", re.IGNORECASE)
 _HIDE = re.compile(r"streaming\.base|real_accelerator|MFU not computed|Setting accelerator", re.IGNORECASE)
 _TQDM = re.compile(r"\d+%\|")
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\[rank\d+\] )?(INFO |WARNING )?")
@@ -305,6 +353,16 @@ def run_command(command: list[str], log_path: Path, verbose: bool, heartbeat: fl
             raise
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of every finished child process (and theirs) so far.
+
+    On a shared machine a stage's wall time depends on the other load; its CPU time does not, so the demo
+    reports both.
+    """
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_stages(stages: list[st.Stage], out: Path, *, redo: set[str], verbose: bool) -> list[dict[str, Any]]:
     """Run (or reuse) every stage in order; returns the timing rows of the results table."""
     hashes: dict[str, str] = {}
@@ -320,7 +378,7 @@ def run_stages(stages: list[st.Stage], out: Path, *, redo: set[str], verbose: bo
         if state == st.REUSE:
             print(f"{header}\n    reused: {reason}", flush=True)
             timings.append({"stage": stage.name, "title": stage.title, "state": "reused",
-                            "seconds": marker.get("seconds")})
+                            "seconds": marker.get("seconds"), "cpu_seconds": marker.get("cpu_seconds")})
             continue
         print(f"{header}\n    {'resuming' if state == st.RESUME else 'running'}: {reason}", flush=True)
         if state == st.FRESH:
@@ -328,22 +386,22 @@ def run_stages(stages: list[st.Stage], out: Path, *, redo: set[str], verbose: bo
                 print(f"    removed earlier output {path}", flush=True)
         print(f"    $ {stage.shell()}", flush=True)
         st.write_marker(out, stage.name, {"hash": digest, "status": "running", "started": st.now()})
-        started = time.time()
+        started, cpu_started = time.time(), cpu_seconds()
         if stage.command:
             rc = run_command(stage.argv(), out / "logs" / f"{stage.name}.log", verbose)
             if rc != 0:
                 log = out / "logs" / f"{stage.name}.log"
                 tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:])
                 raise SystemExit(f"\nstage '{stage.name}' failed (exit {rc}). Last lines of {log}:\n{tail}\n\n"
-                                 f"Fix the cause and rerun `make demo`: finished stages are reused.")
+                                 "Fix the cause and run the same command again: finished stages are reused.")
         if stage.function is not None:
             stage.function()
-        seconds = time.time() - started
-        st.write_marker(out, stage.name, {"hash": digest, "status": "done", "seconds": seconds,
+        seconds, cpu = time.time() - started, cpu_seconds() - cpu_started
+        st.write_marker(out, stage.name, {"hash": digest, "status": "done", "seconds": seconds, "cpu_seconds": cpu,
                                           "finished": st.now(), "command": stage.shell()})
-        print(f"    done in {st.format_seconds(seconds)}", flush=True)
+        print(f"    done in {st.format_seconds(seconds)} (CPU time {st.format_seconds(cpu)})", flush=True)
         timings.append({"stage": stage.name, "title": stage.title, "state": "resumed" if state == st.RESUME else "ran",
-                        "seconds": seconds})
+                        "seconds": seconds, "cpu_seconds": cpu})
     return timings
 
 
@@ -372,8 +430,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def collect_results(out: Path, s: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows of the model table (eval and per-class files) and the pretraining table (final/metrics.json)."""
+def collect_results(out: Path, s: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Rows of the model table (eval and per-class files), the pretraining table (final/metrics.json) and the
+    baselines (``baselines.json``)."""
     models = []
     for mode in ("ft1", "ft2"):
         run = out / mode
@@ -392,12 +451,12 @@ def collect_results(out: Path, s: Settings) -> tuple[list[dict[str, Any]], list[
         pretraining.append({"name": run.name, "row": row, "steps": final.get("step"),
                             "val_mlm_loss": final.get("val/mlm_loss"),
                             "val_mlm_accuracy": final.get("val/mlm_accuracy")})
-    return models, pretraining
+    return models, pretraining, _read_json(out / "baselines.json")
 
 
 def report(out: Path, s: Settings, timings: list[dict[str, Any]], codec_note: str, wall: float,
            enforce: bool = True) -> int:
-    models, pretraining = collect_results(out, s)
+    models, pretraining, baselines = collect_results(out, s)
     difference = None
     a, b = out / "ft1" / "test_scores.npz", out / "ft2" / "test_scores.npz"
     if a.is_file() and b.is_file():
@@ -406,17 +465,18 @@ def report(out: Path, s: Settings, timings: list[dict[str, Any]], codec_note: st
             raise SystemExit("FT1 and FT2 were scored on different test clips; rerun with --redo evaluate_ft1 "
                              "evaluate_ft2")
         difference = demo_eval.paired_bootstrap(sa["scores"], sb["scores"], sa["targets"])
-    text = st.results_tables(models, pretraining, timings)
+    text = st.results_tables(models, pretraining, timings, baselines)
     checks = st.verdicts({m["name"]: m for m in models if m["test_mAP"] is not None and m["prior_mAP"] is not None},
-                         difference)
-    lines = [f"af_train demo results ({st.now()}; codec: {codec_note})", "", text]
+                         difference, baselines)
+    lines = [f"af_train demo results ({st.now()}; tokenizer: {codec_note})", "", text]
     lines += [("PASS  " if ok else "CHECK ") + sentence for ok, sentence in checks]
     lines += ["", f"wall time of this invocation: {st.format_seconds(wall)}",
               f"plots: {out}/*/plots/*.png and {out}/plots/; TensorBoard: tensorboard --logdir {out}"]
     body = "\n".join(lines) + "\n"
     (out / "results.md").write_text(body, encoding="utf-8")
     demo_eval.write_json(out / "results.json", {"models": models, "pretraining": pretraining, "timings": timings,
-                                                "ft2_minus_ft1": difference, "codec": codec_note,
+                                                "baselines": baselines, "ft2_minus_ft1": difference,
+                                                "tokenizer": codec_note,
                                                 "checks": [{"passed": ok, "check": c} for ok, c in checks],
                                                 "wall_seconds": wall})
     print("\n" + body, flush=True)
@@ -435,45 +495,53 @@ def report(out: Path, s: Settings, timings: list[dict[str, Any]], codec_note: st
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="demo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Stages: synth, prepare, pretrain_row0.., ft1, ft2, evaluate_ft1, "
-                                            "evaluate_ft2, plots. Exit status 1 when a result check fails.")
+                                     epilog="Stages: synth, fit_tokenizer, prepare, baselines, pretrain_row0.., ft1, "
+                                            "ft2, evaluate_ft1, evaluate_ft2, plots. Exit status 1 when a result "
+                                            "check fails.")
     parser.add_argument("--out", default="runs/demo", help="run directory of the demo (default runs/demo)")
     parser.add_argument("--data", default=str(DEFAULT_DATA),
-                        help="where the synthetic audio and its shards go (default data/demo, where recipes/tiny_* "
-                             "look for them)")
+                        help="where the spoken-word audio, the fitted tokenizer and the shards go (default data/demo, "
+                             "where recipes/tiny_* look for them)")
     parser.add_argument("--plan", action="store_true", help="print the stages, their commands and state; run nothing")
     parser.add_argument("--redo", nargs="+", default=[], metavar="STAGE", help="run these stages again from scratch")
     parser.add_argument("--verbose", action="store_true", help="show every line of every command")
     parser.add_argument("--num-cpu-ranks", type=int, default=2, help="CPU processes when there is no GPU (default 2)")
     parser.add_argument("--num-gpus", type=int, help="GPUs to use (default: all visible; 0: start --num-cpu-ranks "
                                                      "processes as on a machine without GPU)")
-    codec = parser.add_mutually_exclusive_group()
-    codec.add_argument("--codec-checkpoint", help=f"official EnCodec weights ({ENCODEC_WEIGHTS}); default: the torch "
-                                                  "hub cache when the file is there")
-    codec.add_argument("--codec-random-init", type=int, metavar="SEED",
-                       help="use a random-initialised codec even when the official weights are present")
-    size = parser.add_argument_group("size (defaults: about 6 minutes on 2 CPU cores)")
-    size.add_argument("--num-clips", type=int, help=f"synthetic clips (default {Settings.num_clips})")
+    tokenizer = parser.add_mutually_exclusive_group()
+    tokenizer.add_argument("--codec-checkpoint", help=f"official EnCodec weights ({ENCODEC_WEIGHTS}); default: the "
+                                                      "torch hub cache when the file is there, else a mel-rvq "
+                                                      "tokenizer fitted on the training split")
+    tokenizer.add_argument("--mel-rvq", action="store_true",
+                           help="fit and use the mel-rvq tokenizer even when the official EnCodec weights are present")
+    tokenizer.add_argument("--codec-random-init", type=int, metavar="SEED",
+                           help="plumbing checks only: a random-initialised EnCodec, whose codes carry almost no "
+                                "information about speech")
+    size = parser.add_argument_group("size (defaults: about 10 minutes on 2 CPU cores)")
+    size.add_argument("--train-speakers", type=int, help=f"training speakers (default {Settings.train_speakers})")
     size.add_argument("--frozen-rows", help="FT2's frozen code rows, comma-separated (default 1,2,3)")
     size.add_argument("--pretrain-steps", type=int, help=f"per pretraining run (default {Settings.pretrain_steps})")
     size.add_argument("--ft-steps", type=int, help=f"per fine-tuning run (default {Settings.ft_steps})")
-    size.add_argument("--smoke", action="store_true", help="a miniature for tests (about a minute): 24 clips of "
-                                                           "1 s, 3 steps per run, one frozen row; checks not enforced")
+    size.add_argument("--smoke", action="store_true", help="a miniature for tests (about a minute): 4 speakers, 40 "
+                                                           "clips, 3 steps per run, one frozen row; checks not "
+                                                           "enforced")
     return parser.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings(**vars(SMOKE)) if args.smoke else Settings()
-    if args.num_clips is not None:
-        s.num_clips = args.num_clips
+    if args.train_speakers is not None:
+        if args.train_speakers < 1:
+            raise SystemExit(f"--train-speakers {args.train_speakers}: give at least 1")
+        s.train_speakers = args.train_speakers
     if args.frozen_rows is not None:
         try:
             rows = tuple(int(r) for r in args.frozen_rows.split(",") if r.strip())
         except ValueError:
             raise SystemExit(f"--frozen-rows {args.frozen_rows!r}: give code rows like 1,2,3") from None
         if not rows or any(r < 1 or r > 3 for r in rows) or len(set(rows)) != len(rows):
-            raise SystemExit(f"--frozen-rows {args.frozen_rows!r}: distinct rows among 1, 2, 3 (3 kbps has 4 rows; "
-                             "row 0 is the trainable one)")
+            raise SystemExit(f"--frozen-rows {args.frozen_rows!r}: distinct rows among 1, 2, 3 (the tokenizers have 4 "
+                             "rows; row 0 is the trainable one)")
         s.frozen_rows = rows
     if args.pretrain_steps is not None:
         s.pretrain_steps = args.pretrain_steps
@@ -481,6 +549,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
         s.ft_steps = args.ft_steps
         s.eval_every = max(1, min(s.eval_every, args.ft_steps))
     return s
+
+
+def choose_tokenizer(args: argparse.Namespace) -> tuple[TokenizerChoice, str | None]:
+    """The tokenizer and, when it is not the official EnCodec, why (for the banner)."""
+    if args.codec_random_init is not None:
+        return TokenizerChoice("random", seed=args.codec_random_init), "--codec-random-init was given"
+    if args.mel_rvq:
+        return TokenizerChoice("mel-rvq"), "--mel-rvq was given"
+    weights = find_codec_weights(args.codec_checkpoint)
+    if weights is not None:
+        return TokenizerChoice("encodec", checkpoint=weights), None
+    return TokenizerChoice("mel-rvq"), (f"the official EnCodec weights ({ENCODEC_WEIGHTS}) are not in the torch hub "
+                                        f"cache ({hub_checkpoint_dir()})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,14 +578,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, out: Path, data: Path) -> int:
     s = settings_from(args)
-    codec = None if args.codec_random_init is not None else find_codec_weights(args.codec_checkpoint)
-    codec_seed = args.codec_random_init if args.codec_random_init is not None else 0
-    if codec is not None:
-        codec_note = f"official EnCodec weights {codec}"
-    else:
-        codec_note = f"RANDOM-INITIALISED EnCodec (seed {codec_seed})"
+    tokenizer, why = choose_tokenizer(args)
     ranks = ranks_args(args.num_gpus, args.num_cpu_ranks)
-    stages = build_plan(out, data, s, ranks, codec, codec_seed)
+    stages = build_plan(out, data, s, ranks, tokenizer)
     names = {stage.name for stage in stages}
     unknown = sorted(set(args.redo) - names)
     if unknown:
@@ -518,13 +594,14 @@ def _main(args: argparse.Namespace, out: Path, data: Path) -> int:
         return 0
 
     print(f"af_train demo -> {out}  (data in {data}; {' '.join(ranks[:2])})", flush=True)
-    if codec is None:
-        why = ("--codec-random-init was given" if args.codec_random_init is not None else
-               f"the official EnCodec weights ({ENCODEC_WEIGHTS}) are not in the torch hub cache "
-               f"({hub_checkpoint_dir()})")
-        print("\n" + "!" * 100 + f"\n!! {why[0].upper()}{why[1:]}.\n!! Tokenizing with a RANDOM-INITIALISED codec "
-              f"(seed {codec_seed}): fine for this demo, recorded in the manifest; real data needs the real "
-              "weights.\n" + "!" * 100 + "\n", flush=True)
+    if tokenizer.kind == "mel-rvq":
+        print("\n" + "=" * 100 + f"\n== {why[0].upper()}{why[1:]}.\n== Tokenizing with mel-rvq instead: a residual "
+              f"k-means over log-mel frames (75 Hz, 4 rows x {s.codes} codes),\n== fitted on the demo's training "
+              f"split (stage fit_tokenizer) and recorded in the shards' manifest.\n" + "=" * 100 + "\n", flush=True)
+    elif tokenizer.kind == "random":
+        print("\n" + "!" * 100 + f"\n!! {why}: tokenizing with a RANDOM-INITIALISED EnCodec (seed {tokenizer.seed}).\n"
+              "!! For plumbing checks only: its codes carry almost no information about speech, so expect the "
+              "checks to fail.\n" + "!" * 100 + "\n", flush=True)
     started = time.time()
     try:
         timings = run_stages(stages, out, redo=set(args.redo), verbose=args.verbose)
@@ -532,7 +609,7 @@ def _main(args: argparse.Namespace, out: Path, data: Path) -> int:
         print("\ndemo stopped; run it again to continue (finished stages are reused, training resumes from its "
               "last checkpoint)", flush=True)
         return 130
-    return report(out, s, timings, codec_note, time.time() - started, enforce=not args.smoke)
+    return report(out, s, timings, tokenizer.note(), time.time() - started, enforce=not args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,28 @@
-"""The demo's evaluation: per-clip test scores of a run, per-class AP, label-prior baseline, bootstrap.
+"""The demo's evaluation: per-clip test scores of a run, per-class AP, baselines, bootstrap.
 
 ``af-evaluate`` gives the official aggregate numbers; this module keeps the per-clip scores so the demo
-can also report AP per class, the label-prior baseline (every clip scored with the training-set class
-frequencies: AP of a class is then its prevalence in the split) and a paired bootstrap of the
-difference between two models. Its mAP is checked against ``af-evaluate``'s by ``tools/demo.py``.
+can also report AP per class, two baselines and a paired bootstrap of the difference between two
+models. Its mAP is checked against ``af-evaluate``'s by ``tools/demo.py``. The baselines:
+
+- label prior: every clip scored with the training-set class frequencies (AP of a class is then its
+  prevalence in the split): what a model that ignores the audio gets;
+- bag of codes: a linear classifier (L2-regularised logistic regression) on each clip's histogram of
+  codes, per code row, ignoring their order: what the tokens carry without any sequence model.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from af_train.metrics import average_precision, classification_metrics
+if __package__ in (None, ""):  # run as a script (the demo's baselines stage): make af_train importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from af_train.metrics import average_precision, classification_metrics  # noqa: E402
 
 
 def multi_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -38,6 +46,111 @@ def label_prior_scores(train_targets: np.ndarray, num_clips: int) -> np.ndarray:
     """Every clip gets the training-set frequency of each class: the baseline that ignores the audio."""
     prior = train_targets.astype(np.float64).mean(axis=0)
     return np.tile(prior, (num_clips, 1))
+
+
+def read_split_codes(directory: str | Path) -> tuple[list[str], list[np.ndarray], list[list[int]], int]:
+    """Every clip of a local shard directory: ids, codes [rows, valid frames], label indices, codebook size."""
+    from streaming import LocalDataset
+
+    from af_train.data import load_manifest
+
+    manifest = load_manifest(directory)
+    dataset = LocalDataset(local=str(directory))
+    ids, codes, labels = [], [], []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        ids.append(str(sample["id"]))
+        codes.append(np.asarray(sample["codes"])[:, : int(sample["length"])])
+        labels.append([int(v) for v in np.asarray(sample["labels"]).tolist()])
+    return ids, codes, labels, manifest.codec.codebook_size
+
+
+def code_histograms(codes: list[np.ndarray], codebook_size: int) -> np.ndarray:
+    """[N, rows * codebook_size]: each row's code counts over the clip's valid frames, divided by its length."""
+    rows = codes[0].shape[0]
+    features = np.zeros((len(codes), rows * codebook_size), dtype=np.float32)
+    for i, clip in enumerate(codes):
+        for row in range(rows):
+            counts = np.bincount(clip[row].astype(np.int64), minlength=codebook_size)[:codebook_size]
+            features[i, row * codebook_size: (row + 1) * codebook_size] = counts / max(1, clip.shape[1])
+    return features
+
+
+def bag_of_codes_scores(train_dir: str | Path, eval_dir: str | Path, num_classes: int) -> dict[str, Any]:
+    """The bag-of-codes baseline fitted on ``train_dir``'s clips, scoring ``eval_dir``'s (shard directories).
+
+    Returns ids (sorted), scores [N, C], targets bool [N, C] and whether the data is single-label.
+    """
+    _, train_codes, train_labels, codebook_size = read_split_codes(train_dir)
+    ids, eval_codes, eval_labels, _ = read_split_codes(eval_dir)
+    scores, single = fit_bag_of_codes(train_codes, train_labels, eval_codes, codebook_size, num_classes)
+    order = np.argsort(ids, kind="stable")
+    return {"ids": [ids[i] for i in order], "scores": scores[order],
+            "targets": multi_hot_lists(eval_labels, num_classes)[order], "single_label": single}
+
+
+def fit_bag_of_codes(train_codes: list[np.ndarray], train_labels: list[list[int]], eval_codes: list[np.ndarray],
+                     codebook_size: int, num_classes: int, l2: float = 1e-3, steps: int = 200,
+                     ) -> tuple[np.ndarray, bool]:
+    """Logistic regression on code histograms: (scores [N_eval, C] float64, single_label).
+
+    Softmax over the classes when every training clip has one label, one sigmoid per class otherwise;
+    full-batch L-BFGS from zero weights on standardised features (deterministic).
+    """
+    import torch
+
+    x_train = torch.from_numpy(code_histograms(train_codes, codebook_size)).double()
+    x_eval = torch.from_numpy(code_histograms(eval_codes, codebook_size)).double()
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
+    y_train = torch.from_numpy(multi_hot_lists(train_labels, num_classes)).double()
+    single = all(len(labels) == 1 for labels in train_labels)
+    weight = torch.zeros(x_train.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss_fn() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = x_train @ weight + bias
+        if single:
+            loss = torch.nn.functional.cross_entropy(logits, y_train.argmax(1))
+        else:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y_train)
+        loss = loss + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(loss_fn)
+    with torch.no_grad():
+        logits = x_eval @ weight + bias
+        scores = logits.softmax(1) if single else logits.sigmoid()
+    return scores.numpy(), single
+
+
+def multi_hot_lists(labels: list[list[int]], num_classes: int) -> np.ndarray:
+    out = np.zeros((len(labels), num_classes), dtype=bool)
+    for i, clip in enumerate(labels):
+        out[i, clip] = True
+    return out
+
+
+def baseline_metrics(scored: dict[str, Any]) -> dict[str, float]:
+    """classification_metrics of a baseline's scores (accuracy too for single-label data)."""
+    targets = scored["targets"]
+    return classification_metrics(scored["scores"], targets.argmax(1) if scored["single_label"] else targets)
+
+
+def test_baselines(shards: str | Path) -> dict[str, Any]:
+    """Label prior and bag of codes on ``shards/test``, both fitted on ``shards/train``: metrics and chance."""
+    from af_train.data import load_manifest
+
+    shards = Path(shards)
+    num_classes = load_manifest(shards / "train").num_classes
+    bag = bag_of_codes_scores(shards / "train", shards / "test", num_classes)
+    _, _, train_labels, _ = read_split_codes(shards / "train")
+    prior = dict(bag, scores=label_prior_scores(multi_hot_lists(train_labels, num_classes), len(bag["ids"])))
+    return {"bag_of_codes": baseline_metrics(bag), "label_prior": baseline_metrics(prior),
+            "chance_accuracy": 1.0 / num_classes if bag["single_label"] else None, "num_test": len(bag["ids"])}
 
 
 def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, targets: np.ndarray, rounds: int = 1000,
@@ -156,3 +269,24 @@ def load_scores(path: Path) -> dict[str, np.ndarray]:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 tools/demo_eval.py SHARDS --out FILE``: the test-split baselines of a shard directory."""
+    parser = argparse.ArgumentParser(prog="demo_eval.py", description="Label-prior and bag-of-codes baselines on "
+                                     "SHARDS/test, fitted on SHARDS/train (written as JSON).")
+    parser.add_argument("shards", help="directory with train/ and test/ shard folders")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    payload = test_baselines(args.shards)
+    write_json(Path(args.out), payload)
+    bag, prior = payload["bag_of_codes"], payload["label_prior"]
+    accuracy = "n/a" if bag.get("accuracy") is None else f"{bag['accuracy']:.3f}"
+    chance = "" if payload["chance_accuracy"] is None else f"; chance accuracy {payload['chance_accuracy']:.3f}"
+    print(f"baselines: bag of codes test accuracy {accuracy}, mAP {bag['mAP']:.3f}; label prior mAP "
+          f"{prior['mAP']:.3f}{chance} ({payload['num_test']} test clips) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

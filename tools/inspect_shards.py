@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a plain script: make the repository impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from af_train.shards import MANIFEST_NAME, Manifest, ManifestError  # noqa: E402
+from af_train.tokenizers import describe_identity  # noqa: E402
 
 
 def find_split_dirs(root: Path) -> list[Path]:
@@ -37,8 +38,10 @@ def inspect_split(directory: Path, num_samples: int, first_codes: int, out=None)
     c = manifest.codec
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"== {directory}  (split '{manifest.split}', source format {manifest.source_format})")
-    p(f"codec       {c.model} {c.bandwidth:g} kbps: {c.codebooks} codebooks × {c.codebook_size} at {c.frame_rate:g} Hz")
+    rate = f" {c.bandwidth:g} kbps" if c.bandwidth else ""  # (a fitted tokenizer has no bit rate)
+    p(f"codec       {c.model}{rate}: {c.codebooks} codebooks × {c.codebook_size} at {c.frame_rate:g} Hz")
     p(f"weights     {c.weights}")
+    p(f"tokenizer   {describe_identity(manifest.tokenizer)}")
     p(f"clips       {manifest.clip_seconds:g} s = {manifest.frames} frames; "
       f"{'multi-label' if manifest.multi_label else 'single-label'}, {manifest.num_classes} classes")
     shown = ", ".join(manifest.labels[:12]) + (", …" if manifest.num_classes > 12 else "")

@@ -420,11 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
-def console_main() -> int:
+def console_main(argv: list[str] | None = None) -> int:
     """Entry point: compile into a fresh Triton cache (a cached kernel has no ptxas log)."""
     with tempfile.TemporaryDirectory(prefix="af-kernel-compile-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        return main()
+        return main(argv)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ from af_train.prepare.remote_output import RemoteOutput
 from af_train.prepare.sources import (
     DEFAULT_CLIP_SECONDS,
     LabelFileError,
-    _check_split_name,
     add_source_arguments,
+    check_split_name,
     load_source,
 )
 from af_train.prepare.writing import (
@@ -124,7 +124,7 @@ def _validate_args(args: argparse.Namespace) -> None:
     if args.tokenizer != "encodec" and (args.codec_checkpoint is not None or args.codec_random_init is not None):
         raise SystemExit("af-prepare: error: --codec-checkpoint and --codec-random-init choose EnCodec weights; "
                          f"they do not apply to --tokenizer {args.tokenizer}")
-    _check_split_name(args.split, "--split")
+    check_split_name(args.split, "--split")
 
 
 def build_tokenizer(args: argparse.Namespace) -> Tokenizer:

@@ -128,7 +128,7 @@ def _read_vocabulary(path: Path) -> list[str]:
     return names
 
 
-def _check_split_name(name: str, where: str) -> str:
+def check_split_name(name: str, where: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
         raise LabelFileError(f"{where}: split name {name!r} is not usable as a folder name")
     return name
@@ -150,7 +150,7 @@ def load_csv_source(args: argparse.Namespace) -> Source:
         labels = [t.strip() for t in r["labels"].split(";") if t.strip()]
         tokens_seen += labels
         clip_id = r.get("id") or str(Path(r["path"]).with_suffix("").as_posix())
-        split = _check_split_name(r["split"], where) if has_split else args.split
+        split = check_split_name(r["split"], where) if has_split else args.split
         if not split:
             raise LabelFileError(f"{where}: empty split")
         splits.setdefault(split, []).append(Entry(clip_id, audio, labels, where))

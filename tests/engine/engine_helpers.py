@@ -77,6 +77,15 @@ def start(ranks: int, overrides: list[str], log: Path, *, resume: str = "auto", 
                                 start_new_session=True)
 
 
+def logged_steps(run_dir: Path) -> int:
+    """The last step in a run's metrics.jsonl (0 if none); a line cut by a kill is ignored."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
 def wait(process: subprocess.Popen, log: Path, timeout: float = 240, expect_rc: int | None = 0) -> int:
     try:
         rc = process.wait(timeout=timeout)

@@ -204,6 +204,7 @@ def test_ft2_trains_only_the_trainable_row_and_consolidates_frozen_encoders(one_
     trainer.close()
     records = [r for r in read_metrics(run_dir) if "loss" in r]
     assert all("mpc_loss" in r and "cls_loss" in r for r in records)
+    assert all(r["mpc_n"] == 4 * 4 for r in records)  # micro batch 4 x 4 code rows (1 rank: local = global)
     assert "val/mAP" in metrics and "val/mpc_loss" in metrics
     state = torch.load(run_dir / "final" / "model.pt", weights_only=True)["state_dict"]
     for index, path in enumerate(frozen_paths):

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import base_overrides, batch_ids, free_port, run, start, wait, wait_for, wait_group_exit
+from engine_helpers import (
+    base_overrides,
+    batch_ids,
+    free_port,
+    logged_steps,
+    run,
+    start,
+    wait,
+    wait_for,
+    wait_group_exit,
+)
 
 from af_train.checkpoint import is_complete, latest_complete, step_of
 from af_train.run_logging import read_metrics
@@ -35,14 +45,6 @@ def global_ids(run_dir: Path) -> dict[int, list[str]]:
     for (step, _), ids in batch_ids(run_dir).items():
         out.setdefault(step, []).extend(ids)
     return {step: sorted(ids) for step, ids in out.items()}
-
-
-def logged_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")]
-    return max(steps, default=0)
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +262,20 @@ def test_zero3_bf16_pretraining_learns(data_root, tmp_path):
     payload = torch.load(run_dir / "final" / "model.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in payload["state_dict"].values())  # consolidated fp32 master
     assert payload["state_dict"]["encoder.embeddings.word_embeddings.weight"].shape == (1032, 64)
+
+
+def test_ft2_global_negatives_log_the_global_micro_batch(data_root, tmp_path):
+    """2 ranks, FT2: MPC negatives default to global, N = 2 ranks x micro batch 4 x 2 rows, every step."""
+    from af_train.model import AudioFormerConfig, RoFormerEncoder, save_encoder
+
+    torch.manual_seed(1)
+    frozen = save_encoder(RoFormerEncoder(AudioFormerConfig.preset("tiny")), tmp_path / "row1.pt", code_row=1)
+    run_dir = tmp_path / "ft2"
+    overrides = base_overrides(data_root, run_dir) + [
+        "objective.mode=ft2", "data.code_rows=[0,1]", f"objective.frozen_row_checkpoints=[{frozen}]",
+        "train.max_steps=3", "train.save_every=0", "data.val=null", "train.record_sample_ids=false",
+    ]
+    run(2, overrides, tmp_path / "ft2.log")
+    records = train_records(run_dir)
+    assert sorted(records) == [1, 2, 3]
+    assert all(r["mpc_n"] == 2 * 4 * 2 and r["mpc_loss"] > 0 for r in records.values()), records

@@ -328,3 +328,16 @@ def test_reference_dropout_gives_gradients():
     for got, want in zip((q.grad, k.grad, v.grad), plain):
         assert got is not None and torch.isfinite(got).all() and float(got.abs().max()) > 0
         assert not torch.allclose(got, want)
+
+
+def test_fp32_on_a_gpu_goes_to_sdpa(monkeypatch):
+    """Compiled (GPU) fp32 attention takes the reference's SDPA: Triton's exact fp32 dots have no tensor
+    cores. (Stood in on CPU: the module is told its kernels are compiled, and the reference is a spy.)"""
+    calls = []
+    monkeypatch.setattr(triton_attention, "kernels_interpreted", lambda: False)
+    monkeypatch.setattr(triton_attention, "check_kernel_inputs", lambda *a, **k: None)
+    monkeypatch.setattr(reference, "rotary_attention", lambda *a, **k: calls.append(a) or "sdpa")
+    q = torch.randn(1, 5, 2, 32)
+    cos, sin = reference.rotary_tables(5, 32)
+    assert rotary_attention(q, q, q, cos, sin, None, True, None, 0.1) == "sdpa"
+    assert len(calls) == 1 and calls[0][-1] == 0.1  # dropout_p passed on

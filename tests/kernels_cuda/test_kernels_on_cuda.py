@@ -185,7 +185,7 @@ def test_chosen_configs_are_recorded_and_pinned_on_a_fresh_tuner(compiled_kernel
     attention.rotary_attention(q, q, q, cos, sin).sum().backward()
     recorded = autotune.chosen_configs()
     assert recorded["attention_fwd"] and recorded["attention_bwd_dkdv"] and recorded["attention_bwd_dq"]
-    assert recorded["attention_fwd"][0]["key"][0] == autotune.seq_bucket(130)
+    assert any(entry["key"][0] == autotune.seq_bucket(130) for entry in recorded["attention_fwd"])
     saved = {name: dict(autotune._tuner(name).cache) for name in recorded}
     for name in recorded:
         autotune._tuner(name).cache.clear()

@@ -190,3 +190,32 @@ def test_batch_encoding_matches_one_by_one(random_codec):
 @pytest.fixture(autouse=True)
 def _one_thread(single_torch_thread):
     yield
+
+
+def test_identity_re_creates_exactly_the_codec_and_matches_old_manifests(saved_checkpoint, random_codec, tmp_path,
+                                                                          monkeypatch):
+    from af_train.shards import CodecInfo, legacy_tokenizer_identity
+    from af_train.tokenizers import TokenizerError, check_same_tokenizer, tokenizer_from_identity
+
+    source, path, sha = saved_checkpoint
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
+    identity = AcousticCodec(checkpoint=path, device="cpu").identity()
+    assert identity == {"kind": "encodec", "model": "encodec_24khz", "bandwidth": 3.0, "rows": 4, "codes": 1024,
+                        "weights": f"pretrained sha256:{sha[:16]} ({OFFICIAL_CHECKPOINT})"}
+    with pytest.raises(TokenizerError, match=f"sha256 starting {sha[:16]}"):
+        tokenizer_from_identity(identity)  # not in the (empty) hub cache, no search path
+    found = tokenizer_from_identity(identity, search_paths=[path.parent], device="cpu")
+    wav = _tone_noise(24000, 0.2, 1, seed=4)
+    assert found.weights == identity["weights"] and torch.equal(found.encode(wav, 24000), source.encode(wav, 24000))
+    other = tmp_path / "other" / OFFICIAL_CHECKPOINT
+    other.parent.mkdir()
+    other.write_bytes(path.read_bytes() + b"\0")  # another file under the official name is not substituted
+    with pytest.raises(TokenizerError, match="not here"):
+        tokenizer_from_identity(identity, search_paths=[other.parent])
+    random_identity = random_codec.identity()
+    assert tokenizer_from_identity(random_identity, device="cpu").weights == "random-init seed 0"
+    # a manifest written before identities existed reads as the same tokenizer
+    old = legacy_tokenizer_identity(CodecInfo(codebooks=4, weights="random-init seed 0"))
+    check_same_tokenizer(old, random_identity, "old shards", "new shards")
+    with pytest.raises(TokenizerError, match="old shards and checkpoint shards come from different tokenizers"):
+        check_same_tokenizer(old, identity, "old shards", "checkpoint shards")

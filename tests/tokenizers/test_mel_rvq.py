@@ -137,8 +137,7 @@ def test_too_little_audio_and_bad_files_are_refused(tmp_path):
         load_tokenizer(tmp_path / "absent.safetensors")
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compares CPU and GPU codes)")
+@pytest.mark.cuda  # skipped with the reason where no GPU is visible (tests/conftest.py)
 def test_gpu_codes_equal_cpu_codes(fitted):
     gpu = MelRVQTokenizer.load(fitted.path, device="cuda")
     clips = torch.from_numpy(np.stack(_clips(16, 2.0, seed=21)))

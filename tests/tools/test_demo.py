@@ -150,17 +150,21 @@ def test_command_stage_logs_output_and_failure_names_the_log(tmp_path, capsys):
 
 def test_plan_wires_pretraining_rows_into_fine_tuning(tmp_path):
     s = demo.Settings(frozen_rows=(1, 3), pretrain_steps=40, ft_steps=20, eval_every=10)
-    stages = demo.build_plan(Path("runs/x"), Path("data/elsewhere"), s, ["--num_cpu_ranks", "2"], None, 7)
+    stages = demo.build_plan(Path("runs/x"), Path("data/elsewhere"), s, ["--num_cpu_ranks", "2"],
+                             demo.TokenizerChoice("random", seed=7))
     by_name = {stage.name: stage for stage in stages}
-    assert list(by_name) == ["synth", "prepare", "pretrain_row0", "pretrain_row1", "pretrain_row3", "ft1", "ft2",
-                             "evaluate_ft1", "evaluate_ft2", "plots"]
+    assert list(by_name) == ["synth", "prepare", "baselines", "pretrain_row0", "pretrain_row1", "pretrain_row3", "ft1",
+                             "ft2", "evaluate_ft1", "evaluate_ft2", "plots"]
+    assert by_name["synth"].command[0] == "af-synth-speech"
     assert "--codec-random-init" in by_name["prepare"].command and "7" in by_name["prepare"].command
+    assert "--single-label" in by_name["prepare"].command
     ft2 = by_name["ft2"].command
     assert "data.code_rows=[0,1,3]" in ft2
     assert ("objective.frozen_row_checkpoints=[runs/x/pretrain_row1/final/model.pt,"
             "runs/x/pretrain_row3/final/model.pt]") in ft2
     assert set(by_name["ft2"].depends) == {"pretrain_row0", "pretrain_row1", "pretrain_row3"}
     assert "data.train=data/elsewhere/shards/train" in by_name["pretrain_row0"].command
+    assert "data.max_length=77" in by_name["ft1"].command  # 1 s clips: 75 frames + BOA + EOA
     assert not any(a.startswith("data.test=") for a in by_name["pretrain_row0"].command)  # never sees test
     # every training stage's recipe overrides are valid for its recipe
     from af_train.config import Recipe
@@ -169,6 +173,43 @@ def test_plan_wires_pretraining_rows_into_fine_tuning(tmp_path):
         command = by_name[name].command
         recipe = command[command.index("--recipe") + 1]
         Recipe.load(demo.REPO / recipe, [a for a in command if "=" in a and not a.startswith("-")])
+
+
+def test_plan_without_official_weights_fits_mel_rvq_on_the_training_split():
+    stages = demo.build_plan(Path("runs/x"), Path("data/d"), demo.Settings(), ["--num_cpu_ranks", "2"],
+                             demo.TokenizerChoice("mel-rvq"))
+    by_name = {stage.name: stage for stage in stages}
+    assert list(by_name)[:4] == ["synth", "fit_tokenizer", "prepare", "baselines"]
+    fit = by_name["fit_tokenizer"].command
+    assert fit[:3] == ["af-fit-tokenizer", "--kind", "mel-rvq"] and "data/d/audio/labels.csv" in fit
+    assert fit[fit.index("--codes") + 1] == "1024" and fit[fit.index("--out") + 1] == "data/d/mel_rvq.safetensors"
+    prepare = by_name["prepare"].command
+    assert prepare[prepare.index("--tokenizer") + 1] == "data/d/mel_rvq.safetensors"
+    assert "--codec-random-init" not in prepare and by_name["prepare"].depends == ["synth", "fit_tokenizer"]
+    # a different codebook size is a different tokenizer: the shards and everything after are redone
+    other = demo.build_plan(Path("runs/x"), Path("data/d"), demo.Settings(codes=512), ["--num_cpu_ranks", "2"],
+                            demo.TokenizerChoice("mel-rvq"))
+    hashes_a: dict[str, str] = {}
+    hashes_b: dict[str, str] = {}
+    for a, b in zip(stages, other):
+        hashes_a[a.name], hashes_b[b.name] = st.stage_hash(a, hashes_a), st.stage_hash(b, hashes_b)
+    assert hashes_a["synth"] == hashes_b["synth"] and hashes_a["ft1"] != hashes_b["ft1"]
+
+
+def test_tokenizer_choice_official_weights_else_mel_rvq(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    choice, why = demo.choose_tokenizer(demo.parse_args([]))
+    assert choice.kind == "mel-rvq" and "not in the torch hub cache" in why
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / demo.ENCODEC_WEIGHTS).write_bytes(b"weights")
+    choice, why = demo.choose_tokenizer(demo.parse_args([]))
+    assert choice == demo.TokenizerChoice("encodec", checkpoint=hub / demo.ENCODEC_WEIGHTS) and why is None
+    assert demo.choose_tokenizer(demo.parse_args(["--mel-rvq"]))[0].kind == "mel-rvq"
+    random_choice, why = demo.choose_tokenizer(demo.parse_args(["--codec-random-init", "3"]))
+    assert random_choice == demo.TokenizerChoice("random", seed=3) and "--codec-random-init" in why
+    with pytest.raises(SystemExit):  # one tokenizer at a time
+        demo.parse_args(["--mel-rvq", "--codec-random-init", "3"])
 
 
 def test_plan_uses_official_codec_weights_when_cached(tmp_path, monkeypatch):
@@ -180,6 +221,11 @@ def test_plan_uses_official_codec_weights_when_cached(tmp_path, monkeypatch):
     assert demo.find_codec_weights(None) == hub / demo.ENCODEC_WEIGHTS
     with pytest.raises(SystemExit, match="no such file"):
         demo.find_codec_weights(str(tmp_path / "nope.th"))
+    stages = demo.build_plan(Path("runs/x"), Path("data/d"), demo.Settings(), ["--num_cpu_ranks", "2"],
+                             demo.TokenizerChoice("encodec", checkpoint=hub / demo.ENCODEC_WEIGHTS))
+    assert "fit_tokenizer" not in [stage.name for stage in stages]
+    prepare = next(stage for stage in stages if stage.name == "prepare")
+    assert str(hub / demo.ENCODEC_WEIGHTS) in prepare.command and hub / demo.ENCODEC_WEIGHTS in prepare.files
 
 
 @pytest.mark.parametrize("rows", ["0,1", "1,1", "4", "a"])
@@ -253,42 +299,55 @@ def _fake_run(out: Path, mode: str, scores: np.ndarray, targets: np.ndarray, pri
     run = out / mode
     (run / "final").mkdir(parents=True)
     test_map = float(np.mean(demo_eval.per_class_ap(scores, targets)))
+    accuracy = float(np.mean(scores.argmax(1) == targets.argmax(1)))
     (run / "final" / "metrics.json").write_text(json.dumps(
         {"step": 100, "best": {"metric": "val/mAP", "value": 0.61, "step": best_step}}))
-    (run / "eval_test.json").write_text(json.dumps({"test/mAP": test_map, "test/auc": 0.9, "test/d_prime": 1.8}))
+    (run / "eval_test.json").write_text(json.dumps({"test/mAP": test_map, "test/auc": 0.9, "test/d_prime": 1.8,
+                                                    "test/accuracy": accuracy}))
     (run / "per_class_ap.json").write_text(json.dumps({"prior_mAP": prior_map, "num_clips": len(targets)}))
     demo_eval.save_scores(run / "test_scores.npz", {"ids": [f"c{i:03d}" for i in range(len(targets))],
                                                     "scores": scores, "targets": targets})
-    return test_map
+    return test_map, accuracy
 
 
 def test_report_tables_and_checks_from_fake_runs(tmp_path, capsys):
     rng = np.random.default_rng()
-    scores, targets = random_problem(rng, n=50)
+    targets = np.eye(5, dtype=bool)[rng.integers(0, 5, 50)]  # single-label, 5 classes
+    scores = targets * rng.normal(1.0, 1.0, targets.shape) + rng.normal(0.0, 1.0, targets.shape)
     out = tmp_path / "demo"
     s = demo.Settings(frozen_rows=(1,))
-    ft1 = _fake_run(out, "ft1", scores, targets, prior_map=0.3, best_step=40)
-    ft2 = _fake_run(out, "ft2", scores + 0.05 * rng.normal(size=scores.shape), targets, prior_map=0.3, best_step=60)
+    ft1, acc1 = _fake_run(out, "ft1", scores, targets, prior_map=0.2, best_step=40)
+    ft2, acc2 = _fake_run(out, "ft2", scores + 0.05 * rng.normal(size=scores.shape), targets, prior_map=0.2,
+                          best_step=60)
+    demo_eval.write_json(out / "baselines.json", {
+        "bag_of_codes": {"accuracy": 0.375, "mAP": 0.4375, "auc": 0.75, "d_prime": 0.9},
+        "label_prior": {"accuracy": 0.25, "mAP": 0.2, "auc": 0.5, "d_prime": 0.0},
+        "chance_accuracy": 0.2, "num_test": 50})
     for row in (0, 1):
         (out / f"pretrain_row{row}" / "final").mkdir(parents=True)
         (out / f"pretrain_row{row}" / "final" / "metrics.json").write_text(json.dumps(
             {"step": 400, "val/mlm_loss": 5.25 + row, "val/mlm_accuracy": 0.125}))
-    timings = [{"stage": "synth", "title": "synthesise", "state": "reused", "seconds": 3.0},
+    timings = [{"stage": "synth", "title": "speak", "state": "reused", "seconds": 3.0},
                {"stage": "ft1", "title": "fine-tune", "state": "ran", "seconds": 75.0}]
-    rc = demo.report(out, s, timings, "RANDOM-INITIALISED EnCodec (seed 0)", 80.0)
+    rc = demo.report(out, s, timings, "mel-rvq fitted on the demo's training split", 80.0)
     text = (out / "results.md").read_text()
-    assert f"| FT1   | 40        | 0.610   | {ft1:.3f}" in text
-    assert f"| FT2   | 60        | 0.610   | {ft2:.3f}" in text
+    assert "(50 clips; chance accuracy 0.200)" in text
+    assert f"| FT1          | 40        | 0.610   | {acc1:.3f}         | {ft1:.3f}" in text
+    assert f"| FT2          | 60        | 0.610   | {acc2:.3f}         | {ft2:.3f}" in text
+    assert "| bag of codes | n/a       | n/a     | 0.375         | 0.438    | 0.750" in text
+    assert "| label prior  | n/a       | n/a     | 0.250         | 0.200    | 0.500" in text
     assert "| pretrain_row1 | 1        | 400   | 6.250" in text
     assert "1 min 15 s" in text and "| total" in text and "1 min 15 s |" in text.split("| total")[1]
-    assert "RANDOM-INITIALISED" in text
+    assert "tokenizer: mel-rvq fitted" in text
     results = json.loads((out / "results.json").read_text())
     assert results["models"][0]["test_mAP"] == pytest.approx(ft1)
+    assert results["baselines"]["bag_of_codes"]["accuracy"] == 0.375
     expected = ft2 - ft1
     assert results["ft2_minus_ft1"]["mean"] == pytest.approx(expected, abs=1e-9)
-    learned = ft1 - 0.3 >= 0.15 and ft2 - 0.3 >= 0.15
+    learned = all(m - 0.2 >= 0.15 for m in (ft1, ft2)) and all(a - 0.2 >= 0.25 for a in (acc1, acc2))
     assert rc == (0 if learned and results["ft2_minus_ft1"]["high"] >= 0 else 1)
-    assert text.count("PASS  ") + text.count("CHECK ") == 3
+    assert text.count("PASS  ") + text.count("CHECK ") == 5
+    assert f"FT1 recognises words of unseen speakers: test accuracy {acc1:.3f} vs chance 0.200" in text
 
 
 def test_verdicts_fail_when_there_is_no_learning():
@@ -297,6 +356,10 @@ def test_verdicts_fail_when_there_is_no_learning():
     assert not ok and "0.350" in sentence
     checks = st.verdicts({"FT1": {"test_mAP": 0.8, "prior_mAP": 0.2}}, {"mean": -0.2, "low": -0.3, "high": -0.1})
     assert checks[0][0] and not checks[1][0] and "worse than FT1 beyond noise" in checks[1][1]
+    # single-label: accuracy against chance is checked too
+    near_chance = {"FT1": {"test_mAP": 0.5, "prior_mAP": 0.1, "test_accuracy": 0.3}}
+    mAP_check, accuracy_check = st.verdicts(near_chance, None, {"chance_accuracy": 0.1})
+    assert mAP_check[0] and not accuracy_check[0] and "+0.200; demo asks for >= +0.25" in accuracy_check[1]
 
 
 def test_markdown_table_and_durations():
@@ -316,7 +379,7 @@ def test_demo_runs_as_a_plain_script_from_anywhere(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "# synth [fresh: not run before]" in result.stdout
-    assert f"af-synth-audio --out {tmp_path / 'd' / 'audio'}" in result.stdout
+    assert f"af-synth-speech --out {tmp_path / 'd' / 'audio'}" in result.stdout
 
 
 def test_ctrl_c_is_passed_to_the_running_command_and_logged(tmp_path):
@@ -337,3 +400,39 @@ def test_ctrl_c_is_passed_to_the_running_command_and_logged(tmp_path):
     assert time.time() - started < 30  # the child stopped on the forwarded SIGINT, not after its sleep
     assert "saving a checkpoint, then exiting" in (tmp_path / "logs" / "slow.log").read_text()
     assert st.read_marker(tmp_path, "slow")["status"] == "running"  # the next run resumes it
+
+
+def _codes_of_class(rng: np.random.Generator, label: int, num_classes: int, codebook: int = 64) -> np.ndarray:
+    """Two code rows; each class draws row 0 mostly from its own band of codes (row 1: pure noise)."""
+    frames = int(rng.integers(20, 40))
+    own = rng.integers(label * codebook // num_classes, (label + 1) * codebook // num_classes, frames)
+    noise = rng.integers(0, codebook, frames)
+    row0 = np.where(rng.random(frames) < 0.3, own, noise)
+    return np.stack([row0, rng.integers(0, codebook, frames)]).astype(np.int16)
+
+
+def test_bag_of_codes_learns_informative_codes_and_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng()
+    classes = 4
+    train_labels = [[int(c)] for c in rng.integers(0, classes, 200)]
+    eval_labels = [[int(c)] for c in rng.integers(0, classes, 100)]
+    train = [_codes_of_class(rng, y[0], classes) for y in train_labels]
+    held_out = [_codes_of_class(rng, y[0], classes) for y in eval_labels]
+    scores, single = demo_eval.fit_bag_of_codes(train, train_labels, held_out, 64, classes)
+    truth = np.array([y[0] for y in eval_labels])
+    assert single and scores.shape == (100, classes)
+    np.testing.assert_allclose(scores.sum(1), 1.0)
+    accuracy = float(np.mean(scores.argmax(1) == truth))
+    assert accuracy > 0.8
+    # a peer: scikit-learn's logistic regression on the same standardised histograms agrees on most clips
+    x_train, x_eval = demo_eval.code_histograms(train, 64), demo_eval.code_histograms(held_out, 64)
+    mean, std = x_train.mean(0), x_train.std(0, ddof=1) + 1e-6
+    peer = LogisticRegression(C=1 / (2 * 1e-3 * len(train)), max_iter=2000)
+    peer.fit((x_train - mean) / std, [y[0] for y in train_labels])
+    assert np.mean(peer.predict((x_eval - mean) / std) == scores.argmax(1)) > 0.9
+    # shuffled training labels: the codes no longer say anything, accuracy falls towards chance
+    shuffled = [train_labels[i] for i in rng.permutation(len(train_labels))]
+    scores, _ = demo_eval.fit_bag_of_codes(train, shuffled, held_out, 64, classes)
+    assert float(np.mean(scores.argmax(1) == truth)) < 0.5

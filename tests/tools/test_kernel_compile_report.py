@@ -49,7 +49,7 @@ def test_ci_subset_compiles_every_model_config_without_failures(tmp_path):
                        and not row["pruned"] for row in mine), (kernel, variant)
     # the MPC backward rounds its weights to TF32 to nearest in the PTX; every config at D = 768 is there
     mpc_bwd = [row for row in rows if row["kernel"] == "_mpc_lse_bwd_kernel" and row["variant"] == "dim=768"]
-    assert len(mpc_bwd) == 6 and all(row["cvt_rna"] for row in mpc_bwd if row["status"] == "ok")
+    assert len(mpc_bwd) == 5 and all(row["cvt_rna"] for row in mpc_bwd if row["status"] == "ok")
     # BLOCK_DOUT must divide D = 768 in every config the tuner may pick
     for row in mpc_bwd:
         block_dout = int(row["config"].split("BLOCK_DOUT=")[1].split(",")[0])
