@@ -109,6 +109,7 @@ class Writer:
                 "file": result.name, "duration_s": round(result.seconds, 6), "predicted": labels_predicted,
                 "top": [{"label": name, "score": score} for name, score in top(result.scores, self.top_k, self.labels)],
                 "scores": dict(zip(self.labels, map(float, result.scores))),
+                "logits": dict(zip(self.labels, map(float, result.logits))),
             }
             if self.windows:
                 record["windows"] = [

@@ -65,6 +65,8 @@ class FileResult:
     window_logits: np.ndarray | None = None  # [W, C]
     window_scores: np.ndarray | None = None  # [W, C] probabilities (sigmoid, or softmax for single-label)
     scores: np.ndarray | None = None  # [C] window probabilities aggregated (mean or max)
+    logits: np.ndarray | None = None  # [C] window logits aggregated the same way (what evaluation ranks:
+    # a softmax is not monotonic per class, so single-label mAP must be computed on these)
     embedding: np.ndarray | None = None  # [H] mean over windows of the mean-pooled hidden state
     frame_embeddings: np.ndarray | None = None  # [F, H] one per code frame
     frame_times: np.ndarray | None = None  # [F] centre of each frame, seconds
@@ -335,6 +337,7 @@ class AudioTagger:
             result.window_logits = logits.numpy()
             result.window_scores = probabilities.numpy()
             result.scores = aggregate_windows(result.window_scores, how)
+            result.logits = aggregate_windows(result.window_logits, how)
         if want_embedding:
             result.embedding = torch.stack(outputs["pooled"]).mean(dim=0).numpy()
         if want_frames:

@@ -180,6 +180,8 @@ def test_af_predict_reports_bad_files_and_scores_the_good_ones(tiny_run, synthet
     summary = json.loads((tiny_run / "final" / "metrics.json").read_text())
     assert abs(classification_metrics(scores, multi_hot(names, vocabulary))["mAP"] - summary["test/mAP"]) <= 1e-6
     assert all(len(r["windows"]) == 1 and r["windows"][0]["start_s"] == 0.0 for r in records)
+    logits = np.array([[r["logits"][c] for c in vocabulary] for r in records])
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), scores, rtol=1e-5)  # one window: sigmoid of its logits
     assert predict.main([*argv, "--keep-going", "--format", "csv"]) == 0
     assert out.read_text().splitlines()[0].startswith("file,start_s,end_s,predicted,")  # --windows: one row each
 
