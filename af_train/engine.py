@@ -257,6 +257,7 @@ class Trainer:
         metrics = self._evaluate("val", step) if self.evaluator.has("val") else {}
         final = self.run_dir / "final"
         self.checkpointer.save_weights(self.engine.module, final / "model.pt", path, self.manifest)
+        self.evaluator.write_thresholds(final, step)  # chosen on val for these weights
         tested = None
         if cfg.test_at_end and self.evaluator.has("test"):
             with self.ema.applied(self.engine.module) if self.ema is not None else contextlib.nullcontext():

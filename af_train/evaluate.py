@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+THRESHOLDS_NAME = "af_thresholds.json"  # per-class thresholds chosen on val, beside the weights they belong to
+
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -45,12 +47,13 @@ def _gather(obj: Any) -> list[Any]:
 
 
 @torch.no_grad()
-def evaluate_module(module: torch.nn.Module, loader: Any, device: torch.device, split: str) -> dict[str, float]:
+def evaluate_module(module: torch.nn.Module, loader: Any, device: torch.device, split: str,
+                    scores_out: dict[str, Any] | None = None) -> dict[str, float]:
     """Collective when distributed: every rank runs its share of ``loader``; all ranks get the metrics.
 
     Returns ``{f"{split}/{name}": value}``: the mean loss and logged terms (weighted by batch size),
     and for modules that return ``scores``: mAP, AUC, d′ (and top-1 accuracy for single-label data)
-    over the unique clips.
+    over the unique clips. ``scores_out`` receives those clips' ``ids``, ``scores`` [N, C] and ``labels``.
     """
     was_training = module.training
     module.eval()
@@ -92,6 +95,8 @@ def evaluate_module(module: torch.nn.Module, loader: Any, device: torch.device, 
         score_matrix = np.stack([seen[c][0] for c in order])
         label_array = np.stack([seen[c][1] for c in order])
         metrics = classification_metrics(score_matrix, label_array)
+        if scores_out is not None:
+            scores_out.update(ids=order, scores=score_matrix, labels=label_array)
         result.update({f"{split}/{k}": v for k, v in metrics.items()})
     result[f"{split}/eval_seconds"] = time.time() - started
     return result
@@ -126,6 +131,7 @@ class Evaluator:
             if getattr(recipe.data, split) is not None or (recipe.data.remote and split == "val")
         }
         self.loaders: dict[str, Any] = dict.fromkeys(self._builders)
+        self.last_scores: dict[str, dict[str, Any]] = {}  # split -> ids, scores, labels of its last evaluation
         if cfg.eval_every and "val" not in self.loaders:
             raise RecipeError(f"train.eval_every={cfg.eval_every} needs data.val (the validation shards)")
 
@@ -136,14 +142,38 @@ class Evaluator:
         """Metrics of ``module`` on ``split`` (see ``evaluate_module``)."""
         if self.loaders[split] is None:
             self.loaders[split] = self._builders[split]()
-        return evaluate_module(module, self.loaders[split], self.device, split)
+        self.last_scores[split] = {}
+        return evaluate_module(module, self.loaders[split], self.device, split, self.last_scores[split])
+
+    def write_thresholds(self, directory: Path, step: int) -> None:
+        """Rank 0: per-class F1-optimal thresholds on the last validation scores, written beside the weights
+        they were chosen for (``directory/af_thresholds.json``; multi-label runs only). af-predict's
+        ``--threshold auto`` reads them."""
+        kept = self.last_scores.get("val") or {}
+        if self.rank != 0 or "scores" not in kept or np.asarray(kept["labels"]).ndim != 2:
+            return
+        from af_train.files import atomic_write
+        from af_train.metrics import f1_optimal_thresholds
+
+        probabilities = 1.0 / (1.0 + np.exp(-np.asarray(kept["scores"], dtype=np.float64)))
+        thresholds, f1 = f1_optimal_thresholds(probabilities, kept["labels"])
+        loader = self.loaders.get("val")
+        manifest = getattr(getattr(loader, "dataset", None), "manifest", None)
+        payload = {
+            "split": "val", "step": step, "clips": len(kept["ids"]), "rule": "sigmoid(logit) >= threshold",
+            "labels": list(manifest.labels) if manifest is not None else None,
+            "thresholds": [None if np.isnan(t) else float(t) for t in thresholds],  # None: no positive in val
+            "f1": [None if np.isnan(v) else float(v) for v in f1],
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / THRESHOLDS_NAME, json.dumps(payload, indent=2) + "\n")
 
     def evaluate_and_select(self, split: str, step: int, module: torch.nn.Module, progress: Any,
                             save: Any) -> dict[str, float]:
         """Evaluate (logged as text; the caller records the metrics), and when ``train.best_metric`` on
         this split improved: ``save()`` the step (unless already saved) and record it as the best in
         ``progress`` and the checkpoints."""
-        from af_train.checkpoint import agree, barrier
+        from af_train.checkpoint import agree, barrier, tag_for
         from af_train.config import RecipeError
 
         metrics = self.evaluate(split, module)
@@ -162,6 +192,8 @@ class Evaluator:
                     save()
                 progress.best = {"metric": best, "value": value, "step": step}
                 manager.mark_best(step, best, value)
+                if split == "val":
+                    self.write_thresholds(self.checkpointer.root / tag_for(step), step)
                 barrier()
         return metrics
 

@@ -124,3 +124,40 @@ def classification_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str,
         predicted = scores.argmax(axis=1)
         result["accuracy"] = float(np.mean(predicted == np.asarray(targets))) if scores.shape[0] else float("nan")
     return result
+
+
+def f1_optimal_thresholds(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class decision thresholds that maximise F1 on ``scores`` [N, C] against multi-hot ``targets``.
+
+    A clip is predicted positive for class c when ``score >= threshold[c]``. Every distinct score is a
+    candidate cut; the threshold returned for the best cut is halfway between the lowest score kept
+    and the highest score left out (the kept score itself when nothing is left out), so that scores
+    of new clips falling between the two are treated alike. Ties in F1 go to the higher threshold
+    (fewer positives). Returns ``(thresholds, f1)``, both float64 [C]; a class without positives
+    gets NaN for both (no cut is meaningful; callers fall back to a fixed threshold).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [N, C], got shape {scores.shape}")
+    multi_hot = _as_multi_hot(targets, scores.shape[1])
+    if multi_hot.shape != scores.shape:
+        raise ValueError(f"targets {multi_hot.shape} and scores {scores.shape} differ in shape")
+    thresholds = np.full(scores.shape[1], np.nan)
+    best_f1 = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        positive, column = _check_binary(multi_hot[:, c], scores[:, c])
+        num_pos = int(positive.sum())
+        if num_pos == 0:
+            continue
+        order = np.argsort(-column, kind="mergesort")
+        column, positive = column[order], positive[order]
+        last_of_run = np.r_[np.nonzero(np.diff(column))[0], column.size - 1]  # each distinct score: one cut
+        true_pos = np.cumsum(positive)[last_of_run]
+        predicted = last_of_run + 1
+        f1 = 2.0 * true_pos / (predicted + num_pos)
+        best = int(np.argmax(f1))  # first maximum = highest threshold
+        kept = column[last_of_run[best]]
+        left_out = column[last_of_run[best] + 1] if last_of_run[best] + 1 < column.size else None
+        thresholds[c] = kept if left_out is None else (kept + left_out) / 2.0
+        best_f1[c] = f1[best]
+    return thresholds, best_f1

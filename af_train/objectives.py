@@ -107,7 +107,7 @@ def _check_rows(input_ids: torch.Tensor, rows: int, what: str) -> None:
         )
 
 
-def _row_type_ids(encoder: RoFormerEncoder, code_row: int | None, like: torch.Tensor) -> torch.Tensor | None:
+def row_type_ids(encoder: RoFormerEncoder, code_row: int | None, like: torch.Tensor) -> torch.Tensor | None:
     """Token-type ids carrying the codebook row, for encoders pretrained with row embeddings."""
     if not encoder.config.row_embedding:
         return None
@@ -269,7 +269,7 @@ class PretrainModule(nn.Module):
         batch_size, _, seq = input_ids.shape
         if not self.joint_rows:
             row_ids = input_ids[:, 0]
-            hidden = self.encoder(row_ids, attention_mask, _row_type_ids(self.encoder, self.code_row, row_ids))
+            hidden = self.encoder(row_ids, attention_mask, row_type_ids(self.encoder, self.code_row, row_ids))
             logits, targets = self.mlm_head(hidden, mlm_labels[:, 0])
             loss, accuracy = _mlm_loss(logits, targets)
             logs = {"mlm_loss": loss, "mlm_accuracy": accuracy, "masked_tokens": _count(targets)}
@@ -386,7 +386,7 @@ class FineTuneModule(nn.Module):
         mix_inputs = mix.inputs if mix is not None else None
         if mix is not None:
             attention_mask = mix.attention_mask(attention_mask)
-        hidden = self.encoder(row_ids, attention_mask, _row_type_ids(self.encoder, self.code_row, row_ids),
+        hidden = self.encoder(row_ids, attention_mask, row_type_ids(self.encoder, self.code_row, row_ids),
                               embedding_mix=mix_inputs)
         pooled = masked_mean_pool(hidden, attention_mask)
         out: dict[str, Any] = {"embeddings": pooled}
@@ -418,7 +418,7 @@ class FineTuneModule(nn.Module):
             with torch.no_grad():
                 for index, frozen in enumerate(self.frozen_encoders):
                     ids = input_ids[:, index + 1]
-                    types = _row_type_ids(frozen, self.code_rows[index + 1], ids)
+                    types = row_type_ids(frozen, self.code_rows[index + 1], ids)
                     hidden_row = frozen(ids, attention_mask, types, embedding_mix=mix_inputs)
                     pooled_rows.append(masked_mean_pool(hidden_row, attention_mask))
             # clip b, row r -> b * R + r; anchors: the trainable row (r = 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 IGNORE_INDEX = -100  # MLM label of an unmasked position (torch.nn.functional.cross_entropy skips it)
 NUM_SPECIAL = 8  # PAD, MASK, BOA, EOA + 4 reserved (keeps the vocabulary a multiple of 8)
 
@@ -33,3 +35,17 @@ class SpecialTokens:
     @property
     def vocab_size(self) -> int:
         return self.codebook_size + NUM_SPECIAL
+
+
+def frame_rows(rows: torch.Tensor, start: int | None, end: int | None) -> torch.Tensor:
+    """[rows, n] -> [rows, n + specials]: a ``start`` column before and an ``end`` column after (None: none).
+
+    How a clip's code rows become a sequence (BOA + codes + EOA), and its MLM targets (-100 at both ends).
+    """
+    parts = []
+    if start is not None:
+        parts.append(torch.full((rows.shape[0], 1), start, dtype=torch.long))
+    parts.append(rows.long())
+    if end is not None:
+        parts.append(torch.full((rows.shape[0], 1), end, dtype=torch.long))
+    return torch.cat(parts, dim=1)

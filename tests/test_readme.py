@@ -54,6 +54,10 @@ def bash_commands(text: str, skip_plan: bool = True) -> list[str]:
     return commands
 
 
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", readme(), re.DOTALL)
+
+
 def console_scripts() -> dict[str, tuple[str, str]]:
     text = (REPO / "setup.py").read_text(encoding="utf-8")
     return {name: (module, fn) for name, module, fn in re.findall(r'"([\w-]+)\s*=\s*([\w.]+):(\w+)"', text)}
@@ -205,7 +209,8 @@ def test_readme_keeps_its_sections():
     text = readme()
     for heading in ("## Quick start", "## Preparing data", "### EnCodec weights (offline)", "### AudioSet",
                     "### FSD50K", "### ESC-50", "## Recipes", "## Multi-node training", "## Resuming",
-                    "## Evaluation protocol", "## Kernels and benchmarks", "## Exporting to Hugging Face",
+                    "## Evaluation protocol", "## Kernels and benchmarks", "## Using a trained model",
+                    "## Exporting to Hugging Face",
                     "## Streaming from object storage (S3, MinIO, GCS)", "## Troubleshooting"):
         assert heading in text, heading
     results = text.split(RESULTS_START)[1].split(RESULTS_END)[0]
@@ -306,12 +311,13 @@ def test_readme_export_commands_on_the_demo_output(smoke_demo, tmp_path):
     from af_train.model.checkpoint import check_and_load_state, read_checkpoint
     from af_train.objectives import build_training_module
 
-    (snippet,) = re.findall(r"```python\n(.*?)```", readme(), re.DOTALL)
-    snippet = snippet.replace('"hf/', f'"{tmp_path}/hf/')
+    (snippet,) = [b for b in python_blocks() if "RoFormerModel.from_pretrained" in b]
+    snippet = snippet.replace('"hf/', f'"{tmp_path}/hf/').replace("data/demo", str(root / "data"))
     namespace: dict = {}
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         exec(compile(snippet, "README.md (python block)", "exec"), namespace)
     assert "'yes':" in printed.getvalue()
+    assert namespace["input_ids"].shape[1] <= 75 + 2  # a real file of at most 1 s: its code frames, BOA, EOA
     run = root / "demo" / "ft1"
     recipe = Recipe.load(run / "config.yaml", ["objective.init_checkpoint=null"])
     module = build_training_module(recipe, len(classifier["labels"]), False).eval()
@@ -319,3 +325,19 @@ def test_readme_export_commands_on_the_demo_output(smoke_demo, tmp_path):
     with torch.no_grad():
         scores = module({"input_ids": namespace["input_ids"][:, None], "attention_mask": namespace["attention_mask"]})
     torch.testing.assert_close(namespace["probabilities"], scores["scores"].softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_readme_inference_snippet_on_the_demo_output(smoke_demo):
+    """The "Using a trained model" Python block (AudioTagger, HEAR) runs on the demo's FT1 run."""
+    root, _, _ = smoke_demo
+    (snippet,) = [b for b in python_blocks() if "AudioTagger.load" in b]
+    snippet = snippet.replace("runs/demo", str(root / "demo")).replace("data/demo", str(root / "data"))
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(snippet, "README.md (inference block)", "exec"), namespace)
+    assert "'yes':" in printed.getvalue()
+    tagger = namespace["tagger"]
+    assert namespace["scores"].shape == (1, len(tagger.labels)) and namespace["embeddings"].shape[0] == 1
+    assert namespace["scores"].sum() == pytest.approx(1.0, abs=1e-5)  # single-label: a softmax
+    assert namespace["scene"].shape == (2, namespace["model"].scene_embedding_size)
+    assert namespace["frames"].shape[:2] == namespace["timestamps_ms"].shape == (2, 225)

@@ -12,6 +12,9 @@ weights (``af_train.module/1``, written at the end of any run). OUT_DIR receives
   ``attention_mask == 1`` (BOA/EOA included): ``logits = pooled @ weight.T + bias``; apply a sigmoid
   (multi-label) or softmax (single-label). ``classifier.json`` holds ``num_classes``, ``multi_label``,
   ``labels`` (class names from the manifest, when found) and ``code_row``;
+- ``af_train_inference.json`` (module weights with a manifest): what af-predict, af-embed and the HEAR
+  module need besides the weights: label vocabulary, tokenizer identity, training clip length, code row,
+  sequence framing, and the per-class thresholds stored beside the weights (``af_thresholds.json``);
 - ``af_train_export.json``: provenance (source file, format, code row, recipe).
 
 Frozen FT2 row encoders are not exported: inference uses the trainable row only.
@@ -38,7 +41,8 @@ TOKEN_CONVENTIONS = {
 }
 
 
-def _find_labels(manifest_arg: str | None, recipe: dict[str, Any] | None) -> list[str] | None:
+def _find_manifest(manifest_arg: str | None, recipe: dict[str, Any] | None):
+    """The manifest of the shards the checkpoint was trained on (--manifest, else the recipe's splits)."""
     from af_train.shards import Manifest
 
     candidates: list[Path] = []
@@ -52,7 +56,7 @@ def _find_labels(manifest_arg: str | None, recipe: dict[str, Any] | None) -> lis
     for candidate in candidates:
         directory = candidate.parent if candidate.suffix == ".json" else candidate
         if (directory / "manifest.json").is_file():
-            return list(Manifest.load(directory).labels)
+            return Manifest.load(directory)
         if manifest_arg:
             raise FileNotFoundError(f"--manifest '{manifest_arg}': no manifest.json there")
     return None
@@ -96,9 +100,10 @@ def export_checkpoint(
     export_roformer(encoder, out_dir, mlm_head=mlm_head, extra_config={"af_train_code_row": code_row})
 
     written = ["config.json", "model.safetensors"]
+    shards = _find_manifest(manifest, recipe)
     weight, bias = state.get("classifier.classifier.weight"), state.get("classifier.classifier.bias")
     if weight is not None and bias is not None:
-        labels = _find_labels(manifest, recipe)
+        labels = list(shards.labels) if shards is not None else None
         if labels is not None and len(labels) != weight.shape[0]:
             raise ValueError(
                 f"the manifest lists {len(labels)} labels but the classifier has {weight.shape[0]} outputs; "
@@ -121,6 +126,11 @@ def export_checkpoint(
         }
         (out_dir / "classifier.json").write_text(json.dumps(head_info, indent=2) + "\n", encoding="utf-8")
         written += ["classifier.safetensors", "classifier.json"]
+    if shards is not None and recipe is not None:
+        written.append(_write_inference_card(out_dir, shards, recipe, code_row, Path(checkpoint)))
+    else:
+        log.warning("no %s written (af-predict/af-embed/HEAR need it): give module weights (a run's final/model.pt) "
+                    "and --manifest SHARD_DIR", "af_train_inference.json")
     frozen = {k.split(".")[1] for k in state if k.startswith("frozen_encoders.")}
     if frozen:
         log.info("%d frozen FT2 row encoder(s) not exported (inference uses the trainable row only)", len(frozen))
@@ -138,6 +148,22 @@ def export_checkpoint(
     written.append("af_train_export.json")
     log.info("exported %s -> %s (%s)", checkpoint, out_dir, ", ".join(written))
     return out_dir
+
+
+def _write_inference_card(out_dir: Path, shards: Any, recipe: dict[str, Any], code_row: int | None,
+                          checkpoint: Path) -> str:
+    """``af_train_inference.json``: what af_train's inference needs beside the weights (labels, tokenizer
+    identity, clip length, code row, sequence framing, the per-class thresholds stored with the weights)."""
+    from af_train.config import DataConfig, build_dataclass
+    from af_train.inference.model import CARD_NAME, THRESHOLDS_NAME, ModelCard
+
+    data = build_dataclass(DataConfig, recipe.get("data", {}), str(checkpoint), "data")
+    thresholds_file = checkpoint.parent / THRESHOLDS_NAME
+    thresholds = json.loads(thresholds_file.read_text(encoding="utf-8"))["thresholds"] \
+        if thresholds_file.is_file() else None
+    row = code_row if code_row is not None else data.code_rows[0]
+    (out_dir / CARD_NAME).write_text(ModelCard.build(shards, data, row, thresholds).to_json(), encoding="utf-8")
+    return CARD_NAME
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from streaming import StreamingDataset
 from af_train import remote as remote_io
 from af_train.data.masking import MaskingConfig, mask_codes, masking_generator
 from af_train.shards import MANIFEST_NAME, Manifest, ManifestError
-from af_train.tokens import SpecialTokens
+from af_train.tokens import SpecialTokens, frame_rows
 
 logger = logging.getLogger(__name__)
 
@@ -318,13 +318,7 @@ class AudioCodeDataset(StreamingDataset):
         return sample
 
     def _frame(self, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        parts = []
-        if self.add_boa:
-            parts.append(torch.full((rows.shape[0], 1), start, dtype=torch.long))
-        parts.append(rows)
-        if self.add_eoa:
-            parts.append(torch.full((rows.shape[0], 1), end, dtype=torch.long))
-        return torch.cat(parts, dim=1)
+        return frame_rows(rows, start if self.add_boa else None, end if self.add_eoa else None)
 
     def _check_labels(self, clip_id: str, labels: torch.Tensor) -> None:
         num_classes = self.manifest.num_classes

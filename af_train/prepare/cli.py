@@ -60,7 +60,7 @@ from af_train.tokenizers import SAMPLE_RATE, Tokenizer, TokenizerError, audio_io
 
 log = logging.getLogger("af_train.prepare")
 
-PREPARE_VERSION = 2  # 2: tokenizer identity and --min-seconds in the resume fingerprint
+PREPARE_VERSION = 3  # 2: tokenizer identity and --min-seconds in the resume fingerprint; 3: last batch zero-padded
 DEFAULT_MIN_SECONDS = 0.25
 
 

@@ -140,7 +140,14 @@ class ChunkWriter:
         return 0.0 if status == "reject" else payload[1] / self.tokenizer.sample_rate
 
     def _flush(self) -> float:
-        codes = self.tokenizer.encode_batch(np.stack([s for _, s, _ in self.batch]))
+        # Every clip is encoded in a batch of exactly batch_size clips (a chunk's last batch is zero-padded):
+        # CPU kernels round differently for other batch sizes and a code can flip at a near-tie, so this
+        # makes a clip's codes independent of where it falls in its chunk, and inference (AudioTagger)
+        # reproduces them bit for bit by padding its batches the same way.
+        clips = np.stack([s for _, s, _ in self.batch])
+        if len(clips) < self.batch_size:
+            clips = np.concatenate([clips, np.zeros((self.batch_size - len(clips), clips.shape[1]), clips.dtype)])
+        codes = self.tokenizer.encode_batch(clips)[: len(self.batch)]
         if tuple(codes.shape[1:]) != (self.tokenizer.num_rows, self.frames):
             raise RuntimeError(f"tokenizer returned codes shaped {tuple(codes.shape[1:])}, expected "
                                f"({self.tokenizer.num_rows}, {self.frames})")

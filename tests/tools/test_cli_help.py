@@ -37,7 +37,8 @@ def test_known_tools_are_discovered():
     assert {"prepare_dataset", "make_synthetic_audio", "export_hf", "benchmark_kernels", "plot_run",
             "demo"} <= names
     scripts = {name for name, _, _ in console_scripts()}
-    assert {"af-train", "af-evaluate", "af-prepare", "af-fit-tokenizer", "af-synth-audio", "af-export-hf"} <= scripts
+    assert {"af-train", "af-evaluate", "af-prepare", "af-fit-tokenizer", "af-synth-audio", "af-export-hf", "af-predict",
+            "af-embed"} <= scripts
 
 
 @pytest.mark.parametrize("name,module,function", console_scripts(), ids=[n for n, _, _ in console_scripts()])

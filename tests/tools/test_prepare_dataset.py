@@ -50,12 +50,14 @@ def _write_clip(path: Path, index: int, seconds: float = 0.5, rate: int = 16000,
     return path
 
 
-def _expected_codes(codec, paths: list[Path], clip_seconds: float) -> tuple[torch.Tensor, list[int]]:
+def _expected_codes(codec, paths: list[Path], clip_seconds: float,
+                    batch_size: int = 16) -> tuple[torch.Tensor, list[int]]:
     """Independent path: soundfile → mean over channels → torchaudio resample → zero pad → codec.
 
-    The clips are encoded together, as one batch, like the tool's batch that held them: CPU kernels
-    round differently for other batch sizes, and near-silent frames of a random codec sit close to
-    several codebook entries, so only the same batch reproduces the codes bit for bit.
+    The clips are encoded together in one batch zero-padded to the tool's --batch-size, as the tool
+    encodes them: CPU kernels round differently for other batch sizes, and near-silent frames of a
+    random codec sit close to several codebook entries, so only the same batch size reproduces the
+    codes bit for bit.
     """
     waves, lengths = [], []
     n = int(round(clip_seconds * 24000))
@@ -65,7 +67,8 @@ def _expected_codes(codec, paths: list[Path], clip_seconds: float) -> tuple[torc
         valid = min(n, wav.shape[0])
         waves.append(torch.nn.functional.pad(wav[:n], (0, n - valid)))
         lengths.append(-(-valid // 320))
-    return codec.encode_batch(torch.stack(waves)), lengths
+    waves += [torch.zeros(n)] * (batch_size - len(waves))
+    return codec.encode_batch(torch.stack(waves))[: len(paths)], lengths
 
 
 # ------------------------------------------------------------------------------------------ csv
@@ -87,7 +90,7 @@ def test_csv_splits_manifest_and_round_trip(prepared_shards, synthetic_audio, ra
             assert s["codes"].dtype == np.int16 and s["codes"].shape == (4, 75) and int(s["length"]) == 75
         for start in range(0, len(expected), 4):  # the fixture's chunks (and batches) of 4 clips
             batch = expected[start : start + 4]
-            codes, _ = _expected_codes(random_codec, [synthetic_audio / r["path"] for r in batch], 1.0)
+            codes, _ = _expected_codes(random_codec, [synthetic_audio / r["path"] for r in batch], 1.0, 4)
             for s, c in zip(samples[start : start + 4], codes):
                 assert np.array_equal(s["codes"], c.numpy())
 
