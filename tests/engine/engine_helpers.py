@@ -33,6 +33,33 @@ def release_shm(port: int) -> None:
             os.unlink(path)
 
 
+RANK_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def single_process_rank():
+    """This process as a 1-rank job (rank env vars, one torch thread) for an in-process Trainer; the
+    environment, the thread count and DeepSpeed's /dev/shm buffers are restored or released after."""
+    import torch
+
+    saved = {k: os.environ.get(k) for k in RANK_ENV_KEYS}
+    port = free_port()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        release_shm(port)
+
+
 def base_overrides(data: Path, run_dir: Path) -> list[str]:
     """The tiny pretraining recipe on the synthetic shards, sized for 2 CPU cores."""
     return [

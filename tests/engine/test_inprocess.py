@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import TINY, base_overrides, free_port, release_shm
+from engine_helpers import TINY, base_overrides, single_process_rank
 from torch import nn
 
 import af_train.checkpoint as ckpt
@@ -17,25 +16,11 @@ import af_train.objectives
 from af_train.config import Recipe
 from af_train.run_logging import read_metrics
 
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 @pytest.fixture(scope="module")
 def one_rank():
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    port = free_port()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    release_shm(port)
+    with single_process_rank():
+        yield
 
 
 def make_trainer(data_root: Path, run_dir: Path, overrides: list[str], resume: str = "auto"):

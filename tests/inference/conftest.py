@@ -4,7 +4,6 @@ this process as a 1-rank DeepSpeed job (a few seconds), with consolidated weight
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
 
@@ -13,10 +12,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from engine_helpers import free_port, release_shm  # noqa: E402
+from engine_helpers import single_process_rank  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +28,8 @@ def tiny_run(prepared_shards, tmp_path_factory) -> Path:
     from af_train.config import Recipe
     from af_train.engine import Trainer
 
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    port = free_port()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("inference") / "run"
-    try:
+    with single_process_rank():
         recipe = Recipe.load(REPO / "recipes" / "tiny_ft1.yaml", [
             f"data.train={prepared_shards / 'train'}", f"data.val={prepared_shards / 'val'}",
             f"data.test={prepared_shards / 'test'}", "data.max_length=80", "objective.init_checkpoint=null",
@@ -48,14 +40,6 @@ def tiny_run(prepared_shards, tmp_path_factory) -> Path:
         trainer = Trainer(recipe, resume="auto")
         trainer.fit()
         trainer.close()
-    finally:
-        torch.set_num_threads(threads)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        release_shm(port)
     return run_dir
 
 
