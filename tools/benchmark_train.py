@@ -302,7 +302,10 @@ class HFEncoder(torch.nn.Module):
         self.model = RoFormerModel(hf_config(af_config))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, embedding_mix: Any = None) -> torch.Tensor:
+        if embedding_mix is not None:  # FineTuneModule passes it only when objective.mixup is on
+            raise ValueError("the Hugging Face baseline has no mixup of input embeddings: benchmark with "
+                             "objective.mixup off")
         return self.model(input_ids=input_ids, attention_mask=attention_mask,
                           token_type_ids=token_type_ids).last_hidden_state
 

@@ -414,7 +414,7 @@ def _codes_of_class(rng: np.random.Generator, label: int, num_classes: int, code
 def test_bag_of_codes_learns_informative_codes_and_matches_scikit_learn():
     from sklearn.linear_model import LogisticRegression
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)  # seeded: an unseeded draw made the accuracy bar flaky (0.79 once)
     classes = 4
     train_labels = [[int(c)] for c in rng.integers(0, classes, 200)]
     eval_labels = [[int(c)] for c in rng.integers(0, classes, 100)]
