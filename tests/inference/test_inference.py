@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import evaluation_logits, multi_hot, split_files
+from inference_helpers import evaluation_logits, multi_hot, split_files
 
 from af_train.checkpoint import read_best
 from af_train.inference import AudioTagger, InferenceError
