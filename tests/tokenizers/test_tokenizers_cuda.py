@@ -13,7 +13,6 @@ not another decision).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -43,11 +42,7 @@ def no_tf32():
 
 
 def _acoustic_codec_class():
-    with contextlib.suppress(ImportError):
-        from af_train.tokenizers.encodec import AcousticCodec
-
-        return AcousticCodec
-    from af_train.codec import AcousticCodec
+    from af_train.tokenizers.encodec import AcousticCodec
 
     return AcousticCodec
 
