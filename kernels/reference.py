@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rotary_tables", "apply_rotary", "rotary_attention", "mpc_loss", "check_mpc_args"]
+__all__ = ["rotary_tables", "apply_rotary", "rotary_attention", "dropout_drop_mask", "mpc_loss", "check_mpc_args"]
 
 
 def rotary_tables(
@@ -76,10 +76,17 @@ def apply_rotary(
     (x[i], x[i + d/2]) as LLaMA does.
     """
     check_rotary_shapes(x, cos, sin)
+    return _rotate(x, cos[None, :, None, :], sin[None, :, None, :], interleaved)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """``x [..., head_dim]`` rotated by cos/sin that broadcast against ``x[..., :head_dim // 2]``, in
+    float32 (float64 for float64 input). The result is contiguous in x's logical shape whatever x's
+    strides: the final stack/cat writes it, so a transposed view comes out as its own layout, uncopied."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(compute)
-    c = cos.to(compute)[None, :, None, :]
-    s = sin.to(compute)[None, :, None, :]
+    c = cos.to(compute)
+    s = sin.to(compute)
     if interleaved:
         x1, x2 = xc[..., 0::2], xc[..., 1::2]
         out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
@@ -106,14 +113,20 @@ def rotary_attention(
     ``attention_mask`` [batch, seq]: 1 for real tokens, 0 for padding (keys that are never attended).
     A sequence with no real token at all gets a zero output (no NaN).
     ``dropout_p`` in [0, 1): dropout on the attention probabilities, applied whenever > 0 (the caller
-    passes 0 in eval mode), by SDPA itself from torch's default generator. The masks differ from the
+    passes 0 in eval mode), drawn from torch's default generator: by SDPA itself, or on CPU in fp32/fp64
+    by ``_EagerDropoutAttention`` (SDPA has no fused CPU kernel with dropout). The masks differ from the
     Triton kernel's (another generator); the distribution is the same.
-    Uses ``scaled_dot_product_attention``: no eager T x T softmax on the default path.
+    Uses ``scaled_dot_product_attention`` otherwise: no eager T x T softmax on the default path.
     """
     dropout_p = check_attention_args(q, k, v, attention_mask, dropout_p)
+    check_rotary_shapes(q, cos, sin)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    qr = apply_rotary(q, cos, sin, interleaved).transpose(1, 2)
-    kr = apply_rotary(k, cos, sin, interleaved).transpose(1, 2)
+    eager = dropout_p > 0.0 and _eager_dropout_attention_applies(q)
+    # Rotated straight into [batch, heads, seq, head_dim]; the eager path folds the softmax scale into
+    # q's tables (seq x head_dim / 2 numbers) instead of a pass over the T x T scores.
+    q_tables_scale = scale if eager else 1.0
+    qr = _rotate(q.transpose(1, 2), cos * q_tables_scale, sin * q_tables_scale, interleaved)
+    kr = _rotate(k.transpose(1, 2), cos, sin, interleaved)
     vt = v.transpose(1, 2)
     mask = empty = None
     if attention_mask is not None:
@@ -126,11 +139,74 @@ def rotary_attention(
             # everything and zero their output afterwards instead.
             keep = keep | empty[:, None]
             mask = keep[:, None, None, :]
-    out = F.scaled_dot_product_attention(qr, kr, vt, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    if eager:
+        out = _EagerDropoutAttention.apply(qr, kr, vt, mask, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(qr, kr, vt, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     out = out.transpose(1, 2)
     if empty is not None:
         out = out * (~empty).to(out.dtype)[:, None, None, None]
     return out
+
+
+def dropout_drop_mask(
+    shape: torch.Size | tuple[int, ...], dropout_p: float, device: torch.device | str
+) -> torch.Tensor:
+    """A bool tensor of ``shape``, True where an element is dropped, each independently with
+    probability ``dropout_p`` (to within 2**-31), from torch's default generator.
+
+    One 31-bit integer per element compared with a threshold: about 3x cheaper on CPU than
+    ``bernoulli_`` (which draws a double per element without MKL's vector path).
+    """
+    draws = torch.empty(shape, dtype=torch.int32, device=device).random_()  # uniform on [0, 2**31)
+    return draws < int(round(float(dropout_p) * 2**31))
+
+
+def _eager_dropout_attention_applies(q: torch.Tensor) -> bool:
+    """SDPA falls back to its unfused maths kernel on CPU whenever dropout is on; ours is cheaper there.
+    Low precision stays with SDPA (its maths kernel upcasts where ours would not)."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+
+
+class _EagerDropoutAttention(torch.autograd.Function):
+    """``Dropout(softmax(q k^T + mask)) v`` for [batch, heads, seq, head_dim] inputs, q already scaled,
+    with a hand-written backward. Against SDPA's CPU maths path with dropout it skips the scale pass
+    over the T x T scores (folded into q's rotary tables), the -inf row checks of its safe softmax and
+    the 1 / (1 - p) pass over the probabilities (folded into the small output and its gradient), draws
+    a cheaper mask (``dropout_drop_mask``) and copies no transposed operand twice. Saved for backward:
+    the probabilities, the dropped probabilities and the bool mask (9 bytes per score).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_keep: torch.Tensor | None,
+                dropout_p: float) -> torch.Tensor:
+        v = v.contiguous()  # used twice as a matmul operand
+        scores = torch.matmul(q, k.transpose(-2, -1))
+        if key_keep is not None:
+            scores.masked_fill_(~key_keep, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        dropped_mask = dropout_drop_mask(probs.shape, dropout_p, probs.device)
+        dropped = probs.masked_fill(dropped_mask, 0.0)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+        out = torch.matmul(dropped, v).mul_(keep_scale)
+        ctx.save_for_backward(q, k, v, probs, dropped, dropped_mask)
+        ctx.keep_scale = keep_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, probs, dropped, dropped_mask = ctx.saved_tensors
+        # one pass that scales and makes the (transposed-view) gradient contiguous for both matmuls
+        scaled = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
+        torch.mul(grad_out, ctx.keep_scale, out=scaled)
+        grad_v = torch.matmul(dropped.transpose(-2, -1), scaled)
+        grad_probs = torch.matmul(scaled, v.transpose(-2, -1)).masked_fill_(dropped_mask, 0.0)
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        del grad_probs
+        grad_q = torch.matmul(grad_scores, k)
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)
+        return grad_q, grad_k, grad_v, None, None
 
 
 def check_mpc_args(
