@@ -9,35 +9,12 @@ reads it to allow the 'triton' backend on CPU tensors).
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
+from kernel_modules import import_kernel_modules
 
-KERNEL_MODULES = ("kernels.rope", "kernels.rotary_attention", "kernels.mpc_loss")
-
-
-def _import_kernels_interpreted() -> None:
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        rope = sys.modules.get("kernels.rope")
-        reload = rope is not None and not rope.kernels_interpreted()
-        for name in KERNEL_MODULES:
-            module = sys.modules.get(name)
-            if module is not None and reload:
-                importlib.reload(module)
-            else:
-                importlib.import_module(name)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-_import_kernels_interpreted()
+import_kernel_modules(interpret=True)
 
 
 @pytest.fixture(autouse=True)

@@ -50,10 +50,23 @@ def _seeded_attention(compiled_kernels, monkeypatch, q, k, v, cos, sin, mask, p)
     return out, keep
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_bf16_attention_forward_and_backward_against_float64(compiled_kernels, monkeypatch, p):
+def _attention_against_float64(compiled_kernels, monkeypatch, q, k, v, mask, p):
+    """The compiled attention (forward and backward with a random grad_out) and the float64 reference
+    run with the kernel's own dropout mask: (out, expected, [(q.grad, q64.grad), (k..), (v..)])."""
     from kernels import reference
 
+    cos, sin = reference.rotary_tables(q.shape[1], q.shape[3], device="cuda")
+    out, keep = _seeded_attention(compiled_kernels, monkeypatch, q, k, v, cos, sin, mask, p)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = _attention64(q64, k64, v64, cos.double(), sin.double(), mask, keep, p)
+    expected.backward(grad_out.double())
+    return out, expected.detach(), [(q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bf16_attention_forward_and_backward_against_float64(compiled_kernels, monkeypatch, p):
     torch.manual_seed(0)
     batch, seq, heads, dim = 2, 752, 12, 64
     q, k, v = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -61,16 +74,10 @@ def test_bf16_attention_forward_and_backward_against_float64(compiled_kernels, m
     mask = torch.ones(batch, seq, dtype=torch.int64, device="cuda")
     mask[0, 517:] = 0  # padding
     mask[1] = 0  # an empty sequence
-    cos, sin = reference.rotary_tables(seq, dim, device="cuda")
-    out, keep = _seeded_attention(compiled_kernels, monkeypatch, q, k, v, cos, sin, mask, p)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    expected = _attention64(q64, k64, v64, cos.double(), sin.double(), mask, keep, p)
-    expected.backward(grad_out.double())
+    out, expected, grads = _attention_against_float64(compiled_kernels, monkeypatch, q, k, v, mask, p)
     real = slice(0, 1)
-    assert _rel(out[real], expected[real].detach()) < 1e-2
-    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+    assert _rel(out[real], expected[real]) < 1e-2
+    for got, want in grads:
         assert _rel(got[real], want[real]) < 1e-2
     # the empty sequence: output and gradients exactly zero
     assert float(out[1].abs().max()) == 0.0
@@ -127,8 +134,6 @@ class _Pinned:
 
 @pytest.mark.parametrize("index", range(6))
 def test_every_attention_config_launches_and_is_right(compiled_kernels, monkeypatch, index):
-    from kernels import reference
-
     attention = compiled_kernels["rotary_attention"]
     for name, configs in (("_attn_fwd_tuned", attention.FWD_CONFIGS), ("_attn_bwd_dkdv_tuned", attention.DKDV_CONFIGS),
                           ("_attn_bwd_dq_tuned", attention.DQ_CONFIGS)):
@@ -139,15 +144,9 @@ def test_every_attention_config_launches_and_is_right(compiled_kernels, monkeypa
                for _ in range(3))
     mask = torch.ones(batch, seq, dtype=torch.int64, device="cuda")
     mask[1, 150:] = 0
-    cos, sin = reference.rotary_tables(seq, dim, device="cuda")
-    out, keep = _seeded_attention(compiled_kernels, monkeypatch, q, k, v, cos, sin, mask, p)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    expected = _attention64(q64, k64, v64, cos.double(), sin.double(), mask, keep, p)
-    expected.backward(grad_out.double())
-    assert _rel(out, expected.detach()) < 1e-2
-    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+    out, expected, grads = _attention_against_float64(compiled_kernels, monkeypatch, q, k, v, mask, p)
+    assert _rel(out, expected) < 1e-2
+    for got, want in grads:
         assert _rel(got, want) < 1e-2
 
 
