@@ -34,7 +34,7 @@ class AudioFormerConfig:
 
     Dropout as in Hugging Face: ``hidden_dropout_prob`` on the embeddings, attention output and FFN
     output; ``attention_probs_dropout_prob`` on the attention probabilities, inside the fused attention
-    (SDPA's own dropout on the reference path, in-kernel Philox dropout on the Triton path), in
+    (SDPA's or, on CPU, the reference's own dropout; in-kernel Philox dropout on the Triton path), in
     training mode only. The ``small``/``base``/``large`` presets use 0.1 for both, as RoFormer/BERT;
     ``tiny`` (CPU tests, demo) and the dataclass default use no attention dropout.
 

@@ -8,7 +8,8 @@ Maths per layer (post-LN): ``h = LN(h + Dropout(W_o · Attn(RoPE(W_q h), RoPE(W_
 ``h = LN(h + Dropout(W_2 · act(W_1 h)))``, where ``Attn = Dropout_a(softmax(q k^T / sqrt(d))) v``.
 Attention is ``kernels.dispatch.rotary_attention``: SDPA on the reference path, the Triton kernel on
 GPU. ``Dropout_a`` (``attention_probs_dropout_prob``, training mode only) happens inside it: SDPA's own
-dropout, or the kernel's in-register Philox mask; both draw from torch's default generator, so
+dropout (on CPU in fp32 the reference's own attention with a 31-bit integer mask, cheaper than SDPA's
+unfused fallback), or the kernel's in-register Philox mask; all draw from torch's default generator, so
 activation checkpointing replays the same masks (it restores the RNG state) and eval mode is exact.
 
 Padding: padded keys are never attended. Padded query positions still produce hidden states (they
