@@ -288,11 +288,14 @@ class DataConfig:
     finetune_mask_rate: float = 0.0  # ft1/ft2: fraction of code tokens corrupted as augmentation (train only)
     balanced_sampling: bool = False  # class-balanced sampling of data.train (AudioMAE weights; data.balance)
     balance_buckets: int = 16  # rarity buckets (streams) that approximate the per-clip weights
+    balance_power: float = 1.0  # class weight 1 / count ** power: 1 = AudioMAE (every class alike), 0.5 = square root
 
     def validate(self) -> None:
         _require(0.0 <= self.finetune_mask_rate < 1.0,
                  f"data.finetune_mask_rate must be in [0, 1), got {self.finetune_mask_rate}")
         _require(self.balance_buckets >= 1, f"data.balance_buckets must be >= 1, got {self.balance_buckets}")
+        _require(0.0 < self.balance_power <= 1.0,
+                 f"data.balance_power must be in (0, 1] (1: AudioMAE's full balancing), got {self.balance_power}")
         if isinstance(self.train, list):
             _require(len(self.train) >= 1, "data.train as a list needs at least one entry")
             relative = [entry.proportion is not None for entry in self.train]

@@ -3,7 +3,11 @@
 The target is AudioMAE's (and AST's) weighted sampling on AudioSet-2M: every class gets the weight
 ``1000 / (count + 0.01)`` from its number of training clips, every clip the sum of its labels'
 weights, and clips are drawn in proportion to their weight. A clip of a rare class is drawn many
-times per epoch, one of "Speech"/"Music" rarely.
+times per epoch, one of "Speech"/"Music" rarely. ``data.balance_power`` tempers it: class weight
+``1000 / (count + 0.01) ** power``; 1 (the default) is AudioMAE's, 0.5 square-root sampling, which
+moves each class's share only half way (in log) from its natural frequency to uniform: on a
+moderate tail with few clips in the rare classes, full balancing repeats those few clips so often
+that it overfits them (measured in the closing note of the toolkit issue).
 
 Why rarity buckets and not a sampler. A per-clip weighted sampler (torch's ``WeightedRandomSampler``)
 replaces streaming's sample partitioning: streaming could no longer split the epoch over canonical
@@ -68,9 +72,10 @@ def class_counts(label_lists: list[np.ndarray], num_classes: int) -> np.ndarray:
     return counts
 
 
-def clip_weights(label_lists: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """AudioMAE's per-clip sampling weights: the sum of the clip's class weights (0 for a clip without labels)."""
-    class_weight = CLASS_WEIGHT_SCALE / (class_counts(label_lists, num_classes) + CLASS_WEIGHT_EPS)
+def clip_weights(label_lists: list[np.ndarray], num_classes: int, power: float = 1.0) -> np.ndarray:
+    """Per-clip sampling weights: the sum of the clip's class weights ``1000 / (count + 0.01) ** power``
+    (AudioMAE's for power 1; 0 for a clip without labels)."""
+    class_weight = CLASS_WEIGHT_SCALE / (class_counts(label_lists, num_classes) + CLASS_WEIGHT_EPS) ** power
     return np.array([class_weight[np.asarray(labels, dtype=np.int64)].sum() for labels in label_lists])
 
 
@@ -107,13 +112,13 @@ def _read_split(source: Path) -> tuple[list[dict[str, Any]], Manifest]:
     return [dataset[i] for i in range(len(dataset))], manifest
 
 
-def write_buckets(source: Path, out: Path, buckets: int) -> dict[str, Any]:
+def write_buckets(source: Path, out: Path, buckets: int, power: float = 1.0) -> dict[str, Any]:
     """Split ``source`` into rarity buckets under ``out`` (written to a temporary folder, then renamed)."""
     from streaming import MDSWriter
 
     samples, manifest = _read_split(source)
     labels = [np.asarray(s["labels"], dtype=np.int64).reshape(-1) for s in samples]
-    weights = clip_weights(labels, manifest.num_classes)
+    weights = clip_weights(labels, manifest.num_classes, power)
     index = assign_buckets(weights, buckets)
     total_weight, n = float(weights.sum()), len(samples)
     if total_weight <= 0:
@@ -137,7 +142,7 @@ def write_buckets(source: Path, out: Path, buckets: int) -> dict[str, Any]:
         plan_buckets.append({"name": name, "clips": int(len(members)), "repeat": repeat,
                              "weight_min": float(weights[members].min()), "weight_max": float(weights[members].max())})
     plan = {
-        "version": BALANCE_VERSION, "source": str(source), "clips": n, "buckets": plan_buckets,
+        "version": BALANCE_VERSION, "source": str(source), "clips": n, "power": float(power), "buckets": plan_buckets,
         "labels": manifest.labels,
         "target_class_frequency": expected_class_frequency(labels, n * weights / total_weight,
                                                            manifest.num_classes).tolist(),
@@ -164,31 +169,39 @@ def read_plan(directory: Path) -> dict[str, Any] | None:
     if plan.get("version") != BALANCE_VERSION:
         raise DataError(f"{path}: balance plan version {plan.get('version')}, this af_train reads {BALANCE_VERSION}; "
                         "rebuild it with python3 -m af_train.data.balance")
+    plan.setdefault("power", 1.0)  # plans written before data.balance_power were AudioMAE's
     return plan
 
 
-def bucket_directory(train: str, cache_root: str, buckets: int) -> Path:
-    """Where the buckets of split ``train`` live: itself when it already is a bucket directory,
-    else a folder in ``cache_root`` named by the split's shard index and the bucket count."""
-    if read_plan(Path(train)) is not None:
+def bucket_directory(train: str, cache_root: str, buckets: int, power: float = 1.0) -> Path:
+    """Where the buckets of split ``train`` live: itself when it already is a bucket directory (written
+    with the same power), else a folder in ``cache_root`` named by the split's shard index, the bucket
+    count and the power."""
+    prebuilt = read_plan(Path(train))
+    if prebuilt is not None:
+        if abs(prebuilt["power"] - power) > 1e-12:
+            raise DataError(f"data.train '{train}' holds rarity buckets written with power {prebuilt['power']:g}, "
+                            f"but data.balance_power is {power:g}: set data.balance_power={prebuilt['power']:g}, or "
+                            f"rewrite the buckets with python3 -m af_train.data.balance --power {power:g}")
         return Path(train)
     index = Path(train) / INDEX_NAME
     if not index.is_file():
         raise DataError(f"data.balanced_sampling: '{train}' holds no MDS shards ({INDEX_NAME}); point data.train at "
                         "a local split written by af-prepare, or at buckets written by `python3 -m "
                         "af_train.data.balance SRC OUT`")
-    digest = hashlib.sha1(index.read_bytes() + f"|{Path(train).resolve()}|{buckets}".encode()).hexdigest()[:12]
+    key = f"|{Path(train).resolve()}|{buckets}" + (f"|power={power!r}" if power != 1.0 else "")  # 1.0: older caches
+    digest = hashlib.sha1(index.read_bytes() + key.encode()).hexdigest()[:12]
     return Path(cache_root) / f"balanced-{digest}"
 
 
-def prepare_buckets(train: str, cache_root: str, buckets: int) -> tuple[Path, dict[str, Any]]:
+def prepare_buckets(train: str, cache_root: str, buckets: int, power: float = 1.0) -> tuple[Path, dict[str, Any]]:
     """Collective when a process group is up: local rank 0 writes the buckets once, the others wait."""
     import torch.distributed as dist
 
-    out = bucket_directory(train, cache_root, buckets)
+    out = bucket_directory(train, cache_root, buckets, power)
     if read_plan(out) is None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_buckets(Path(train), out, buckets)
+        write_buckets(Path(train), out, buckets, power)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     plan = read_plan(out)
@@ -221,7 +234,8 @@ def measure_epoch(directory: Path, plan: dict[str, Any], seed: int = 1234, canon
 
 
 def format_report(plan: dict[str, Any], measured: np.ndarray | None) -> str:
-    rows = ["class | natural | target (AudioMAE weights) | bucketed expectation | measured (one epoch)",
+    rows = [f"class | natural | target (class weight 1 / count ** {plan['power']:g}) | bucketed expectation | "
+            "measured (one epoch)",
             "---|---|---|---|---"]
     for c, name in enumerate(plan["labels"]):
         got = f"{measured[c]:.4f}" if measured is not None else "-"
@@ -236,11 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="a local split directory written by af-prepare")
     parser.add_argument("out", help="the bucket directory to write (then data.train=OUT)")
     parser.add_argument("--buckets", type=int, default=16)
+    parser.add_argument("--power", type=float, default=1.0,
+                        help="class weight 1 / count ** power (1: AudioMAE, the default; 0.5: square root)")
     parser.add_argument("--report", action="store_true", help="measure one epoch's class frequencies vs the target")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
-    plan = read_plan(out) or write_buckets(Path(args.source), out, args.buckets)
+    if not 0.0 < args.power <= 1.0:
+        parser.error(f"--power must be in (0, 1], got {args.power}")
+    plan = read_plan(out)
+    if plan is not None and abs(plan["power"] - args.power) > 1e-12:
+        parser.error(f"{out} already holds buckets written with power {plan['power']:g}; choose another OUT")
+    plan = plan or write_buckets(Path(args.source), out, args.buckets, args.power)
     print(format_report(plan, measure_epoch(out, plan) if args.report else None))
     return 0
 

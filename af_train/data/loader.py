@@ -265,10 +265,11 @@ def train_streams(cfg: DataConfig, local_cache: str | None, need_labels: bool) -
                             "split, write the buckets with `python3 -m af_train.data.balance` from a local copy)")
         root = cfg.local_cache or local_cache or os.path.join(tempfile.gettempdir(), "af_train_cache")
         _clean_stale_shm_then_sync()
-        directory, plan = balance.prepare_buckets(cfg.train, root, cfg.balance_buckets)
+        directory, plan = balance.prepare_buckets(cfg.train, root, cfg.balance_buckets, cfg.balance_power)
         manifest = load_manifest(directory / plan["buckets"][0]["name"])
         return balance.bucket_streams(directory, plan), manifest, False, \
-            f"{cfg.train} (class-balanced: {len(plan['buckets'])} rarity buckets in {directory})"
+            (f"{cfg.train} (class-balanced, power {plan['power']:g}: {len(plan['buckets'])} rarity buckets "
+             f"in {directory})")
     streams, manifests, sources = [], [], []
     for i, entry in enumerate(cfg.train):
         if entry.remote is not None:

@@ -77,14 +77,15 @@ def test_mixture_entries_are_checked():
         StreamConfig(path="a", remote="s3://b/c").validate()
 
 
-def _audiomae_target(labels: list[list[int]], num_classes: int) -> np.ndarray:
+def _audiomae_target(labels: list[list[int]], num_classes: int, power: float = 1.0) -> np.ndarray:
     """Expected share of label occurrences per class when clips are drawn in proportion to AudioMAE's
-    weights (written here from the recipe of the AST/AudioMAE weight files, not from af_train)."""
+    weights (written here from the recipe of the AST/AudioMAE weight files, not from af_train), the
+    class weights tempered to 1 / count ** power (AudioMAE: power 1)."""
     counts = np.zeros(num_classes)
     for clip in labels:
         for c in clip:
             counts[c] += 1
-    class_weight = 1000.0 / (counts + 0.01)
+    class_weight = 1000.0 / (counts + 0.01) ** power
     clip_weight = np.array([sum(class_weight[c] for c in clip) for clip in labels])
     share = np.zeros(num_classes)
     for clip, w in zip(labels, clip_weight):
@@ -93,8 +94,8 @@ def _audiomae_target(labels: list[list[int]], num_classes: int) -> np.ndarray:
     return share / share.sum()
 
 
-@pytest.mark.parametrize("multi_label", [False, True])
-def test_balanced_sampling_reaches_the_target_class_frequencies(tmp_path, multi_label):
+@pytest.mark.parametrize("multi_label, power", [(False, 1.0), (True, 1.0), (False, 0.5)])
+def test_balanced_sampling_reaches_the_target_class_frequencies(tmp_path, multi_label, power):
     rng = np.random.default_rng(3)
     sizes = [160, 80, 30, 10]  # long-tailed, as AudioSet
     labels = [[c] for c, n in enumerate(sizes) for _ in range(n)]
@@ -102,15 +103,34 @@ def test_balanced_sampling_reaches_the_target_class_frequencies(tmp_path, multi_
         labels = [sorted({clip[0], 0}) if rng.random() < 0.25 else clip for clip in labels]
     write_shards(tmp_path / "train", len(labels), num_classes=4, multi_label=multi_label, labels_per_clip=labels,
                  frames=20)
-    directory, plan = prepare_buckets(str(tmp_path / "train"), str(tmp_path / "cache"), 8)
-    target = _audiomae_target(labels, 4)
+    directory, plan = prepare_buckets(str(tmp_path / "train"), str(tmp_path / "cache"), 8, power)
+    assert plan["power"] == power
+    target = _audiomae_target(labels, 4, power)
     measured = np.zeros(4)
     for seed in range(3):  # three epochs' worth: the fractional repeats are random per epoch
         measured += measure_epoch(directory, plan, seed=seed) / 3
     natural = np.array([sum(c in clip for clip in labels) for c in range(4)], float)
     natural /= natural.sum()
     assert np.abs(measured - target).max() < 0.03, (measured, target)
-    assert np.abs(natural - target).max() > 0.2  # the check can fail: unbalanced draws are far off
+    # the check can fail: unbalanced draws, or the other power's, are far off
+    assert np.abs(natural - target).max() > 0.15
+    other = _audiomae_target(labels, 4, 1.5 - power)
+    assert np.abs(other - target).max() > 0.08
+
+
+def test_balance_power_keeps_its_own_buckets_and_refuses_a_mismatch(tmp_path):
+    labels = [[c] for c, n in enumerate([40, 10]) for _ in range(n)]
+    write_shards(tmp_path / "train", len(labels), num_classes=2, multi_label=False, labels_per_clip=labels, frames=20)
+    full, plan_full = prepare_buckets(str(tmp_path / "train"), str(tmp_path / "cache"), 4)
+    root, plan_root = prepare_buckets(str(tmp_path / "train"), str(tmp_path / "cache"), 4, 0.5)
+    assert full != root and plan_full["power"] == 1.0 and plan_root["power"] == 0.5
+    assert plan_root["target_class_frequency"][1] < plan_full["target_class_frequency"][1]
+    # pre-built buckets given as data.train: the power must match the one they were written with
+    assert prepare_buckets(str(root), str(tmp_path / "cache"), 4, 0.5)[0] == root
+    with pytest.raises(DataError, match="written with power 0.5, but data.balance_power is 1"):
+        prepare_buckets(str(root), str(tmp_path / "cache"), 4, 1.0)
+    with pytest.raises(RecipeError, match="data.balance_power must be in"):
+        _config(balance_power=0.0)
 
 
 def test_balanced_sampling_needs_a_local_split(tmp_path):
