@@ -168,6 +168,20 @@ def wait_group_exit(process: subprocess.Popen, timeout: float) -> None:
     raise AssertionError(f"processes {_live_members(process.pid)} of group {process.pid} still run after {timeout} s")
 
 
+def signal_group(process: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30,
+                 missing_ok: bool = False) -> None:
+    """Send ``sig`` to the launcher's whole process group (runner, launch.py, ranks: as kill -9, Ctrl-C
+    or a scheduler would) and wait until no member is left. A group already gone raises
+    ProcessLookupError unless ``missing_ok`` (clean-up after a test)."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        if not missing_ok:
+            raise
+    wait_group_exit(process, timeout)
+    process.wait()
+
+
 def batch_ids(run_dir: Path) -> dict[tuple[int, int], list[str]]:
     """(step, rank) -> clip ids of that rank's micro batches in that step."""
     out: dict[tuple[int, int], list[str]] = {}

@@ -7,13 +7,11 @@ Needs a CUDA GPU (``pytest -m cuda``); collected and skipped with the reason els
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 from pathlib import Path
 
 import pytest
-from engine_helpers import base_overrides, batch_ids, logged_steps, run, start, wait_for, wait_group_exit
+from engine_helpers import base_overrides, batch_ids, logged_steps, run, signal_group, start, wait_for
 
 from af_train.checkpoint import latest_complete, step_of, tag_for
 from af_train.run_logging import read_metrics
@@ -52,9 +50,7 @@ def test_one_gpu_zero2_bf16_pretraining_learns_and_resumes_bit_exact(data_root, 
         return latest is not None and logged_steps(interrupted) >= step_of(latest.name) + 3
 
     wait_for(checkpoint_and_more_steps, 300, "a checkpoint and 3 more steps", process, log)
-    os.killpg(process.pid, signal.SIGKILL)
-    wait_group_exit(process, timeout=30)
-    process.wait()
+    signal_group(process)
     resume_from = step_of(latest_complete(checkpoints).name)
     total = resume_from + STEPS_AFTER_RESUME
 

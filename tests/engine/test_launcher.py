@@ -22,10 +22,10 @@ from engine_helpers import (
     free_port,
     logged_steps,
     run,
+    signal_group,
     start,
     wait,
     wait_for,
-    wait_group_exit,
 )
 
 from af_train.checkpoint import is_complete, latest_complete, step_of
@@ -100,9 +100,7 @@ def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, d
     process = start(2, long, log)
     wait_for(lambda: latest_complete(root) is not None and logged_steps(run_dir) >= 10, 180,
              "a checkpoint and step 10", process, log)
-    os.killpg(process.pid, signal.SIGKILL)
-    wait_group_exit(process, timeout=30)
-    process.wait()
+    signal_group(process)
     killed_at = logged_steps(run_dir)
     resumed_from = step_of(latest_complete(root).name)
     assert resumed_from < killed_at or resumed_from % 4 == 0
@@ -115,9 +113,7 @@ def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, d
         return len(parts) > 1 and "  resume: " in parts[-1] and logged_steps(run_dir) >= resumed_from + 3
 
     wait_for(resumed_and_training, 180, "the resumed run to train", process, log)
-    os.killpg(process.pid, signal.SIGTERM)  # as Ctrl-C or a scheduler would: every process of the job
-    wait_group_exit(process, timeout=60)
-    process.wait()
+    signal_group(process, signal.SIGTERM, timeout=60)  # as Ctrl-C or a scheduler would: the whole job
     text = log.read_text(errors="replace")
     assert "stopped by SIGTERM" in text, text[-3000:]
     stopped = step_of(latest_complete(root).name)

@@ -7,11 +7,8 @@ the global batches of an uninterrupted 1-rank run with the same global batch.
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
-from engine_helpers import base_overrides, batch_ids, run, start, wait_for, wait_group_exit
+from engine_helpers import base_overrides, batch_ids, run, signal_group, start, wait_for
 from test_launcher import logged_steps
 
 from af_train.checkpoint import latest_complete, step_of
@@ -44,9 +41,7 @@ def test_balanced_order_survives_kill9_and_two_to_one_ranks(data_root, tmp_path)
     root = crashed / "checkpoints"
     wait_for(lambda: latest_complete(root) is not None and logged_steps(crashed) >= 4, 240,
              "a checkpoint and step 4", process, log)
-    os.killpg(process.pid, signal.SIGKILL)
-    wait_group_exit(process, timeout=30)
-    process.wait()
+    signal_group(process)
     checkpoint = latest_complete(root)
     saved = step_of(checkpoint.name)
     # continue on 1 rank from the 2-rank checkpoint (universal conversion; the EMA from rank 0's file)

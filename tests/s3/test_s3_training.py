@@ -7,10 +7,7 @@ of the shards at a time, so streaming evicts and re-downloads while training.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -59,10 +56,7 @@ def launcher(s3, monkeypatch):
     yield engine_helpers
     for process in started:
         if process.poll() is None or engine_helpers._live_members(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            engine_helpers.wait_group_exit(process, timeout=30)
-            process.wait()
+            engine_helpers.signal_group(process, missing_ok=True)
     while engine_helpers.USED_PORTS:
         engine_helpers.release_shm(engine_helpers.USED_PORTS.pop())
 
@@ -104,9 +98,7 @@ def test_two_ranks_stream_from_s3_with_eviction_kill_and_resume(s3, launcher, tm
         assert process.poll() is None, log.read_text(errors="replace")[-4000:]
         assert time.monotonic() < deadline, "timed out waiting for a checkpoint and step 10"
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    launcher.wait_group_exit(process, timeout=30)
-    process.wait()
+    launcher.signal_group(process)
     resumed_from = step_of(latest_complete(root).name)
     assert 4 <= resumed_from <= logged_step(run_dir) < STEPS  # killed mid-run
 

@@ -294,6 +294,21 @@ def _assert_same_shards(a: Path, b: Path) -> None:
         assert (ma.written, ma.rejected, ma.seconds_of_audio) == (mb.written, mb.rejected, mb.seconds_of_audio)
 
 
+def _kill_9_after_first_chunk(command: list[str], out: Path, chunk_pattern: str) -> None:
+    """Run a real prepare process (its own session, from the repository root) and SIGKILL its whole
+    group as soon as ``out`` holds a committed chunk matching ``chunk_pattern``."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob(chunk_pattern)):
+        assert proc.poll() is None, f"prepare exited early: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "no chunk committed within 240 s"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+
+
 def test_kill_9_then_ctrl_c_then_rerun_gives_the_uninterrupted_result(prepared_shards, synthetic_audio, tmp_path,
                                                                        monkeypatch):
     out = tmp_path / "shards"
@@ -302,16 +317,8 @@ def test_kill_9_then_ctrl_c_then_rerun_gives_the_uninterrupted_result(prepared_s
             "--codec-random-init", "0", "--clip-seconds", "1.0", "--chunk-size", "4", "--batch-size", "4",
             "--threads", "1", "--quiet"]
     # 1. a real process with a decoding worker, killed with SIGKILL right after its first chunk commit
-    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "prepare_dataset.py"), *argv, "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not list(out.glob("*/part-*/chunk.json")):
-        assert proc.poll() is None, f"prepare exited early: {proc.stderr.read().decode()[-2000:]}"
-        assert time.monotonic() < deadline, "no chunk committed within 240 s"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stderr.close()
+    _kill_9_after_first_chunk([sys.executable, str(REPO / "tools" / "prepare_dataset.py"), *argv, "--workers", "1"],
+                              out, "*/part-*/chunk.json")
     committed = sorted(out.glob("*/part-*/chunk.json"))
     assert not all((out / s / "manifest.json").exists() for s in ("train", "val", "test")), "finished before kill"
     first_commit = {p: p.stat().st_mtime_ns for p in committed}
@@ -400,16 +407,8 @@ def test_kill_9_with_a_fitted_tokenizer_resumes_exactly(mel_rvq_file, tmp_path):
                 "--threads", "1", "--quiet"]
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "af_train.prepare", *argv(out), "--workers", "1"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not list(out.glob("part-*/chunk.json")):
-        assert proc.poll() is None, f"prepare exited early: {proc.stderr.read().decode()[-2000:]}"
-        assert time.monotonic() < deadline, "no chunk committed within 240 s"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stderr.close()
+    _kill_9_after_first_chunk([sys.executable, "-m", "af_train.prepare", *argv(out), "--workers", "1"], out,
+                              "part-*/chunk.json")
     assert not (out / "manifest.json").exists(), "finished before the kill"
     first_commit = {p: p.stat().st_mtime_ns for p in out.glob("part-*/chunk.json")}
     assert prep.main([*argv(out), "--workers", "0"]) == 0
