@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from af_train.distributed import barrier, broadcast_from_rank0, gather_objects, result_or_exception, world_size
 from af_train.files import atomic_open, atomic_write, xxh64_file
 from af_train.model.checkpoint import CheckpointError
 from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
@@ -68,28 +68,6 @@ def step_of(tag: str) -> int | None:
 
 def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file() and (path / META).is_file()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def agree(value: Any, rank: int) -> Any:
-    """Collective: rank 0's ``value`` on every rank; an exception there is raised on every rank."""
-    box = [value if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]
-
-
-def capture(fn: Any, *args: Any) -> Any:
-    """fn(*args), or the exception it raised (to be broadcast by ``agree`` and raised on every rank)."""
-    try:
-        return fn(*args)
-    except Exception as exc:  # noqa: BLE001 - re-raised on all ranks
-        return exc
 
 
 @dataclass
@@ -247,15 +225,13 @@ def _recorded_files(ckpt: Path) -> list[str]:
 
 def describe_files(ckpt: Path, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
     """Collective: ``{relative path: {"size", "xxh64"}}`` of a checkpoint's files; the ranks share the hashing."""
-    names = agree(_recorded_files(ckpt) if rank == 0 else None, rank) if world_size > 1 else _recorded_files(ckpt)
+    names = broadcast_from_rank0(_recorded_files(ckpt) if rank == 0 else None) if world_size > 1 \
+        else _recorded_files(ckpt)
     mine = {}
     for name in names[rank::world_size]:
         with contextlib.suppress(OSError):  # (not visible here: rank 0 hashes it below)
             mine[name] = {"size": (ckpt / name).stat().st_size, "xxh64": xxh64_file(ckpt / name)}
-    parts = [mine]
-    if world_size > 1:
-        parts = [None] * world_size
-        dist.all_gather_object(parts, mine)
+    parts = gather_objects(mine) if world_size > 1 else [mine]
     described = {name: value for part in parts for name, value in part.items()}
     if rank == 0:
         for name in names:
@@ -348,8 +324,7 @@ class CheckpointManager:
         with atomic_open(rank_file) as f:
             torch.save(rank_state, f)
         barrier()  # every rank's files are written before they are described and the marker is set
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        meta = {**meta, "files": describe_files(path, self.rank, world_size)}
+        meta = {**meta, "files": describe_files(path, self.rank, world_size())}
         if self.rank == 0:
             atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
             atomic_write(path / MARKER, f"complete {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
@@ -481,7 +456,8 @@ class Checkpointer:
     def resume_point(self, spec: str, run_dir: Path, hashes: bool = True) -> ResumePoint | None:
         """Collective: the checkpoint ``--resume spec`` names, verified by rank 0 (``resolve_resume``) and
         checked against this run."""
-        path = agree(capture(resolve_resume, spec, run_dir, hashes) if self.rank == 0 else None, self.rank)
+        found = result_or_exception(resolve_resume, spec, run_dir, hashes) if self.rank == 0 else None
+        path = broadcast_from_rank0(found)
         if path is None:
             return None
         meta = read_meta(path)
@@ -555,10 +531,7 @@ class Checkpointer:
 
     def _all_loaded(self, failure: str | None, path: Path) -> None:
         """Collective: raise on every rank when any rank failed to load ``path`` (naming the ranks)."""
-        failures = [failure]
-        if self.world_size > 1:
-            failures = [None] * self.world_size
-            dist.all_gather_object(failures, failure)
+        failures = gather_objects(failure) if self.world_size > 1 else [failure]
         failed = {rank: message for rank, message in enumerate(failures) if message is not None}
         if failed:
             shown = "; ".join(f"rank {rank}: {message}" for rank, message in failed.items())

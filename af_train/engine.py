@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from af_train import checkpoint as ckpt
-from af_train import ds_config as dsc
 from af_train import run_logging as rl
+from af_train import runtime
 from af_train.checkpoint import Checkpointer, Progress, seed_everything
 from af_train.config import Recipe
+from af_train.distributed import sum_over_ranks
+from af_train.ds_config import build_ds_config, plan_batch
 from af_train.ema import EMA, load_ema, raw_metric_names
 from af_train.ema import STATE_KEY as EMA_STATE_KEY
 from af_train.evaluate import Evaluator, move_batch
@@ -55,15 +56,15 @@ class Trainer:
 
         self.recipe, cfg = recipe, recipe.train
         self.run_dir = Path(cfg.run_dir)
-        place = dsc.init_process()
+        place = runtime.init_process()
         self.rank, self.world_size, self.local_rank, self.device = (place.rank, place.world_size, place.local_rank,
                                                                     place.device)
 
         # where we resume from decides the DeepSpeed config (universal loading, batch plan)
         self.checkpointer = Checkpointer(recipe, self.run_dir, self.rank, self.world_size)
         point = self.checkpointer.resume_point(resume, self.run_dir, verify_hashes)
-        self.plan = dsc.plan_batch(recipe, self.world_size, keep_global_batch=point and point.keep_global_batch)
-        self.ds_config = dsc.build_ds_config(recipe, self.plan, on_cpu=place.on_cpu, load_universal=bool(
+        self.plan = plan_batch(recipe, self.world_size, keep_global_batch=point and point.keep_global_batch)
+        self.ds_config = build_ds_config(recipe, self.plan, on_cpu=place.on_cpu, load_universal=bool(
             point and point.universal), fp16_supported=place.fp16_supported)
 
         mask = recipe.objective.mode == "pretrain"
@@ -81,12 +82,12 @@ class Trainer:
         self.frozen_params = sum(p.numel() for p in module.parameters() if not p.requires_grad)
         self.flops_per_token = rl.training_flops_per_token(recipe, module.encoder.config, recipe.data.max_length,
                                                            module.encoder.config.vocab_size)
-        self.engine, self.optimizer, self.lr_scheduler = dsc.initialize_engine(recipe, module, self.ds_config)
+        self.engine, self.optimizer, self.lr_scheduler = runtime.initialize_engine(recipe, module, self.ds_config)
         self.ema = EMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay else None
         seed_everything(cfg.seed + 1000 * self.rank + 1)
 
         self.progress = Progress()
-        self.stop = dsc.StopSignals()
+        self.stop = runtime.StopSignals()
         self._train_iter = None
         self._pending_rng: dict[str, Any] | None = None  # restored once the first batch is drawn
         if point is not None:
@@ -159,20 +160,20 @@ class Trainer:
             self.sample_ids.write(self.progress.step + 1, batch["ids"])
         applied = bool(engine.was_step_applied())
         # One small all-reduce carries the counters, the losses and the stop request.
-        names, term_names = sorted(log_sums), sorted(term_sums)
-        host = torch.tensor([samples, padded, float(self.stop.received is not None)], dtype=torch.float64,
-                            device=self.device)
-        reduced = torch.cat([host, torch.stack([tokens, nonfinite_local, loss_sum, *(log_sums[n] for n in names),
-                                                *(term_sums[n] for n in term_names)])])
-        dist.all_reduce(reduced)
-        values = reduced.tolist()
-        count = len(batches) * self.world_size
-        logs = {n: v / count for n, v in zip(names, values[6:])}
-        logs.update(zip(term_names, values[6 + len(names):]))
+        totals = sum_over_ranks({
+            "samples": samples, "padded_tokens": padded, "stop_requested": float(self.stop.received is not None),
+            "tokens": tokens, "nonfinite": nonfinite_local, "loss": loss_sum,
+            **{f"log/{name}": log_sums[name] for name in sorted(log_sums)},
+            **{f"term/{name}": term_sums[name] for name in sorted(term_sums)},
+        }, self.device)
+        count = len(batches) * self.world_size  # micro batches in the step: the logs are their mean
+        logs = {name.removeprefix("log/"): value / count for name, value in totals.items() if name.startswith("log/")}
+        logs.update((name.removeprefix("term/"), value) for name, value in totals.items() if name.startswith("term/"))
         return StepResult(
-            loss=values[5], logs=logs, applied=applied,
-            nonfinite=values[4] > 0 or (not applied and self.recipe.train.precision != "fp16"),
-            samples=int(values[0]), tokens=int(values[3]), padded_tokens=int(values[1]), stop_requested=values[2] > 0,
+            loss=totals["loss"], logs=logs, applied=applied,
+            nonfinite=totals["nonfinite"] > 0 or (not applied and self.recipe.train.precision != "fp16"),
+            samples=int(totals["samples"]), tokens=int(totals["tokens"]), padded_tokens=int(totals["padded_tokens"]),
+            stop_requested=totals["stop_requested"] > 0,
         )
 
     def fit(self) -> dict[str, float]:
@@ -212,7 +213,7 @@ class Trainer:
             self.save()
             if stopped_by == "signal":
                 log.warning("stopped by %s at step %d: checkpoint saved; resume with --resume auto",
-                            dsc.signal_name(self.stop.received), p.step)
+                            runtime.signal_name(self.stop.received), p.step)
                 return {}
             message = (f"{p.consecutive_nonfinite} optimizer steps in a row were skipped for a non-finite loss or "
                        f"gradient norm (train.max_nonfinite_steps={cfg.max_nonfinite_steps}), at step {p.step}; a "
@@ -274,4 +275,4 @@ class Trainer:
         self.logger.close()
         self.sample_ids.close()
         if self.device.type == "cpu":
-            dsc.release_cpu_allreduce_buffer(self.rank)
+            runtime.release_cpu_allreduce_buffer(self.rank)

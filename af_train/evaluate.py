@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from af_train.distributed import barrier, broadcast_from_rank0, gather_objects
 from af_train.metrics import classification_metrics
 
 if TYPE_CHECKING:
@@ -36,14 +36,6 @@ THRESHOLDS_NAME = "af_thresholds.json"  # per-class thresholds chosen on val, be
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _gather(obj: Any) -> list[Any]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 @torch.no_grad()
@@ -78,7 +70,7 @@ def evaluate_module(module: torch.nn.Module, loader: Any, device: torch.device, 
                 labels.append(batch["labels"].cpu().numpy())
     finally:
         module.train(was_training)
-    parts = _gather({"ids": ids, "scores": scores, "labels": labels, "sums": sums, "count": count})
+    parts = gather_objects({"ids": ids, "scores": scores, "labels": labels, "sums": sums, "count": count})
     total = sum(p["count"] for p in parts)
     result: dict[str, float] = {}
     for name in parts[0]["sums"]:
@@ -173,7 +165,7 @@ class Evaluator:
         """Evaluate (logged as text; the caller records the metrics), and when ``train.best_metric`` on
         this split improved: ``save()`` the step (unless already saved) and record it as the best in
         ``progress`` and the checkpoints."""
-        from af_train.checkpoint import agree, barrier, tag_for
+        from af_train.checkpoint import tag_for
         from af_train.config import RecipeError
 
         metrics = self.evaluate(split, module)
@@ -187,7 +179,7 @@ class Evaluator:
                                   f"{', '.join(sorted(metrics))}")
             value = metrics[best]
             manager = self.checkpointer.manager
-            if agree(manager.is_better(value) if self.rank == 0 else None, self.rank):
+            if broadcast_from_rank0(manager.is_better(value) if self.rank == 0 else None):
                 if self.checkpointer.last_saved_step != step:
                     save()
                 progress.best = {"metric": best, "value": value, "step": step}
@@ -210,11 +202,10 @@ class Evaluator:
         """Test metrics of the checkpoint selected on validation (``last`` without a selection).
         A selected checkpoint other than ``last`` is consolidated to fp32 and evaluated in a fresh
         module, so ``module`` (the engine's) stays untouched."""
-        from af_train.checkpoint import agree
         from af_train.model.checkpoint import check_and_load_state
         from af_train.objectives import build_training_module
 
-        best = agree(self.checkpointer.manager.best() if self.rank == 0 else None, self.rank)
+        best = broadcast_from_rank0(self.checkpointer.manager.best() if self.rank == 0 else None)
         if best is None or best[0] == last.name:
             return last.name, self.evaluate("test", module)
         tag = best[0]

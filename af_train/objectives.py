@@ -55,12 +55,12 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from af_train.augment import draw_mixup
 from af_train.config import Recipe
+from af_train.distributed import gather_rows, sum_over_ranks, world_size
 from af_train.model import (
     AudioFormerConfig,
     ClassificationHead,
@@ -81,8 +81,7 @@ from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
 from af_train.tokens import IGNORE_INDEX, SpecialTokens
 from kernels import dispatch
 
-__all__ = ["build_training_module", "PretrainModule", "FineTuneModule", "BatchError", "gather_rows",
-           "global_loss_counts"]
+__all__ = ["build_training_module", "PretrainModule", "FineTuneModule", "BatchError", "global_loss_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -144,46 +143,6 @@ def _detached(logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in logs.items()}
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-class _GatherRows(torch.autograd.Function):
-    """All ranks' rows in rank order; backward sums the gradient over ranks and keeps this rank's rows."""
-
-    @staticmethod
-    def forward(ctx: Any, local: torch.Tensor, sizes: list[int], start: int) -> torch.Tensor:
-        padded = local.new_zeros((max(sizes), *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        ctx.start, ctx.size = start, local.shape[0]
-        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        # Every rank's loss reaches every gathered row: a row's gradient is the sum over the ranks'
-        # losses, returned to its owner only (the other ranks' copies are not parameters' inputs).
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.start: ctx.start + ctx.size], None, None
-
-
-def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Collective: (the rows of ``local`` [n_r, ...] of every rank, concatenated in rank order; the
-    index of this rank's first row). Differentiable; the identity without a process group. Ranks
-    may hold different numbers of rows."""
-    if not _distributed():
-        return local, 0
-    rank = dist.get_rank()
-    sizes = torch.zeros(dist.get_world_size(), dtype=torch.long, device=local.device)
-    sizes[rank] = local.shape[0]
-    dist.all_reduce(sizes)
-    counts = sizes.tolist()
-    start = sum(counts[:rank])
-    return _GatherRows.apply(local, counts, start), start
-
-
 def global_loss_counts(module: nn.Module, batches: list[dict[str, Any]], device: torch.device) -> dict[str, float]:
     """Collective: what each loss term is divided by (``module.loss_counts``), summed over ``batches`` (one
     optimizer step's micro batches) and over every rank. At least 1, so a term with nothing to count is 0."""
@@ -191,20 +150,15 @@ def global_loss_counts(module: nn.Module, batches: list[dict[str, Any]], device:
     for batch in batches:
         for name, value in module.loss_counts(batch).items():
             local[name] = local.get(name, 0) + value.double()
-    names = sorted(local)
-    if not names:
-        return {}
-    reduced = torch.stack([local[n] for n in names]).to(device)
-    if _distributed():
-        dist.all_reduce(reduced)
-    return {n: max(v, 1.0) for n, v in zip(names, reduced.tolist())}
+    reduced = sum_over_ranks({n: local[n] for n in sorted(local)}, device)
+    return {n: max(v, 1.0) for n, v in reduced.items()}
 
 
 def _contrast(module: nn.Module, embeddings: torch.Tensor, groups: torch.Tensor, anchors: torch.Tensor,
               rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(MPC loss over this rank's ``anchors``, N). ``embeddings`` [B * rows, D] clip-major, ``groups``
     the local clip of each row; with global negatives every rank's rows join, clips renumbered."""
-    if module.mpc_negatives == "global" and module.training and _distributed():
+    if module.mpc_negatives == "global" and module.training and world_size() > 1:
         embeddings, start = gather_rows(embeddings)
         n = embeddings.shape[0]
         groups = torch.arange(n // rows, device=embeddings.device).repeat_interleave(rows)
@@ -510,7 +464,7 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool,
     codebook_size = int((tokenizer or {}).get("codes") or SpecialTokens().codebook_size)
     config = AudioFormerConfig.from_recipe(recipe.model, codebook_size)
     kernels = recipe.model.kernels
-    negatives = recipe.objective.mpc_negatives or ("global" if _distributed() else "local")
+    negatives = recipe.objective.mpc_negatives or ("global" if world_size() > 1 else "local")
     objective = recipe.objective
     rows = recipe.data.code_rows
 

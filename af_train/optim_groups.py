@@ -1,15 +1,19 @@
-"""Optimizer parameter groups with layer-wise learning-rate decay (``optim.layer_decay``).
+"""Optimizer parameter groups: which parameters get weight decay, and layer-wise learning-rate decay.
 
-BEiT / AudioMAE / BEATs fine-tune with a learning rate that shrinks towards the input: with ``L``
-encoder layers and decay ``d``, a parameter at depth ``k`` gets ``lr x d ** (L + 1 - k)``, where
+Biases and normalisation weights get no weight decay (``no_decay``); frozen parameters (FT2 row
+encoders) stay out of the optimizer. Without ``optim.layer_decay`` there are two groups
+(``optimizer_groups``: with and without weight decay).
+
+With ``optim.layer_decay`` (as BEiT / AudioMAE / BEATs fine-tune) the learning rate shrinks towards
+the input: with ``L`` encoder layers and decay ``d``, a parameter at depth ``k`` gets
+``lr x d ** (L + 1 - k)``, where
 
 - depth 0: the embeddings (word, token-type / code-row, their LayerNorm): the lowest rate;
 - depth i + 1: encoder layer i;
 - depth L + 1: everything above the encoder (classifier, MLM head, ...): the full rate (1.0).
 
-A tied MLM decoder is the word-embedding matrix and so sits at depth 0. Frozen parameters (FT2 row
-encoders) are left out, as in ``ds_config.optimizer_groups``. Every group carries its ``lr`` (the
-base lr times ``lr_scale``): torch's ``LambdaLR`` multiplies each group's own initial lr by the
+A tied MLM decoder is the word-embedding matrix and so sits at depth 0. Every group carries its
+``lr`` (the base lr times ``lr_scale``): torch's ``LambdaLR`` multiplies each group's own initial lr by the
 schedule, so warmup and decay keep the ratios. The head group comes first, so the lr the run logs
 (the first group's) is the base lr.
 """
@@ -22,11 +26,31 @@ from typing import Any
 
 import torch
 
-from af_train.ds_config import no_decay
-
-log = logging.getLogger("af_train.engine")
+log = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"(?:^|\.)encoder\.encoder\.layer\.(\d+)\.")
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases and normalisation weights (all 1-D tensors) get no weight decay."""
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+
+
+def optimizer_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the trainable (requires_grad) parameters: with and without weight decay."""
+    with_decay, without_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen FT2 row encoders stay out of the optimizer
+        (without_decay if no_decay(name, param) else with_decay).append(param)
+    if not with_decay and not without_decay:
+        raise ValueError("the training module has no trainable parameters (all requires_grad=False)")
+    groups = []
+    if with_decay:
+        groups.append({"params": with_decay, "weight_decay": weight_decay})
+    if without_decay:
+        groups.append({"params": without_decay, "weight_decay": 0.0})
+    return groups
 
 
 def layer_depth(name: str, num_layers: int) -> int:
@@ -47,13 +71,13 @@ def layer_decay_groups(module: torch.nn.Module, lr: float, weight_decay: float, 
         if not param.requires_grad:
             continue
         depth = layer_depth(name, num_layers)
-        plain = no_decay(name, param)
-        group = groups.get((depth, plain))
+        without_decay = no_decay(name, param)
+        group = groups.get((depth, without_decay))
         if group is None:
             scale = layer_decay ** (num_layers + 1 - depth)
-            group = groups[(depth, plain)] = {
+            group = groups[(depth, without_decay)] = {
                 "params": [], "names": [], "lr": lr * scale, "lr_scale": scale, "depth": depth,
-                "weight_decay": 0.0 if plain else weight_decay,
+                "weight_decay": 0.0 if without_decay else weight_decay,
             }
         group["params"].append(param)
         group["names"].append(name)
@@ -79,8 +103,6 @@ def describe_groups(groups: list[dict[str, Any]], lr: float) -> list[str]:
 def parameter_groups(module: torch.nn.Module, optim: Any) -> list[dict[str, Any]]:
     """The optimizer groups of a recipe's ``optim`` section (layer decay when ``optim.layer_decay`` is set),
     logged once."""
-    from af_train.ds_config import optimizer_groups
-
     if optim.layer_decay is None:
         groups = optimizer_groups(module, optim.weight_decay)
     else:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from af_train import distributed
 from af_train.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -324,11 +325,9 @@ def write_run_files(trainer: Any, resume_from: Path | None) -> None:
     atomic_write(t.run_dir / "config.yaml",
                  f"# resolved recipe (hash {recipe.hash()}) from {recipe.source}\n" + recipe.to_yaml())
     atomic_write(t.run_dir / "ds_config.json", json.dumps(t.ds_config, indent=2) + "\n")
-    import torch.distributed as dist
-
     summary = [
         f"af_train run in {t.run_dir}",
-        f"  device {t.device} x {t.world_size} ranks ({dist.get_backend()}), kernels {recipe.model.kernels}",
+        f"  device {t.device} x {t.world_size} ranks ({distributed.backend()}), kernels {recipe.model.kernels}",
         f"  {t.plan.describe()}",
         f"  ZeRO stage {cfg.zero_stage}, {cfg.precision}, offload_optimizer={cfg.offload_optimizer}",
         f"  parameters: {t.trainable_params:,} trainable, {t.frozen_params:,} frozen",

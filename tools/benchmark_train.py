@@ -348,8 +348,8 @@ def build_hf_module(recipe: Any, mode: str) -> torch.nn.Module:
 def build_hf(name: str, recipe: Any, mode: str, device: Any, ds_config: dict[str, Any]) -> Impl:
     """Hugging Face RoFormer in a DeepSpeed engine made by the Trainer's own engine factory."""
     from af_train.data import build_dataloader
-    from af_train.ds_config import initialize_engine
     from af_train.evaluate import move_batch
+    from af_train.runtime import initialize_engine
 
     module = build_hf_module(recipe, mode)
     engine, _, _ = initialize_engine(recipe, module, ds_config)
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from af_train_tools.benchmark_kernels import _slug
 
-    from af_train.ds_config import init_process
+    from af_train.runtime import init_process
     from af_train.train import _single_process_env
 
     device_kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

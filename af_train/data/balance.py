@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from af_train.data.dataset import INDEX_NAME, DataError
+from af_train.distributed import barrier
 from af_train.files import atomic_write
 from af_train.shards import Manifest, shard_columns
 
@@ -196,14 +197,11 @@ def bucket_directory(train: str, cache_root: str, buckets: int, power: float = 1
 
 def prepare_buckets(train: str, cache_root: str, buckets: int, power: float = 1.0) -> tuple[Path, dict[str, Any]]:
     """Collective when a process group is up: local rank 0 writes the buckets once, the others wait."""
-    import torch.distributed as dist
-
     out = bucket_directory(train, cache_root, buckets, power)
     if read_plan(out) is None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_buckets(Path(train), out, buckets, power)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
     plan = read_plan(out)
     if plan is None:
         raise DataError(f"data.balanced_sampling: the buckets of '{train}' were not written to {out}")

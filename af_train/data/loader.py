@@ -42,6 +42,7 @@ from af_train.data.dataset import INDEX_NAME, AudioCodeDataset, DataError, load_
 from af_train.data.masking import MaskingConfig
 from af_train.data.mixing import first_train_source, is_mixture, merge_manifests, stream_weights
 from af_train.data.shm import clean_stale_streaming_shm
+from af_train.distributed import barrier, is_distributed
 from af_train.shards import Manifest, ManifestError
 from af_train.tokenizers import TokenizerError, check_same_tokenizer
 
@@ -158,15 +159,11 @@ def _clean_stale_shm_then_sync() -> None:
     could pick different prefixes. Without an initialised process group in a multi-rank job there is
     no safe moment, so nothing is cleaned.
     """
-    import torch.distributed as dist
-
-    synced = dist.is_available() and dist.is_initialized()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not synced:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
         return
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         clean_stale_streaming_shm()
-    if synced:
-        dist.barrier()
+    barrier()
 
 
 def build_dataset(
@@ -257,7 +254,7 @@ def train_streams(cfg: DataConfig, local_cache: str | None, need_labels: bool) -
     """(streams, manifest, drop labels?, description) of a mixed or class-balanced training split."""
     from streaming import Stream
 
-    from af_train.data import balance
+    from af_train.data.balance import bucket_streams, prepare_buckets
 
     if cfg.balanced_sampling:
         if cfg.remote or not isinstance(cfg.train, str):
@@ -265,9 +262,9 @@ def train_streams(cfg: DataConfig, local_cache: str | None, need_labels: bool) -
                             "split, write the buckets with `python3 -m af_train.data.balance` from a local copy)")
         root = cfg.local_cache or local_cache or os.path.join(tempfile.gettempdir(), "af_train_cache")
         _clean_stale_shm_then_sync()
-        directory, plan = balance.prepare_buckets(cfg.train, root, cfg.balance_buckets, cfg.balance_power)
+        directory, plan = prepare_buckets(cfg.train, root, cfg.balance_buckets, cfg.balance_power)
         manifest = load_manifest(directory / plan["buckets"][0]["name"])
-        return balance.bucket_streams(directory, plan), manifest, False, \
+        return bucket_streams(directory, plan), manifest, False, \
             (f"{cfg.train} (class-balanced, power {plan['power']:g}: {len(plan['buckets'])} rarity buckets "
              f"in {directory})")
     streams, manifests, sources = [], [], []

@@ -13,7 +13,8 @@ from engine_helpers import REPO, TINY
 
 from af_train import checkpoint as ckpt
 from af_train.config import OptimConfig, Recipe, RecipeError
-from af_train.ds_config import build_ds_config, optimizer_groups, plan_batch
+from af_train.ds_config import build_ds_config, plan_batch
+from af_train.optim_groups import optimizer_groups
 from af_train.run_logging import (
     RunLogger,
     encoder_forward_flops_per_token,
@@ -134,9 +135,10 @@ def test_no_weight_decay_for_norms_biases_and_frozen_parameters():
     module.frozen = torch.nn.Linear(4, 4)
     module.frozen.requires_grad_(False)
     groups = optimizer_groups(module, weight_decay=0.1)
-    decay, plain = groups
-    assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [(4, 4)]
-    assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3  # dense.bias, LayerNorm weight + bias
+    with_decay, without_decay = groups
+    assert with_decay["weight_decay"] == 0.1 and [p.shape for p in with_decay["params"]] == [(4, 4)]
+    # dense.bias, LayerNorm weight + bias
+    assert without_decay["weight_decay"] == 0.0 and len(without_decay["params"]) == 3
     frozen_ids = {id(p) for p in module.frozen.parameters()}
     assert not frozen_ids & {id(p) for g in groups for p in g["params"]}
     with pytest.raises(ValueError, match="no trainable parameters"):

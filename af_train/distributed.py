@@ -1,0 +1,115 @@
+"""Every collective af_train runs, and the one "is a process group up?" check.
+
+Each function is also correct in a single process without a process group (evaluation CLI, unit
+tests): a collective then acts on this process alone. Functions documented as collective must be
+called by every rank, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialised (a launcher started this rank, or ``init_process`` ran)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Ranks in the process group; 1 without one."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank; 0 without a process group."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def backend() -> str:
+    """The process group's communication backend (nccl, gloo, ...); "none" without one."""
+    return str(dist.get_backend()) if is_distributed() else "none"
+
+
+def barrier() -> None:
+    """Collective: wait until every rank got here."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Collective: rank 0's ``value`` on every rank (the others' ``value`` is ignored). An exception
+    there (see ``result_or_exception``) is raised on every rank, so all of them stop together."""
+    box = [value]
+    if is_distributed():
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def result_or_exception(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or the exception it raised: what rank 0 hands to ``broadcast_from_rank0``."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank by broadcast_from_rank0
+        return exc
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Collective: every rank's picklable ``obj``, in rank order (``[obj]`` in a single process)."""
+    if world_size() > 1:
+        out: list[Any] = [None] * world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def sum_over_ranks(values: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """Collective: each named scalar (number or 0-d tensor) summed over every rank in one float64
+    all-reduce on ``device``. Every rank must pass the same names in the same order."""
+    if not values:
+        return {}
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values.values()])
+    if is_distributed():
+        dist.all_reduce(packed)
+    return dict(zip(values, packed.tolist()))
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order; backward sums the gradient over ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, sizes: list[int], start: int) -> torch.Tensor:
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.start, ctx.size = start, local.shape[0]
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # Every rank's loss reaches every gathered row: a row's gradient is the sum over the ranks'
+        # losses, returned to its owner only (the other ranks' copies are not parameters' inputs).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start: ctx.start + ctx.size], None, None
+
+
+def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Collective: (the rows of ``local`` [n_r, ...] of every rank, concatenated in rank order; the
+    index of this rank's first row). Differentiable; the identity with one rank. Ranks may hold
+    different numbers of rows."""
+    if world_size() == 1:
+        return local, 0
+    me = dist.get_rank()
+    sizes = torch.zeros(dist.get_world_size(), dtype=torch.long, device=local.device)
+    sizes[me] = local.shape[0]
+    dist.all_reduce(sizes)
+    counts = sizes.tolist()
+    start = sum(counts[:me])
+    return _GatherRows.apply(local, counts, start), start
