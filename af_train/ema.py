@@ -3,29 +3,27 @@
 After every applied optimizer step: ``ema += (1 - decay) * (weight - ema)``, in float32, starting
 from the weights the run starts with. Skipped (non-finite) steps do not update it.
 
-Where it lives: one full float32 copy on every rank (identical everywhere, so a checkpoint stores it
-once, in rank 0's rank file, and any world size resumes from it). Under ZeRO-3 the partitioned
+Where it lives: one full float32 copy on every rank (identical everywhere). It is a plain stateful
+component (``state_dict`` / ``load_state_dict``): the Trainer hands it to its ``CheckpointManager``,
+which stores it once per checkpoint and resumes it at any world size. Under ZeRO-3 the partitioned
 parameters are gathered for the update (one all-gather of the trainable weights per step: the
 price of a replicated average; ZeRO-1/2 and 0 hold whole parameters and need no communication).
 The average is taken of the module's weights, i.e. of the bf16 copies under ``precision=bf16``;
 their rounding is unbiased noise that the average smooths further.
 
 Evaluation swaps the average in (``applied``) and the exact raw weights back afterwards, so the
-optimizer's own state never sees it. ``checkpoint.consolidated_state`` overlays the checkpoint's
-average on the consolidated weights: ``final/model.pt``, the test scoring of a selected checkpoint
-and ``af-evaluate --checkpoint`` all use it.
+optimizer's own state never sees it. The consolidated weights of a checkpoint carry the average
+(``af_train.checkpoint.files.consolidated_state``): ``final/model.pt``, the test scoring of a selected
+checkpoint and ``af-evaluate --checkpoint`` all use it.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
-
-STATE_KEY = "ema"  # key of the average in rank 0's rank file of a checkpoint
 
 
 def _gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None) -> Any:
@@ -113,7 +111,7 @@ class EMA:
                 for name, param in zip(self.names, params):
                     param.copy_(averaged[name])
 
-    # -- checkpointing ---------------------------------------------------------------------------
+    # -- state (the checkpoint manager saves and restores it) ------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates,
                 "weights": {n: t.detach().cpu().clone() for n, t in self.shadow.items()}}
@@ -127,29 +125,6 @@ class EMA:
         for name, tensor in weights.items():
             self.shadow[name].copy_(tensor.to(self.shadow[name].device, torch.float32))
         self.updates = int(state["updates"])
-
-
-def read_ema_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor] | None:
-    """The float32 average saved in a checkpoint (None when the run had no ``train.ema_decay``)."""
-    from af_train.checkpoint import load_rank_state
-
-    state = load_rank_state(Path(checkpoint_dir), 0).get(STATE_KEY)
-    return None if state is None else {n: t.float() for n, t in state["weights"].items()}
-
-
-def load_ema(ema: EMA, checkpoint_dir: Path) -> None:
-    """Resume ``ema`` from a checkpoint (any world size); a checkpoint without one restarts it from the
-    current weights, logged."""
-    import logging
-
-    from af_train.checkpoint import load_rank_state
-
-    state = load_rank_state(Path(checkpoint_dir), 0).get(STATE_KEY)
-    if state is None:
-        logging.getLogger("af_train.engine").warning(
-            "train.ema_decay is set but %s holds no EMA: the average starts from the resumed weights", checkpoint_dir)
-        return
-    ema.load_state_dict(state)
 
 
 def raw_metric_names(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,9 +1,10 @@
 """The training engine: a ``Trainer`` with an explicit ``train_step`` on top of DeepSpeed ZeRO.
 
-One ``Trainer`` per process (rank). It builds its parts from the recipe: the DeepSpeed config
-(``ds_config``), the data loaders, the training module (``objectives``), a ``Checkpointer``
-(``checkpoint``: resume, save, consolidated weights), an ``Evaluator`` (``evaluate``: periodic
-validation, best-checkpoint selection, test scoring) and the run log (``run_logging``). ``fit()``
+One ``Trainer`` per process (rank). It builds its parts from the recipe: the process and DeepSpeed
+engine (``runtime``, ``ds_config``), the data loaders, the training module (``objectives``), a
+``CheckpointManager`` (``checkpoint``: resume, save, consolidated weights; it also saves the weight
+average, ``ema``), an ``Evaluator`` (``evaluate``: periodic validation, best-checkpoint selection,
+test scoring) and the run log (``run_logging``). ``fit()``
 loops: draw ``grad_accum`` micro batches, run ``train_step`` (forward, backward and DeepSpeed's step
 per micro batch; the optimizer steps at the accumulation boundary), log, evaluate, checkpoint.
 
@@ -25,21 +26,19 @@ from typing import Any
 
 import torch
 
-from af_train import checkpoint as ckpt
-from af_train import run_logging as rl
-from af_train import runtime
-from af_train.checkpoint import Checkpointer, Progress, seed_everything
+from af_train import run_logging, runtime
+from af_train.checkpoint.manager import CheckpointManager
+from af_train.checkpoint.state import Progress, rng_state, seed_everything, set_rng_state
 from af_train.config import Recipe
 from af_train.distributed import sum_over_ranks
 from af_train.ds_config import build_ds_config, plan_batch
-from af_train.ema import EMA, load_ema, raw_metric_names
-from af_train.ema import STATE_KEY as EMA_STATE_KEY
+from af_train.ema import EMA, raw_metric_names
 from af_train.evaluate import Evaluator, move_batch
 from af_train.objectives import global_loss_counts
 from af_train.run_logging import StepResult
 
-__all__ = ["EXIT_NONFINITE", "Progress", "StepResult", "Trainer", "TrainingStopped", "seed_everything"]
-log = logging.getLogger("af_train.engine")
+__all__ = ["EXIT_NONFINITE", "StepResult", "Trainer", "TrainingStopped"]
+log = logging.getLogger(__name__)
 EXIT_NONFINITE = 3  # process exit code when too many non-finite steps stopped the run
 
 
@@ -51,7 +50,7 @@ class Trainer:
     """Builds everything from a recipe and trains; see the module docstring."""
 
     def __init__(self, recipe: Recipe, resume: str = "auto", verify_hashes: bool = True):
-        from af_train.data import build_dataloader, check_split_tokenizers
+        from af_train.data.loader import build_dataloader, check_split_tokenizers
         from af_train.objectives import build_training_module
 
         self.recipe, cfg = recipe, recipe.train
@@ -61,8 +60,8 @@ class Trainer:
                                                                     place.device)
 
         # where we resume from decides the DeepSpeed config (universal loading, batch plan)
-        self.checkpointer = Checkpointer(recipe, self.run_dir, self.rank, self.world_size)
-        point = self.checkpointer.resume_point(resume, self.run_dir, verify_hashes)
+        self.checkpoints = CheckpointManager(recipe, self.run_dir, self.rank, self.world_size)
+        point = self.checkpoints.resume_point(resume, self.run_dir, verify_hashes)
         self.plan = plan_batch(recipe, self.world_size, keep_global_batch=point and point.keep_global_batch)
         self.ds_config = build_ds_config(recipe, self.plan, on_cpu=place.on_cpu, load_universal=bool(
             point and point.universal), fp16_supported=place.fp16_supported)
@@ -72,16 +71,16 @@ class Trainer:
                                              local_cache=str(self.run_dir / "cache"), finetune_masking=not mask)
         self.manifest = self.train_loader.dataset.manifest
         check_split_tokenizers(recipe.data, self.manifest)  # val/test codes must come from the same tokenizer
-        self.checkpointer.set_tokenizer(self.manifest.tokenizer, point)
-        self.evaluator = Evaluator(recipe, self.run_dir, self.device, self.rank, self.checkpointer)
+        self.checkpoints.set_tokenizer(self.manifest.tokenizer, point)
+        self.evaluator = Evaluator(recipe, self.run_dir, self.device, self.rank, self.checkpoints)
 
         seed_everything(cfg.seed)  # the same initial weights on every rank, then per-rank dropout streams
         module = build_training_module(recipe, self.manifest.num_classes, self.manifest.multi_label,
                                        self.manifest.tokenizer)
         self.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.frozen_params = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-        self.flops_per_token = rl.training_flops_per_token(recipe, module.encoder.config, recipe.data.max_length,
-                                                           module.encoder.config.vocab_size)
+        self.flops_per_token = run_logging.training_flops_per_token(
+            recipe, module.encoder.config, recipe.data.max_length, module.encoder.config.vocab_size)
         self.engine, self.optimizer, self.lr_scheduler = runtime.initialize_engine(recipe, module, self.ds_config)
         self.ema = EMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay else None
         seed_everything(cfg.seed + 1000 * self.rank + 1)
@@ -91,16 +90,15 @@ class Trainer:
         self._train_iter = None
         self._pending_rng: dict[str, Any] | None = None  # restored once the first batch is drawn
         if point is not None:
-            self.progress, self._pending_rng = self.checkpointer.load(point, self.engine, self.train_loader)
-            if self.ema is not None:
-                load_ema(self.ema, point.path)
+            self.progress, self._pending_rng = self.checkpoints.load(point, self.engine, self.train_loader, self.ema)
         self.start_step = self.progress.step
         resume_step = self.start_step if point is not None else None
-        self.logger = rl.RunLogger(self.run_dir, self.rank == 0, resume_step)
-        self.sample_ids = rl.SampleIdLog(self.run_dir, self.rank, cfg.record_sample_ids, resume_step)
-        self.peak_flops, self.peak_note = rl.peak_flops_per_device(self.device, cfg.precision, cfg.peak_flops)
+        self.logger = run_logging.RunLogger(self.run_dir, self.rank == 0, resume_step)
+        self.sample_ids = run_logging.SampleIdLog(self.run_dir, self.rank, cfg.record_sample_ids, resume_step)
+        self.peak_flops, self.peak_note = run_logging.peak_flops_per_device(self.device, cfg.precision,
+                                                                            cfg.peak_flops)
         if self.rank == 0:
-            rl.write_run_files(self, point.path if point is not None else None)
+            run_logging.write_run_files(self, point.path if point is not None else None)
 
     def _next_micro_batch(self) -> dict[str, Any]:
         for _ in range(2):  # a fresh epoch that yields nothing means no batch fits at all
@@ -113,7 +111,7 @@ class Trainer:
                 self.progress.epoch += 1
                 continue
             if self._pending_rng is not None:
-                ckpt.set_rng_state(self._pending_rng)
+                set_rng_state(self._pending_rng)
                 self._pending_rng = None
             return batch
         raise RuntimeError(f"the training split yields no batch of {self.plan.micro_batch} per rank on "
@@ -180,8 +178,8 @@ class Trainer:
         """Train to ``train.max_steps`` (or a signal / too many non-finite steps); returns final metrics."""
         cfg, p = self.recipe.train, self.progress
         self.stop.install()
-        bar = rl.progress_bar(self.rank == 0, cfg.max_steps, p.step)
-        window, stopped_by = rl.MetricWindow(), None
+        bar = run_logging.progress_bar(self.rank == 0, cfg.max_steps, p.step)
+        window, stopped_by = run_logging.MetricWindow(), None
         try:
             while p.step < cfg.max_steps:
                 started = time.perf_counter()
@@ -198,15 +196,15 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
                     self.logger.log(record)
                     if self.rank == 0 and not sys.stderr.isatty():  # batch jobs: one line per log step
-                        rl.log_step_line(record, cfg.max_steps)
-                    window = rl.MetricWindow()
+                        run_logging.log_step_line(record, cfg.max_steps)
+                    window = run_logging.MetricWindow()
                 if p.consecutive_nonfinite >= cfg.max_nonfinite_steps or result.stop_requested:
                     stopped_by = "nonfinite" if p.consecutive_nonfinite >= cfg.max_nonfinite_steps else "signal"
                     break
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     self._evaluate("val", step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps \
-                        and self.checkpointer.last_saved_step != step:
+                        and self.checkpoints.last_saved_step != step:
                     self.save()
             if stopped_by is None:
                 return self._finish()
@@ -241,23 +239,20 @@ class Trainer:
     def save(self) -> Path:
         """Collective: a complete checkpoint of the current step."""
         self.sample_ids.sync()  # records up to this step must survive a later kill -9
-        rng = self._pending_rng if self._pending_rng is not None else ckpt.rng_state()  # (no batch drawn yet)
-        state = {"rng": rng, "loader": self.train_loader.state_dict()}
-        if self.ema is not None and self.rank == 0:  # the same on every rank: stored once
-            state[EMA_STATE_KEY] = self.ema.state_dict()
+        rng = self._pending_rng if self._pending_rng is not None else rng_state()  # (no batch drawn yet)
         with self.ema.raw_weights(self.engine.module) if self.ema is not None else contextlib.nullcontext():
-            path = self.checkpointer.save(self.engine, self.progress, self.plan, state)
+            path = self.checkpoints.save(self.engine, self.progress, self.plan, rng, self.train_loader, self.ema)
         if self.recipe.train.save_weights_every_checkpoint:
-            self.checkpointer.save_weights(self.engine.module, path / "model.pt", path, self.manifest)
+            self.checkpoints.save_weights(self.engine.module, path / "model.pt", path, self.manifest)
         self.logger.flush()
         return path
 
     def _finish(self) -> dict[str, float]:
         cfg, step = self.recipe.train, self.progress.step
-        path = self.save() if self.checkpointer.last_saved_step != step else self.checkpointer.root / ckpt.tag_for(step)
+        path = self.save() if self.checkpoints.last_saved_step != step else self.checkpoints.path_for(step)
         metrics = self._evaluate("val", step) if self.evaluator.has("val") else {}
         final = self.run_dir / "final"
-        self.checkpointer.save_weights(self.engine.module, final / "model.pt", path, self.manifest)
+        self.checkpoints.save_weights(self.engine.module, final / "model.pt", path, self.manifest)
         self.evaluator.write_thresholds(final, step)  # chosen on val for these weights
         tested = None
         if cfg.test_at_end and self.evaluator.has("test"):
@@ -267,7 +262,7 @@ class Trainer:
             metrics.update(test_metrics)
             self.logger.log({"step": step, **test_metrics})
         if self.rank == 0:
-            rl.write_final_metrics(final, self.progress, path, tested, metrics)
+            run_logging.write_final_metrics(final, self.progress, path, tested, metrics)
         self.logger.flush()
         return metrics
 

@@ -26,6 +26,7 @@ from af_train.distributed import barrier, broadcast_from_rank0, gather_objects
 from af_train.metrics import classification_metrics
 
 if TYPE_CHECKING:
+    from af_train.checkpoint.manager import CheckpointManager
     from af_train.config import Recipe
     from af_train.shards import Manifest
 
@@ -107,13 +108,14 @@ class Evaluator:
     scores the checkpoint selected on validation (the last one without a selection metric).
     """
 
-    def __init__(self, recipe: Recipe, run_dir: Path, device: torch.device, rank: int, checkpointer: Any):
+    def __init__(self, recipe: Recipe, run_dir: Path, device: torch.device, rank: int,
+                 checkpoints: CheckpointManager):
         from af_train.config import RecipeError
-        from af_train.data import build_dataloader
+        from af_train.data.loader import build_dataloader
 
         cfg = recipe.train
         self.recipe, self.device, self.rank = recipe, device, rank
-        self.checkpointer = checkpointer
+        self.checkpoints = checkpoints
         batch, mask, cache = cfg.eval_batch_size or cfg.micro_batch_size, recipe.objective.mode == "pretrain", \
             str(run_dir / "cache")
         self._builders = {
@@ -165,7 +167,6 @@ class Evaluator:
         """Evaluate (logged as text; the caller records the metrics), and when ``train.best_metric`` on
         this split improved: ``save()`` the step (unless already saved) and record it as the best in
         ``progress`` and the checkpoints."""
-        from af_train.checkpoint import tag_for
         from af_train.config import RecipeError
 
         metrics = self.evaluate(split, module)
@@ -178,14 +179,14 @@ class Evaluator:
                 raise RecipeError(f"train.best_metric={best!r} is not measured; {split} metrics are "
                                   f"{', '.join(sorted(metrics))}")
             value = metrics[best]
-            manager = self.checkpointer.manager
-            if broadcast_from_rank0(manager.is_better(value) if self.rank == 0 else None):
-                if self.checkpointer.last_saved_step != step:
+            checkpoints = self.checkpoints
+            if broadcast_from_rank0(checkpoints.is_better(value) if self.rank == 0 else None):
+                if checkpoints.last_saved_step != step:
                     save()
                 progress.best = {"metric": best, "value": value, "step": step}
-                manager.mark_best(step, best, value)
+                checkpoints.mark_best(step, best, value)
                 if split == "val":
-                    self.write_thresholds(self.checkpointer.root / tag_for(step), step)
+                    self.write_thresholds(checkpoints.path_for(step), step)
                 barrier()
         return metrics
 
@@ -205,12 +206,12 @@ class Evaluator:
         from af_train.model.checkpoint import check_and_load_state
         from af_train.objectives import build_training_module
 
-        best = broadcast_from_rank0(self.checkpointer.manager.best() if self.rank == 0 else None)
+        best = broadcast_from_rank0(self.checkpoints.best() if self.rank == 0 else None)
         if best is None or best[0] == last.name:
             return last.name, self.evaluate("test", module)
         tag = best[0]
-        selected = self.checkpointer.root / tag
-        state = self.checkpointer.consolidated_weights(module, selected)
+        selected = self.checkpoints.root / tag
+        state = self.checkpoints.consolidated_weights(module, selected)
         fresh = build_training_module(self.recipe, manifest.num_classes, manifest.multi_label, manifest.tokenizer)
         check_and_load_state(fresh, state, f"checkpoint '{selected}'")
         fresh.to(self.device)
@@ -271,7 +272,7 @@ def evaluation_module(
 def _load_state(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
     """(weights, where they came from, the tokenizer identity they were trained on or None)."""
     if args.checkpoint:
-        from af_train.checkpoint import consolidated_state, read_meta
+        from af_train.checkpoint.files import consolidated_state, read_meta
 
         meta = read_meta(Path(args.checkpoint))
         return consolidated_state(Path(args.checkpoint)), args.checkpoint, meta.get("tokenizer")
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from af_train.data import build_dataloader, load_manifest
+    from af_train.data.dataset import load_manifest
+    from af_train.data.loader import build_dataloader
     from af_train.data.mixing import first_train_source
 
     run_dir = Path(args.run_dir)

@@ -11,8 +11,18 @@ import torch
 from engine_helpers import TINY, base_overrides, single_process_rank
 from torch import nn
 
-import af_train.checkpoint as ckpt
+import af_train.checkpoint.manager
 import af_train.objectives
+from af_train.checkpoint.files import (
+    MARKER,
+    META,
+    CheckpointError,
+    is_complete,
+    latest_complete,
+    resolve_resume,
+    verify,
+)
+from af_train.checkpoint.manager import CheckpointManager
 from af_train.config import Recipe
 from af_train.run_logging import read_metrics
 
@@ -128,7 +138,7 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(one_rank, data_
     p = trainer.progress
     assert (p.step, p.nonfinite_steps, p.skipped_steps, p.consecutive_nonfinite) == (6, 4, 4, 3)
     # the stop left a complete checkpoint and a log record that says what happened
-    assert ckpt.latest_complete(run_dir / "checkpoints").name == "step_00000006"
+    assert latest_complete(run_dir / "checkpoints").name == "step_00000006"
     last = [r for r in read_metrics(run_dir) if "loss" in r][-1]
     assert last["step"] == 6 and last["nonfinite_steps"] == 4
     trainer.close()
@@ -138,30 +148,30 @@ def test_crash_during_save_keeps_previous_checkpoint(one_rank, data_root, tmp_pa
     run_dir = tmp_path / "crash"
     overrides = ["train.max_steps=4", "train.save_every=2", "data.val=null"]
     trainer = make_trainer(data_root, run_dir, overrides)
-    real_write = ckpt.atomic_write
+    real_write = af_train.checkpoint.manager.atomic_write
 
     def crash_on_second_marker(path, text):
-        if path.name == ckpt.MARKER and path.parent.name == "step_00000004":
+        if path.name == MARKER and path.parent.name == "step_00000004":
             raise OSError("simulated crash while saving")
         real_write(path, text)
 
-    monkeypatch.setattr(ckpt, "atomic_write", crash_on_second_marker)
+    monkeypatch.setattr(af_train.checkpoint.manager, "atomic_write", crash_on_second_marker)
     with pytest.raises(OSError, match="simulated crash"):
         trainer.fit()
     trainer.close()
-    monkeypatch.setattr(ckpt, "atomic_write", real_write)
+    monkeypatch.setattr(af_train.checkpoint.manager, "atomic_write", real_write)
     root = run_dir / "checkpoints"
     assert (root / "step_00000004" / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed's files were written
-    assert not ckpt.is_complete(root / "step_00000004")
+    assert not is_complete(root / "step_00000004")
     assert (root / "latest").read_text().strip() == "step_00000002"
-    assert ckpt.resolve_resume("auto", run_dir) == root / "step_00000002"
+    assert resolve_resume("auto", run_dir) == root / "step_00000002"
     crashed_losses = losses(run_dir)
 
     resumed = make_trainer(data_root, run_dir, overrides)
     assert resumed.progress.step == 2 and resumed.progress.samples == 2 * 4
     resumed.fit()
     resumed.close()
-    assert ckpt.is_complete(root / "step_00000004")
+    assert is_complete(root / "step_00000004")
     assert losses(run_dir) == crashed_losses  # steps 3-4 replayed identically
     meta = json.loads((root / "step_00000004" / "af_meta.json").read_text())
     assert meta["progress"]["step"] == 4 and meta["recipe_hash"] == resumed.recipe.hash()
@@ -207,7 +217,7 @@ def test_test_split_is_scored_with_the_checkpoint_selected_on_validation(one_ran
 
     # Only the first validation counts as an improvement: the selected checkpoint is step 2, not the last.
     verdicts = iter([True])
-    monkeypatch.setattr(ckpt.CheckpointManager, "is_better", lambda self, value: next(verdicts, False))
+    monkeypatch.setattr(CheckpointManager, "is_better", lambda self, value: next(verdicts, False))
     run_dir = tmp_path / "ft1"
     trainer = make_trainer(data_root, run_dir, [
         "objective.mode=ft1", f"data.test={data_root / 'test'}", "train.max_steps=4", "train.eval_every=2",
@@ -284,20 +294,20 @@ def test_damaged_newest_checkpoint_falls_back_naming_the_file(one_rank, data_roo
     trainer.close()
     root = run_dir / "checkpoints"
     newest, previous = root / "step_00000004", root / "step_00000002"
-    recorded = json.loads((newest / ckpt.META).read_text())["files"]
+    recorded = json.loads((newest / META).read_text())["files"]
     assert "af_state/rank_00000.pt" in recorded and any(name.endswith("optim_states.pt") for name in recorded)
-    assert ckpt.verify(newest) is None and ckpt.resolve_resume("auto", run_dir) == newest
+    assert verify(newest) is None and resolve_resume("auto", run_dir) == newest
     records = _Records()
-    logging.getLogger("af_train.checkpoint").addHandler(records)
+    logging.getLogger("af_train.checkpoint.files").addHandler(records)
     try:
         # half of the optimizer shard cut off (disk damage after a complete save)
         shard = next(newest.glob("*optim_states.pt"))
         intact = shard.read_bytes()
         shard.write_bytes(intact[: len(intact) // 2])
-        assert ckpt.resolve_resume("auto", run_dir) == previous
+        assert resolve_resume("auto", run_dir) == previous
         assert any(str(shard) in m and "bytes" in m for m in records.messages), records.messages
-        with pytest.raises(ckpt.CheckpointError, match=f"{shard}.*bytes"):
-            ckpt.resolve_resume(str(newest), run_dir)
+        with pytest.raises(CheckpointError, match=f"{shard}.*bytes"):
+            resolve_resume(str(newest), run_dir)
         shard.write_bytes(intact)
         # one flipped bit, same size: only the hash sees it
         weights = newest / "mp_rank_00_model_states.pt"
@@ -305,13 +315,13 @@ def test_damaged_newest_checkpoint_falls_back_naming_the_file(one_rank, data_roo
         data[len(data) // 2] ^= 0x10
         weights.write_bytes(bytes(data))
         records.messages.clear()
-        assert ckpt.resolve_resume("auto", run_dir) == previous
+        assert resolve_resume("auto", run_dir) == previous
         assert any(str(weights) in m and "xxh64" in m for m in records.messages), records.messages
-        with pytest.raises(ckpt.CheckpointError, match=f"{weights}.*xxh64"):
-            ckpt.resolve_resume(str(newest), run_dir)
-        assert ckpt.resolve_resume("auto", run_dir, hashes=False) == newest  # sizes only: not detected
+        with pytest.raises(CheckpointError, match=f"{weights}.*xxh64"):
+            resolve_resume(str(newest), run_dir)
+        assert resolve_resume("auto", run_dir, hashes=False) == newest  # sizes only: not detected
     finally:
-        logging.getLogger("af_train.checkpoint").removeHandler(records)
+        logging.getLogger("af_train.checkpoint.files").removeHandler(records)
     resumed = make_trainer(data_root, run_dir, overrides)  # --resume auto: from the newest intact checkpoint
     assert resumed.progress.step == 2
     resumed.close()

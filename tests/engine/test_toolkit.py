@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_inprocess import losses, make_trainer, one_rank  # noqa: F401  (one_rank: the fixture)
 
-import af_train.checkpoint as ckpt
+from af_train.checkpoint.files import consolidated_state
 from af_train.config import Recipe
 from af_train.run_logging import read_metrics
 
@@ -45,7 +45,7 @@ def test_resume_is_exact_with_every_option_on(one_rank, data_root, tmp_path, sam
     assert "val/raw_loss" in val and val["val/loss"] != val["val/raw_loss"]
     final = torch.load(tmp_path / "b/final/model.pt", map_location="cpu", weights_only=False)["state_dict"]
     assert all(torch.equal(final[k], ema_b[k]) for k in ema_b)
-    raw = ckpt.consolidated_state(tmp_path / "b/checkpoints/step_00000006", raw=True)
+    raw = consolidated_state(tmp_path / "b/checkpoints/step_00000006", raw=True)
     assert not all(torch.equal(raw[k], ema_b[k]) for k in ema_b)
     # every option is in the run's config.yaml
     saved = Recipe.load(tmp_path / "b/config.yaml")
