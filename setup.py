@@ -16,7 +16,8 @@ setup(
     python_requires=">=3.10",
     # `tools/` is installed as `af_train_tools` so the console scripts can import it.
     packages=["af_train", "af_train.checkpoint", "af_train.config", "af_train.data", "af_train.model",
-              "af_train.prepare", "af_train.tokenizers", "af_train.inference", "kernels", "af_train_tools"],
+              "af_train.objectives", "af_train.prepare", "af_train.tokenizers", "af_train.inference", "kernels",
+              "af_train_tools"],
     package_dir={"af_train_tools": "tools"},
     install_requires=[
         # Exact versions live in constraints.txt (ABI-coupled stack, see the comment there).

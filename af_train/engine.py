@@ -137,7 +137,7 @@ class Trainer:
         samples = padded = 0
         for batch in batches:
             out = engine(batch)
-            terms = {name: (total / counts[key], weight) for name, (total, key, weight) in out["terms"].items()}
+            terms = {name: (term.total / counts[term.count_key], term.weight) for name, term in out["terms"].items()}
             loss = sum((weight * value for value, weight in terms.values() if weight), zero.float())
             finite = torch.isfinite(loss.detach())
             # A non-finite loss is back-propagated as NaN: the reduced gradient is then non-finite on

@@ -24,6 +24,7 @@ from af_train.checkpoint.files import (
 )
 from af_train.checkpoint.manager import CheckpointManager
 from af_train.config import Recipe
+from af_train.objectives import LossTerm
 from af_train.run_logging import read_metrics
 
 
@@ -90,7 +91,8 @@ class NaNAtCalls(nn.Module):
         self.snapshots[self.calls] = {k: v.detach().float().clone() for k, v in self.inner.state_dict().items()}
         out = self.inner(batch)
         if self.calls in self.bad_calls or (self.bad_from is not None and self.calls >= self.bad_from):
-            nan_terms = {name: (total * float("nan"), key, w) for name, (total, key, w) in out["terms"].items()}
+            nan_terms = {name: LossTerm(term.total * float("nan"), term.count_key, term.weight)
+                         for name, term in out["terms"].items()}
             out = {**out, "loss": out["loss"] * float("nan"), "terms": nan_terms}
         return out
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from af_train.model import AudioFormerConfig, MLMHead, RoFormerEncoder, masked_mean_pool
 from af_train.model.hf import export_roformer
-from af_train.objectives import _mlm_loss
+from af_train.objectives.modules import _mlm_loss
 from kernels.reference import mpc_loss
 
 

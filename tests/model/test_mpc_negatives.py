@@ -48,7 +48,7 @@ def batch(lo, hi):
 
 def terms_loss(module, b, counts):
     out = module(b)
-    loss = sum(w * total / counts[key] for total, key, w in out["terms"].values() if w)
+    loss = sum(t.weight * t.total / counts[t.count_key] for t in out["terms"].values() if t.weight)
     return out, loss
 
 

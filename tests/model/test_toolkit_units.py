@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import af_train.objectives as objectives
 from af_train.augment import Mixup
 from af_train.ema import EMA
 from af_train.model import AudioFormerConfig, RoFormerEncoder
@@ -40,7 +39,7 @@ def test_mixup_targets_are_convex_combinations():
 
 @pytest.mark.parametrize("multi_label", [False, True])
 def test_mixup_mixes_embeddings_and_targets_in_train_mode_only(multi_label, monkeypatch):
-    monkeypatch.setattr(objectives, "draw_mixup", lambda prob, alpha: Mixup(0.3))
+    monkeypatch.setattr("af_train.objectives.modules.draw_mixup", lambda prob, alpha: Mixup(0.3))
     module, plain = _module(multi_label, 1.0), _module(multi_label, 0.0)
     batch = _batch(multi_label)
     seen = {}
