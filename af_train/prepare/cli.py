@@ -58,7 +58,7 @@ from af_train.prepare.writing import (
 from af_train.shards import Manifest
 from af_train.tokenizers import SAMPLE_RATE, Tokenizer, TokenizerError, audio_io, frames_for_samples
 
-log = logging.getLogger("af_train.prepare")
+log = logging.getLogger(__name__)
 
 PREPARE_VERSION = 3  # 2: tokenizer identity and --min-seconds in the resume fingerprint; 3: last batch zero-padded
 DEFAULT_MIN_SECONDS = 0.25

@@ -31,7 +31,7 @@ from af_train.prepare.planning import plan_splits
 from af_train.prepare.sources import DEFAULT_CLIP_SECONDS, LabelFileError, add_source_arguments, load_source
 from af_train.tokenizers import SAMPLE_RATE, TokenizerError, audio_io
 
-log = logging.getLogger("af_train.prepare")
+log = logging.getLogger(__name__)
 
 TRAIN_SPLIT = "train"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from af_train.prepare.writing import CHUNK_DONE, CHUNK_PREFIX, MANIFEST_NAME, REJECTS_NAME, STATE_DIR
 
-log = logging.getLogger("af_train.prepare")
+log = logging.getLogger(__name__)
 
 
 class RemoteOutput:
