@@ -30,12 +30,11 @@ from af_train import run_logging, runtime
 from af_train.checkpoint.manager import CheckpointManager
 from af_train.checkpoint.state import Progress, rng_state, seed_everything, set_rng_state
 from af_train.config import Recipe
-from af_train.distributed import sum_over_ranks
 from af_train.ds_config import build_ds_config, plan_batch
 from af_train.ema import EMA, raw_metric_names
 from af_train.evaluate import Evaluator, move_batch
 from af_train.objectives import global_loss_counts
-from af_train.run_logging import StepResult
+from af_train.run_logging import StepResult, StepTotals
 
 __all__ = ["EXIT_NONFINITE", "StepResult", "Trainer", "TrainingStopped"]
 log = logging.getLogger(__name__)
@@ -124,55 +123,27 @@ class Trainer:
         Each loss term is a sum over the whole global batch divided by its global count (masked tokens,
         clips; all-reduced before the first backward), and the loss is scaled by accumulation x world
         size, which DeepSpeed divides by: the gradient then does not depend on how the global batch is
-        split over ranks and micro batches. Sums stay on the device (float64) so a step syncs with the
-        host at the two all-reduces.
+        split over ranks and micro batches. Sums stay on the device (float64, ``StepTotals``) so a step
+        syncs with the host at the two all-reduces.
         """
         engine, batches = self.engine, [move_batch(b, self.device) for b in micro_batches]
         counts = global_loss_counts(engine.module, batches, self.device)
         scale = engine.gradient_accumulation_steps() * self.world_size
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        loss_sum, nonfinite_local, tokens = zero.clone(), zero.clone(), zero.clone()
-        log_sums: dict[str, torch.Tensor] = {}  # per-micro-batch logs (counts, N), averaged below
-        term_sums: dict[str, torch.Tensor] = {}  # loss terms, already divided by their global counts
-        samples = padded = 0
+        totals = StepTotals(self.device)
         for batch in batches:
             out = engine(batch)
             terms = {name: (term.total / counts[term.count_key], term.weight) for name, term in out["terms"].items()}
-            loss = sum((weight * value for value, weight in terms.values() if weight), zero.float())
+            loss = sum((weight * value for value, weight in terms.values() if weight), totals.zero.float())
             finite = torch.isfinite(loss.detach())
             # A non-finite loss is back-propagated as NaN: the reduced gradient is then non-finite on
             # every rank and DeepSpeed's overflow check skips this optimizer step everywhere at once.
             engine.backward(loss * (scale * torch.where(finite, 1.0, float("nan"))).to(loss.dtype))
             engine.step()
-            nonfinite_local += (~finite).double()
-            loss_sum += loss.detach().double()
-            for name, (value, _) in terms.items():
-                term_sums[name] = term_sums.get(name, zero) + value.detach().double()
-            for name, value in out.get("logs", {}).items():
-                if name not in terms:
-                    log_sums[name] = log_sums.get(name, zero) + value.detach().double().to(self.device)
-            mask, rows = batch["attention_mask"], int(batch["input_ids"].shape[1])
-            samples += int(mask.shape[0])
-            tokens += mask.sum().double() * rows
-            padded += int(mask.numel()) * rows
+            totals.add(batch, loss, finite, {name: value for name, (value, _) in terms.items()}, out.get("logs", {}))
             self.sample_ids.write(self.progress.step + 1, batch["ids"])
-        applied = bool(engine.was_step_applied())
         # One small all-reduce carries the counters, the losses and the stop request.
-        totals = sum_over_ranks({
-            "samples": samples, "padded_tokens": padded, "stop_requested": float(self.stop.received is not None),
-            "tokens": tokens, "nonfinite": nonfinite_local, "loss": loss_sum,
-            **{f"log/{name}": log_sums[name] for name in sorted(log_sums)},
-            **{f"term/{name}": term_sums[name] for name in sorted(term_sums)},
-        }, self.device)
-        count = len(batches) * self.world_size  # micro batches in the step: the logs are their mean
-        logs = {name.removeprefix("log/"): value / count for name, value in totals.items() if name.startswith("log/")}
-        logs.update((name.removeprefix("term/"), value) for name, value in totals.items() if name.startswith("term/"))
-        return StepResult(
-            loss=totals["loss"], logs=logs, applied=applied,
-            nonfinite=totals["nonfinite"] > 0 or (not applied and self.recipe.train.precision != "fp16"),
-            samples=int(totals["samples"]), tokens=int(totals["tokens"]), padded_tokens=int(totals["padded_tokens"]),
-            stop_requested=totals["stop_requested"] > 0,
-        )
+        return totals.result(bool(engine.was_step_applied()), stop_requested=self.stop.received is not None,
+                             skip_means_nonfinite=self.recipe.train.precision != "fp16")
 
     def fit(self) -> dict[str, float]:
         """Train to ``train.max_steps`` (or a signal / too many non-finite steps); returns final metrics."""

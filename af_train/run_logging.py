@@ -204,6 +204,54 @@ class StepResult:
     stop_requested: bool
 
 
+class StepTotals:
+    """What one optimizer step sums over its micro batches, on the device in float64 (no host sync), then
+    sums over every rank by name in one small all-reduce (``result``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss, self.nonfinite, self.tokens = self.zero.clone(), self.zero.clone(), self.zero.clone()
+        self.samples = self.padded_tokens = self.micro_batches = 0
+        self.terms: dict[str, torch.Tensor] = {}  # loss terms, already divided by their global counts
+        self.logs: dict[str, torch.Tensor] = {}  # the other per-micro-batch logs (counts, N): averaged
+
+    def add(self, batch: dict[str, Any], loss: torch.Tensor, finite: torch.Tensor, terms: dict[str, torch.Tensor],
+            logs: dict[str, torch.Tensor]) -> None:
+        """Count one micro batch: its loss, whether it was finite, its normalised ``terms`` and ``logs``."""
+        self.micro_batches += 1
+        self.nonfinite += (~finite).double()
+        self.loss += loss.detach().double()
+        for name, value in terms.items():
+            self.terms[name] = self.terms.get(name, self.zero) + value.detach().double()
+        for name, value in logs.items():
+            if name not in terms:
+                self.logs[name] = self.logs.get(name, self.zero) + value.detach().double().to(self.device)
+        mask, rows = batch["attention_mask"], int(batch["input_ids"].shape[1])
+        self.samples += int(mask.shape[0])
+        self.tokens += mask.sum().double() * rows
+        self.padded_tokens += int(mask.numel()) * rows
+
+    def result(self, applied: bool, stop_requested: bool, skip_means_nonfinite: bool) -> StepResult:
+        """Collective: the step's ``StepResult`` over every rank. ``skip_means_nonfinite``: a skipped update
+        can only come from a non-finite gradient (no fp16 loss scaling)."""
+        totals = distributed.sum_over_ranks({
+            "samples": self.samples, "padded_tokens": self.padded_tokens, "stop_requested": float(stop_requested),
+            "tokens": self.tokens, "nonfinite": self.nonfinite, "loss": self.loss,
+            **{f"log/{name}": self.logs[name] for name in sorted(self.logs)},
+            **{f"term/{name}": self.terms[name] for name in sorted(self.terms)},
+        }, self.device)
+        count = self.micro_batches * distributed.world_size()  # every rank's micro batches: logs are their mean
+        logs = {name.removeprefix("log/"): value / count for name, value in totals.items() if name.startswith("log/")}
+        logs.update((name.removeprefix("term/"), value) for name, value in totals.items() if name.startswith("term/"))
+        return StepResult(
+            loss=totals["loss"], logs=logs, applied=applied,
+            nonfinite=totals["nonfinite"] > 0 or (not applied and skip_means_nonfinite),
+            samples=int(totals["samples"]), tokens=int(totals["tokens"]), padded_tokens=int(totals["padded_tokens"]),
+            stop_requested=totals["stop_requested"] > 0,
+        )
+
+
 class MetricWindow:
     """Sums over the steps since the last log line; ``record`` turns them into one metrics record."""
 
