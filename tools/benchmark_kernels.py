@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         # Must precede the first import of the kernel modules: Triton fixes interpreter vs compiled
         # when a kernel is decorated.
         os.environ["TRITON_INTERPRET"] = "1"
-        from kernels.rope import kernels_interpreted
+        from kernels.utils import kernels_interpreted
 
         if not kernels_interpreted():
             print("benchmark_kernels: kernels were imported before TRITON_INTERPRET=1 could be set",

@@ -1,10 +1,10 @@
 """Compile what the GPU will run, without a GPU: every kernel x autotune config x variant, for sm_90.
 
 Each variant's launch is captured from the kernels' own launch code (``kernels.*``: the autograd
-Functions and launchers run on meta tensors, and the autotuned kernels are replaced by a recorder), so
-the arguments, constexprs and launch-time specialisation (divisibility by 16, ``== 1`` integers as
-constants) are those of a real launch. Then Triton compiles each (variant, config) for sm_90 and its
-bundled ``ptxas -v`` is read.
+Functions and launchers run on meta tensors, and every launcher of ``kernels.autotune.LAUNCHERS`` is
+stood in for by a recorder), so the arguments, constexprs and launch-time specialisation (divisibility
+by 16, ``== 1`` integers as constants) are those of a real launch. Then Triton compiles each (variant,
+config) for sm_90 and its bundled ``ptxas -v`` is read.
 
 ``kernel_compile.json`` is a list of rows: ``kernel``, ``variant``, ``config``, ``status`` (``ok``,
 ``out_of_resources`` or ``error: ...``), ``shared_bytes``, ``registers``, ``spill_bytes`` (spill stores +
@@ -80,29 +80,22 @@ def _dtype_name(dtype) -> str:
 
 @contextlib.contextmanager
 def _recording(sink: list):
-    """Patch the kernel modules so their launchers record instead of launching, on meta tensors."""
-    import torch
+    """Stand a recorder in for every launcher of ``kernels.autotune.LAUNCHERS``, so that the kernels' launch
+    code, run on meta tensors (compiled kernels: their GPU branch), records its launches instead of starting
+    them."""
+    import importlib
 
-    import kernels.mpc_loss as mpc
-    import kernels.rope as rope
-    import kernels.rotary_attention as attention
+    from kernels.autotune import LAUNCHERS, launcher
 
-    patches = [(module, "kernels_interpreted", lambda: False) for module in (rope, attention, mpc)]
-    patches += [(module, "check_kernel_inputs", lambda *a, **k: None) for module in (rope, attention, mpc)]
-    patches.append((torch.cuda, "device", lambda device: contextlib.nullcontext()))
-    for module, name in ((rope, "_rotary_kernel_tuned"), (attention, "_attn_fwd_tuned"),
-                         (attention, "_attn_bwd_dkdv_tuned"), (attention, "_attn_bwd_dq_tuned"),
-                         (attention, "_attn_bwd_delta_kernel"), (attention, "_keep_mask_kernel"),
-                         (mpc, "_mpc_lse_fwd_tuned"), (mpc, "_mpc_lse_bwd_tuned")):
-        patches.append((module, name, _Recorder(name, getattr(module, name), sink)))
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    saved = [(importlib.import_module(module), attribute, launcher(name))
+             for name, (module, attribute) in LAUNCHERS.items()]
     try:
-        for module, name, value in patches:
-            setattr(module, name, value)
+        for (module, attribute, target), name in zip(saved, LAUNCHERS):
+            setattr(module, attribute, _Recorder(name, target, sink))
         yield
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for module, attribute, target in saved:
+            setattr(module, attribute, target)
 
 
 def _attention_variants() -> Iterator[dict]:
@@ -164,11 +157,15 @@ def _capture_mpc(variant: dict) -> list:
 
 
 def _capture_keep_mask() -> list:
+    import torch
+
     import kernels.rotary_attention as attention
 
+    seed = torch.empty(1, dtype=torch.int64, device="meta")
+    out = torch.empty((2, HEADS, SEQ, SEQ), dtype=torch.int8, device="meta")
     sink: list = []
     with _recording(sink):
-        attention.dropout_keep_mask(1, 2, HEADS, SEQ, 0.1, device="meta")
+        attention._launch_keep_mask(seed, out, 0.1)
     return sink
 
 
@@ -403,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         print("kernel_compile_report: unset TRITON_INTERPRET (it compiles for the GPU, not the interpreter)",
               file=sys.stderr)
         return 2
-    import kernels.rope as rope
+    from kernels.utils import kernels_interpreted
 
-    if rope.kernels_interpreted():
+    if kernels_interpreted():
         print("kernel_compile_report: the kernels were imported in interpreter mode; run in a fresh process "
               "without TRITON_INTERPRET", file=sys.stderr)
         return 2
