@@ -387,6 +387,18 @@ def summary(rows: list[dict]) -> dict:
     return summary_
 
 
+def out_problem(out: Path) -> str | None:
+    """Why the report could not be written to ``out``, or None: checked before the long compile."""
+    if out.is_dir():
+        return f"--out {out} is a directory; give the report's file, e.g. --out {out / 'kernel_compile.json'}"
+    existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is not a directory"
+    if not os.access(out if out.exists() else existing, os.W_OK):
+        return f"--out {out}: not writable here ({out if out.exists() else existing})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -396,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    problem = out_problem(args.out)
+    if problem:
+        print(f"kernel_compile_report: {problem}", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("kernel_compile_report: unset TRITON_INTERPRET (it compiles for the GPU, not the interpreter)",
               file=sys.stderr)

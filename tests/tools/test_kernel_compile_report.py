@@ -90,6 +90,18 @@ def test_the_capture_reaches_every_listed_launcher(tmp_path):
     assert len(result["kernels"]) == 8
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_compiling(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "run", lambda *args, **kwargs: pytest.fail("compiled before checking --out"))
+    assert report.main(["--ci", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a directory; give the report's file, e.g. --out {tmp_path / 'kernel_compile.json'}" \
+        in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert report.main(["--out", str(blocker / "sub" / "kernel_compile.json")]) == 2
+    assert f"{blocker} is not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
 def test_refuses_to_run_in_interpreter_mode(tmp_path):
     proc = _run(tmp_path, "--ci", "--out", str(tmp_path / "x.json"), env_extra={"TRITON_INTERPRET": "1"})
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr
