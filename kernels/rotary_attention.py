@@ -19,7 +19,8 @@ and recomputes the probabilities from the log-sum-exp, FlashAttention-2 style: o
 (loop over queries), one for dQ (loop over keys), so there are no atomics and results are
 deterministic. dQ and dK are rotated back by -theta before they are stored: gradients are for the
 unrotated q, k. Any sequence length works (boundary masks, no multiple-of-block restriction). fp32
-inputs on a GPU go to PyTorch's SDPA (the reference): exact fp32 dots have no tensor cores.
+inputs run in the CPU interpreter only: on a GPU ``kernels.dispatch`` sends fp32 attention to PyTorch's
+SDPA (exact fp32 dots have no tensor cores), and this function refuses it.
 
 Dropout on the attention probabilities (``dropout_p > 0``), FlashAttention-2 style, inside the kernels:
 the keep-mask Z (keep with probability 1 - p) is never stored. It is regenerated in every kernel from
@@ -45,7 +46,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
 from kernels.autotune import seq_bucket, shared_memory_prune
 from kernels.reference import check_attention_args, check_dropout_p, check_rotary_shapes
 from kernels.utils import LOG2E, check_kernel_inputs, kernels_interpreted, launch_device, row_max, row_sum
@@ -672,10 +672,13 @@ def rotary_attention(
     if attention_mask is not None:
         # int32 [batch, seq]: a cheap copy that spares the kernel bool/int64 pointer handling.
         mask = attention_mask.to(torch.int32)
+    if q.dtype == torch.float32 and not kernels_interpreted():
+        # kernels.dispatch sends fp32 on a GPU to PyTorch's SDPA; the configs were chosen and compiled
+        # (tools/kernel_compile_report.py) for 16-bit inputs only.
+        raise TypeError(
+            "rotary_attention (Triton): float32 on a GPU goes to PyTorch's SDPA, not to this kernel (exact fp32 "
+            "dots have no tensor cores); call kernels.dispatch.rotary_attention, or pass float16/bfloat16"
+        )
     if q.numel() == 0:
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device) + 0 * (q.sum() + k.sum() + v.sum())
-    if q.dtype == torch.float32 and not kernels_interpreted():
-        # fp32 on a GPU: Triton's exact fp32 dots are scalar FMAs (no tensor cores) and the backward
-        # spills; PyTorch's SDPA is faster there. Same semantics (its dropout mask comes from SDPA).
-        return reference.rotary_attention(q, k, v, cos, sin, attention_mask, interleaved, scale, dropout_p)
     return _RotaryAttention.apply(q, k, v, cos, sin, mask, interleaved, scale, dropout_p)

@@ -27,6 +27,7 @@ import argparse
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import json
 import math
@@ -242,10 +243,11 @@ def attention_cases(shapes: list[tuple[int, int, int, int]], dtype, device: str,
     import torch
     import torch.nn.functional as F
 
-    from kernels import reference
+    from kernels import dispatch, reference
     from kernels.rope import apply_rotary
-    from kernels.rotary_attention import rotary_attention
 
+    # "triton": what model.kernels=triton runs (fp32 on a GPU: PyTorch's SDPA; kernels.dispatch decides)
+    rotary_attention = functools.partial(dispatch.rotary_attention, backend="triton")
     compiled = _compiled(reference.rotary_attention, args, device)
 
     def rope_then_sdpa(q, k, v, cos, sin):

@@ -15,7 +15,8 @@ Exit status 1 when a config the autotuner can pick (not pruned) fails with anyth
 or does not fit the shared memory (the prune must drop those); 0 otherwise.
 
 Variants: attention (forward, dK/dV, dQ, delta): bf16/fp16 x head_dim 32/64/128 x interleaved/halves x
-mask on/off x dropout on/off; fp32 attention runs PyTorch's SDPA on a GPU (no Triton launch). RoPE:
+mask on/off x dropout on/off; fp32 attention on a GPU goes to PyTorch's SDPA (kernels.dispatch; the kernel
+refuses it). RoPE:
 each layout x dtype, forward and backward (conjugate). MPC: D = 768 and 1024, forward and backward.
 ``--ci``: every config of the model's variants (bf16, head_dim 64, mask, interleaved, dropout on and
 off), the MPC at D = 768, and one config of every other variant.
