@@ -1,7 +1,8 @@
 """Tiled multi-positive contrastive (MPC) loss: Triton kernels, autograd Function, user-facing function.
 
 ``mpc_loss(embeddings, groups, temperature=0.05, anchor_mask=None)`` has the semantics of
-``kernels.reference.mpc_loss`` (DESIGN.md): for anchor i with positives P(i) (same group, not i),
+``kernels.reference.mpc_loss`` (docs/ARCHITECTURE.md, "Kernel formulas"): for anchor i with positives
+P(i) (same group, not i),
 
     loss_i = logsumexp_{a != i}(s_ia / t) - (1 / |P(i)|) sum_{p in P(i)} s_ip / t,
 
