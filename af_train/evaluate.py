@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -304,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     from af_train.data.dataset import load_manifest
     from af_train.data.loader import build_dataloader
     from af_train.data.mixing import first_train_source
+    from kernels.dispatch import backend_from_environment
 
     run_dir = Path(args.run_dir)
     try:
-        recipe = evaluation_recipe(run_dir, args.overrides)
+        kernels = backend_from_environment(os.environ)  # AF_KERNELS (debugging): read once, here
+    except ValueError as exc:
+        raise SystemExit(f"af-evaluate: error: {exc}") from None
+    try:
+        recipe = evaluation_recipe(run_dir, [*args.overrides, *([f"model.kernels={kernels}"] if kernels else [])])
         split_path = getattr(recipe.data, args.split)
         if split_path is None and recipe.data.remote is None:
             raise EvaluationError(f"the run's recipe has no data.{args.split}; pass data.{args.split}=PATH")

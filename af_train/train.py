@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script path (deepspeed af_train/train.py): make the package importable
@@ -55,12 +56,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def kernels_override(environ: Mapping[str, str]) -> list[str]:
+    """``model.kernels=<AF_KERNELS>`` when that debugging variable is set, else nothing. Read here, once per
+    run, it becomes the recipe's kernels choice (applied last: it wins over the recipe and the command line)
+    and is logged with the resolved recipe."""
+    from af_train.config import RecipeError
+    from kernels.dispatch import backend_from_environment
+
+    try:
+        backend = backend_from_environment(environ)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    return [] if backend is None else [f"model.kernels={backend}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from af_train.config import Recipe, RecipeError
 
     try:
-        recipe = Recipe.load(args.recipe, args.overrides)
+        recipe = Recipe.load(args.recipe, [*args.overrides, *kernels_override(os.environ)])
     except RecipeError as exc:
         print(f"af_train.train: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,10 @@
-"""What the kernels' autotuners share: the sequence-length bucket of their keys, the shared-memory
-prune, and recording/pinning the configs they chose (so a resumed run launches the same kernels).
+"""The one list of the kernels' GPU launchers (``LAUNCHERS``, the autotuned ones in ``TUNERS``), and what
+the autotuners share: the sequence-length bucket of their keys, the shared-memory prune, and
+recording/pinning the configs they chose (so a resumed run launches the same kernels).
+
+Tools and tests reach the launchers through this list (``launcher(name)``; the compile report records
+each launch by standing in for the object at ``LAUNCHERS[name]``), never through the kernel modules'
+private names.
 
 Recording and pinning, for a training engine (or a benchmark) to call:
 
@@ -20,17 +25,25 @@ from collections.abc import Callable, Sequence
 
 import triton
 
-__all__ = ["TUNERS", "SHARED_MEMORY_SM90", "seq_bucket", "shared_memory_prune", "chosen_configs", "pin_configs"]
+__all__ = ["LAUNCHERS", "FIXED_CONFIG", "TUNERS", "SHARED_MEMORY_SM90", "launcher", "seq_bucket",
+           "shared_memory_prune", "chosen_configs", "pin_configs"]
 
-# The autotuned kernels: tuner name -> (module, attribute). A fixed table, read on demand.
-TUNERS: dict[str, tuple[str, str]] = {
+# Every object the kernels' launch code starts on a GPU: name -> (module, attribute). A fixed table, read
+# on demand (the kernel modules import this one). A ``triton.autotune`` object for the autotuned kernels;
+# the JIT kernel itself for those that run one fixed config (FIXED_CONFIG).
+LAUNCHERS: dict[str, tuple[str, str]] = {
     "rope": ("kernels.rope", "_rotary_kernel_tuned"),
     "attention_fwd": ("kernels.rotary_attention", "_attn_fwd_tuned"),
+    "attention_bwd_delta": ("kernels.rotary_attention", "_attn_bwd_delta_kernel"),
     "attention_bwd_dkdv": ("kernels.rotary_attention", "_attn_bwd_dkdv_tuned"),
     "attention_bwd_dq": ("kernels.rotary_attention", "_attn_bwd_dq_tuned"),
+    "dropout_keep_mask": ("kernels.rotary_attention", "_keep_mask_kernel"),
     "mpc_fwd": ("kernels.mpc_loss", "_mpc_lse_fwd_tuned"),
     "mpc_bwd": ("kernels.mpc_loss", "_mpc_lse_bwd_tuned"),
 }
+FIXED_CONFIG: tuple[str, ...] = ("attention_bwd_delta", "dropout_keep_mask")
+# The autotuned ones: their names key the recorded choices (chosen_configs, pin_configs).
+TUNERS: dict[str, tuple[str, str]] = {name: where for name, where in LAUNCHERS.items() if name not in FIXED_CONFIG}
 
 # Largest dynamic shared memory one block may use on sm_90 (H100/H200): 227 KiB.
 SHARED_MEMORY_SM90 = 232448
@@ -56,8 +69,9 @@ def shared_memory_prune(estimate: Callable[[triton.Config, dict], int], limit: i
     return prune
 
 
-def _tuner(name: str):
-    module_name, attribute = TUNERS[name]
+def launcher(name: str):
+    """The launch object of ``LAUNCHERS[name]``: a ``triton.autotune`` object (``TUNERS``), or a JIT kernel."""
+    module_name, attribute = LAUNCHERS[name]
     return getattr(importlib.import_module(module_name), attribute)
 
 
@@ -70,7 +84,7 @@ def chosen_configs(names: Sequence[str] | None = None) -> dict[str, list[dict]]:
     """Every config the autotuners chose so far, as JSON-able data for ``pin_configs``."""
     recorded: dict[str, list[dict]] = {}
     for name in TUNERS if names is None else names:
-        cache = getattr(_tuner(name), "cache", None) or {}
+        cache = getattr(launcher(name), "cache", None) or {}
         recorded[name] = [{"key": list(key), "config": _config_dict(config)} for key, config in cache.items()]
     return recorded
 
@@ -83,7 +97,7 @@ def pin_configs(recorded: dict[str, list[dict]]) -> list[dict]:
         if name not in TUNERS:
             skipped += [{**entry, "tuner": name, "reason": "no such autotuned kernel"} for entry in entries]
             continue
-        tuner = _tuner(name)
+        tuner = launcher(name)
         if not hasattr(tuner, "cache"):  # interpreter mode: no autotuner, nothing to pin
             skipped += [{**entry, "tuner": name, "reason": "kernels are interpreted"} for entry in entries]
             continue

@@ -1,15 +1,20 @@
 """The one place that decides between the Triton kernels and their PyTorch references.
 
-Callers pass the backend explicitly (``backend=``; the model holds the recipe's ``model.kernels``).
-Order of precedence: the ``AF_KERNELS`` environment variable (for debugging), then the ``backend``
-argument, then the default of :func:`set_backend` (kept for tests), then ``auto``: Triton for CUDA
-tensors, the reference otherwise. float64 always takes the reference under ``auto`` (the kernels
-compute in fp32); ``triton`` forces the kernels and raises a clear error for what they cannot take.
+Callers pass the backend explicitly (``backend=``; the model holds the recipe's ``model.kernels``):
+``reference``; ``triton``, which forces the kernels and raises a clear error for what they cannot take; or
+``auto`` (the default): Triton for CUDA tensors, the reference otherwise. float64 always takes the
+reference under ``auto`` (the kernels compute in fp32). Attention in fp32 on a GPU takes the reference
+(PyTorch's SDPA) under ``auto`` and ``triton`` alike (see :func:`use_triton_attention`).
+
+Nothing here reads the environment on a call. The ``AF_KERNELS`` variable (for debugging) is read once by
+the entry points (af-train, af-evaluate, af-predict, af-embed) through :func:`backend_from_environment`
+and passed down as the kernels choice, like the recipe key.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -20,8 +25,6 @@ Backend = Literal["auto", "triton", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
 ENV_VAR = "AF_KERNELS"
 
-_backend: str = "auto"
-
 
 def check_backend(name: str) -> str:
     """``name`` if it is a backend, else a ValueError listing them."""
@@ -30,29 +33,24 @@ def check_backend(name: str) -> str:
     return name
 
 
-def set_backend(name: str) -> None:
-    """Default for calls that pass no ``backend`` (tests); af_train passes it explicitly."""
-    global _backend
-    _backend = check_backend(name)
-
-
-def get_backend(backend: str | None = None) -> str:
-    """The backend in force: the environment variable, else ``backend``, else :func:`set_backend`'s."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        if env not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={env!r} is not a kernels backend; use one of {', '.join(BACKENDS)}")
-        return env
-    return check_backend(backend) if backend is not None else _backend
+def backend_from_environment(environ: Mapping[str, str]) -> str | None:
+    """The backend ``AF_KERNELS`` names in ``environ`` (None when unset or empty), for an entry point to read
+    once and pass down; a ValueError naming the variable when it names no backend."""
+    value = environ.get(ENV_VAR)
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not a kernels backend; use one of {', '.join(BACKENDS)}")
+    return value
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(*tensors: torch.Tensor, backend: str | None = None) -> bool:
-    """Whether a call on these tensors goes to Triton under ``backend`` (see :func:`get_backend`)."""
-    backend = get_backend(backend)
+def use_triton(*tensors: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether a call on these tensors goes to Triton under ``backend``."""
+    backend = check_backend(backend)
     if backend == "reference":
         return False
     on_cuda = all(t.is_cuda for t in tensors)
@@ -66,7 +64,15 @@ def use_triton(*tensors: torch.Tensor, backend: str | None = None) -> bool:
     return on_cuda and not any(t.dtype == torch.float64 for t in tensors)
 
 
-def apply_rotary(x, cos, sin, interleaved: bool = True, *, backend: str | None = None) -> torch.Tensor:
+def use_triton_attention(q: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether rotary attention on ``q`` goes to Triton: as :func:`use_triton`, except fp32 on a GPU, which
+    takes the reference (PyTorch's SDPA) under ``triton`` too. Triton's exact fp32 dots are scalar FMAs (no
+    tensor cores) and the backward spills; SDPA is faster there, with the same semantics (its dropout mask
+    comes from SDPA). In the CPU interpreter fp32 goes to the kernel (that is how it is tested)."""
+    return use_triton(q, backend=backend) and not (q.is_cuda and q.dtype == torch.float32)
+
+
+def apply_rotary(x, cos, sin, interleaved: bool = True, *, backend: str = "auto") -> torch.Tensor:
     """RoPE on x [batch, seq, heads, head_dim]; see ``kernels.rope.apply_rotary``."""
     if use_triton(x, backend=backend):
         from kernels.rope import apply_rotary as triton_apply_rotary
@@ -77,11 +83,11 @@ def apply_rotary(x, cos, sin, interleaved: bool = True, *, backend: str | None =
 
 def rotary_attention(
     q, k, v, cos, sin, attention_mask=None, interleaved: bool = True, softmax_scale: float | None = None,
-    dropout_p: float = 0.0, *, backend: str | None = None,
+    dropout_p: float = 0.0, *, backend: str = "auto",
 ) -> torch.Tensor:
     """Non-causal attention with RoPE on q, k and optional dropout (``dropout_p``) on the attention
     probabilities; see ``kernels.rotary_attention.rotary_attention``."""
-    if use_triton(q, backend=backend):
+    if use_triton_attention(q, backend=backend):
         from kernels.rotary_attention import rotary_attention as triton_rotary_attention
 
         return triton_rotary_attention(q, k, v, cos, sin, attention_mask, interleaved, softmax_scale, dropout_p)
@@ -89,7 +95,7 @@ def rotary_attention(
 
 
 def mpc_loss(embeddings, groups, temperature: float = 0.05, anchor_mask=None, *,
-             backend: str | None = None) -> torch.Tensor:
+             backend: str = "auto") -> torch.Tensor:
     """Multi-positive contrastive loss; see ``kernels.mpc_loss.mpc_loss``."""
     if use_triton(embeddings, backend=backend):
         from kernels.mpc_loss import mpc_loss as triton_mpc_loss

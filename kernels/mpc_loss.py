@@ -1,7 +1,8 @@
 """Tiled multi-positive contrastive (MPC) loss: Triton kernels, autograd Function, user-facing function.
 
 ``mpc_loss(embeddings, groups, temperature=0.05, anchor_mask=None)`` has the semantics of
-``kernels.reference.mpc_loss`` (DESIGN.md): for anchor i with positives P(i) (same group, not i),
+``kernels.reference.mpc_loss`` (docs/ARCHITECTURE.md, "Kernel formulas"): for anchor i with positives
+P(i) (same group, not i),
 
     loss_i = logsumexp_{a != i}(s_ia / t) - (1 / |P(i)|) sum_{p in P(i)} s_ip / t,
 
@@ -30,20 +31,15 @@ t = 0.05). Exact fp32 in the interpreter. The result is a float32 scalar.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.autotune import shared_memory_prune
 from kernels.reference import check_mpc_args
-from kernels.rope import check_kernel_inputs, kernels_interpreted, row_max, row_sum
+from kernels.utils import LOG2E, check_kernel_inputs, kernels_interpreted, launch_device, row_max, row_sum
 
 __all__ = ["mpc_loss", "off_diagonal_logsumexp"]
-
-_LOG2E = 1.0 / math.log(2.0)
-_LN2 = math.log(2.0)
 
 
 @triton.jit
@@ -217,12 +213,12 @@ def _lse_forward(z: torch.Tensor, temperature: float) -> torch.Tensor:
     precision = "ieee" if kernels_interpreted() else "tf32"
     if precision == "tf32":
         z = round_to_tf32(z)
-    args = (z, lse, n_rows, dim, *z.stride(), _LOG2E / temperature)
+    args = (z, lse, n_rows, dim, *z.stride(), LOG2E / temperature)
     if kernels_interpreted():
         blocks = _interpreter_blocks(n_rows, dim)
         _mpc_lse_fwd_kernel[(triton.cdiv(n_rows, blocks["BLOCK_M"]),)](*args, DOT_PRECISION=precision, **blocks)
     else:
-        with torch.cuda.device(z.device):
+        with launch_device(z.device):
             _mpc_lse_fwd_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_M"]),)](*args, DOT_PRECISION=precision)
     return lse
 
@@ -236,7 +232,7 @@ def _lse_backward(z: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor, te
     if precision == "tf32":
         z = round_to_tf32(z)
     args = (z, lse, grad_lse, grad_z, n_rows, dim, *z.stride(), *grad_z.stride(),
-            _LOG2E / temperature, 1.0 / temperature)
+            LOG2E / temperature, 1.0 / temperature)
     if kernels_interpreted():
         blocks = _interpreter_blocks(n_rows, dim)
         blocks["BLOCK_DOUT"] = blocks["BLOCK_K"]
@@ -244,7 +240,7 @@ def _lse_backward(z: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor, te
         _mpc_lse_bwd_kernel[grid](*args, DOT_PRECISION=precision, ROUND_ASM=_compiled(), **blocks)
     else:
         grid = lambda m: (triton.cdiv(n_rows, m["BLOCK_M"]), triton.cdiv(dim, m["BLOCK_DOUT"]))
-        with torch.cuda.device(z.device):
+        with launch_device(z.device):
             _mpc_lse_bwd_tuned[grid](*args, DOT_PRECISION=precision, ROUND_ASM=_compiled())
     return grad_z
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch twins of the Triton kernels, with the same signatures (see DESIGN.md).
+"""Pure-PyTorch twins of the Triton kernels, with the same signatures (docs/ARCHITECTURE.md, "Kernel formulas").
 
 These are the semantics the kernels must reproduce, and the path used on CPU. They compute in
 float32 (or float64 when given float64) and return the input dtype.
@@ -235,7 +235,8 @@ def mpc_loss(
     temperature: float = 0.05,
     anchor_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Multi-positive contrastive loss (DESIGN.md). Materialises the N x N similarity matrix.
+    """Multi-positive contrastive loss (docs/ARCHITECTURE.md, "Kernel formulas"). Materialises the N x N
+    similarity matrix.
 
     For anchor i with positives P(i) = {p != i : groups[p] = groups[i]}:
     loss_i = -(1/|P(i)|) sum_p log(exp(s_ip / t) / sum_{a != i} exp(s_ia / t)), s = cosine similarity.

@@ -18,57 +18,9 @@ import triton
 import triton.language as tl
 
 from kernels.reference import check_rotary_shapes
+from kernels.utils import check_kernel_inputs, kernels_interpreted, launch_device
 
-__all__ = ["apply_rotary", "apply_rotary_", "kernels_interpreted", "check_kernel_inputs", "row_max", "row_sum"]
-
-
-def kernels_interpreted() -> bool:
-    """Whether this module's kernels were built for the CPU interpreter (``TRITON_INTERPRET=1``
-    at import time). Triton decides this when a kernel is decorated, not when it is launched."""
-    return not isinstance(_rotary_kernel, triton.runtime.JITFunction)
-
-
-def check_kernel_inputs(name: str, *tensors: torch.Tensor) -> None:
-    """Raise a clear error for inputs the Triton kernels cannot take (device, dtype)."""
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"{name}: all inputs must be on one device, got {sorted(map(str, devices))}")
-    device = tensors[0].device
-    if device.type == "cuda":
-        if kernels_interpreted():
-            raise RuntimeError(
-                f"{name}: the Triton kernels were imported with TRITON_INTERPRET=1 (CPU interpreter) "
-                "but got CUDA tensors; unset TRITON_INTERPRET for GPU runs"
-            )
-    elif not kernels_interpreted():
-        raise RuntimeError(
-            f"{name}: the Triton kernels need CUDA tensors, got {device}. Use the PyTorch reference "
-            "(kernels backend 'reference' or 'auto'), or set TRITON_INTERPRET=1 before importing "
-            "kernels to run them in Triton's CPU interpreter"
-        )
-    for t in tensors:
-        if t.is_floating_point() and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(
-                f"{name}: the Triton kernels take float32/float16/bfloat16 (they compute in fp32), "
-                f"got {t.dtype}; use the reference backend for {t.dtype}"
-            )
-
-
-# Triton's own helpers (tl.zeros, tl.max, tl.sum, ...) are @triton.jit functions that become compiled
-# or interpreted when triton.language is first imported. Something (torch._dynamo, streaming) often
-# imports triton before TRITON_INTERPRET=1 can be set, and an interpreted kernel cannot call a
-# compiled helper. So the kernels use builtins only: tl.full, and tl.reduce with the library's
-# combine functions, which the interpreter maps straight to numpy.
-@triton.jit
-def row_max(x):
-    """Maximum over axis 1 of a 2-D block."""
-    return tl.reduce(x, 1, tl.standard._elementwise_max)
-
-
-@triton.jit
-def row_sum(x):
-    """Sum over axis 1 of a 2-D block."""
-    return tl.reduce(x, 1, tl.standard._sum_combine)
+__all__ = ["apply_rotary", "apply_rotary_"]
 
 
 @triton.jit
@@ -177,7 +129,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         )
         return
     grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_S"]), triton.cdiv(heads, block_h), batch)
-    with torch.cuda.device(x.device):
+    with launch_device(x.device):
         _rotary_kernel_tuned[grid](
             *args, INTERLEAVED=interleaved, CONJUGATE=conjugate, BLOCK_H=block_h, BLOCK_HALF=block_half,
         )

@@ -19,7 +19,8 @@ and recomputes the probabilities from the log-sum-exp, FlashAttention-2 style: o
 (loop over queries), one for dQ (loop over keys), so there are no atomics and results are
 deterministic. dQ and dK are rotated back by -theta before they are stored: gradients are for the
 unrotated q, k. Any sequence length works (boundary masks, no multiple-of-block restriction). fp32
-inputs on a GPU go to PyTorch's SDPA (the reference): exact fp32 dots have no tensor cores.
+inputs run in the CPU interpreter only: on a GPU ``kernels.dispatch`` sends fp32 attention to PyTorch's
+SDPA (exact fp32 dots have no tensor cores), and this function refuses it.
 
 Dropout on the attention probabilities (``dropout_p > 0``), FlashAttention-2 style, inside the kernels:
 the keep-mask Z (keep with probability 1 - p) is never stored. It is regenerated in every kernel from
@@ -38,23 +39,18 @@ states) and across resume (the engine restores them). ``dropout_keep_mask`` mate
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
 from kernels.autotune import seq_bucket, shared_memory_prune
 from kernels.reference import check_attention_args, check_dropout_p, check_rotary_shapes
-from kernels.rope import check_kernel_inputs, kernels_interpreted, row_max, row_sum
+from kernels.utils import LOG2E, check_kernel_inputs, kernels_interpreted, launch_device, row_max, row_sum
 
 __all__ = ["rotary_attention", "dropout_keep_mask", "draw_dropout_seed"]
-
-_LOG2E = 1.0 / math.log(2.0)
 
 
 def _triton_random():
@@ -68,7 +64,7 @@ def _triton_random():
     """
     import triton.language.random as triton_random
 
-    interpreted = kernels_interpreted()  # this module's kernels call rope's helpers: they share its mode
+    interpreted = kernels_interpreted()  # this module's kernels call kernels.utils' helpers: they share its mode
     if isinstance(triton_random.randint4x, triton.runtime.JITFunction) != interpreted:
         return triton_random
     name = "triton.language._af_random_" + ("interpreted" if interpreted else "compiled")
@@ -491,7 +487,7 @@ def _launch(kernel, tuned, seq_len: int, batch_heads: int, args: tuple, meta: di
         return
     row_key = "BLOCK_N" if kernel is _attn_bwd_dkdv_kernel else "BLOCK_M"
     grid = lambda m: (triton.cdiv(seq_len, m[row_key]), batch_heads)
-    with torch.cuda.device(device):
+    with launch_device(device):
         tuned[grid](*args, **meta)
 
 
@@ -503,7 +499,7 @@ def _launch_delta(out: torch.Tensor, grad_out: torch.Tensor, delta: torch.Tensor
     if kernels_interpreted():
         _attn_bwd_delta_kernel[grid](*args, BLOCK_M=block_m, BLOCK_D=block_d)
         return
-    with torch.cuda.device(out.device):
+    with launch_device(out.device):
         _attn_bwd_delta_kernel[grid](*args, BLOCK_D=block_d, **DELTA_CONFIG.all_kwargs())
 
 
@@ -565,12 +561,18 @@ def dropout_keep_mask(
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
     out = torch.empty((batch, heads, seq, seq), dtype=torch.int8, device=device)
     check_kernel_inputs("dropout_keep_mask", seed_t, out)
+    _launch_keep_mask(seed_t, out, dropout_p)
+    return out.bool()
+
+
+def _launch_keep_mask(seed: torch.Tensor, out: torch.Tensor, dropout_p: float) -> None:
+    """Fill ``out`` int8 [batch, heads, seq, seq] with the keep-mask of the 1-element ``seed`` tensor."""
+    batch, heads, seq, _ = out.shape
     if out.numel():
         block = 64
         grid = (triton.cdiv(seq, block), batch * heads)
-        with contextlib.nullcontext() if kernels_interpreted() else torch.cuda.device(out.device):
-            _keep_mask_kernel[grid](seed_t, out, seq, dropout_p, BLOCK_M=block, BLOCK_N=block)
-    return out.bool()
+        with launch_device(out.device):
+            _keep_mask_kernel[grid](seed, out, seq, dropout_p, BLOCK_M=block, BLOCK_N=block)
 
 
 class _RotaryAttention(torch.autograd.Function):
@@ -587,7 +589,7 @@ class _RotaryAttention(torch.autograd.Function):
         seed = draw_dropout_seed(q.device) if dropout else None
         seed_arg = seed if dropout else lse  # never read when DROPOUT is False
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        qk_scale = softmax_scale * _LOG2E
+        qk_scale = softmax_scale * LOG2E
         args = (
             q, k, v, cos, sin, mask_arg, out, lse, seed_arg,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -621,7 +623,7 @@ class _RotaryAttention(torch.autograd.Function):
         dropout = ctx.dropout_p > 0.0
         seed_arg = seed if dropout else lse
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        qk_scale = ctx.softmax_scale * _LOG2E
+        qk_scale = ctx.softmax_scale * LOG2E
         common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
         tables = (*cos.stride(), *sin.stride(), *mask_strides)
         scalars = (heads, seq, seq_bucket(seq), half, head_dim, qk_scale, ctx.softmax_scale,
@@ -670,10 +672,13 @@ def rotary_attention(
     if attention_mask is not None:
         # int32 [batch, seq]: a cheap copy that spares the kernel bool/int64 pointer handling.
         mask = attention_mask.to(torch.int32)
+    if q.dtype == torch.float32 and not kernels_interpreted():
+        # kernels.dispatch sends fp32 on a GPU to PyTorch's SDPA; the configs were chosen and compiled
+        # (tools/kernel_compile_report.py) for 16-bit inputs only.
+        raise TypeError(
+            "rotary_attention (Triton): float32 on a GPU goes to PyTorch's SDPA, not to this kernel (exact fp32 "
+            "dots have no tensor cores); call kernels.dispatch.rotary_attention, or pass float16/bfloat16"
+        )
     if q.numel() == 0:
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device) + 0 * (q.sum() + k.sum() + v.sum())
-    if q.dtype == torch.float32 and not kernels_interpreted():
-        # fp32 on a GPU: Triton's exact fp32 dots are scalar FMAs (no tensor cores) and the backward
-        # spills; PyTorch's SDPA is faster there. Same semantics (its dropout mask comes from SDPA).
-        return reference.rotary_attention(q, k, v, cos, sin, attention_mask, interleaved, scale, dropout_p)
     return _RotaryAttention.apply(q, k, v, cos, sin, mask, interleaved, scale, dropout_p)

@@ -2,8 +2,9 @@
 interpreter, tests/kernels_cuda compiled, and either may run first in a session.
 
 Triton decides interpreter vs compiled when a kernel is decorated (at import of the kernel module),
-reading TRITON_INTERPRET then; so switching means re-importing all three modules (rope first: the other
-two take ``kernels_interpreted`` from it), with the variable set only for the import.
+reading TRITON_INTERPRET then; so switching means re-importing the kernel modules (kernels.utils first:
+its helpers are called by every kernel, and ``kernels_interpreted`` reads its mode), with the variable set
+only for the import.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import importlib
 import os
 import sys
 
-KERNEL_MODULES = ("kernels.rope", "kernels.rotary_attention", "kernels.mpc_loss")
+KERNEL_MODULES = ("kernels.utils", "kernels.rope", "kernels.rotary_attention", "kernels.mpc_loss")
 
 
 def import_kernel_modules(interpret: bool) -> None:
     """Make the kernel modules interpreted (``interpret=True``) or compiled, importing or re-importing
     them as needed; TRITON_INTERPRET is restored afterwards."""
-    rope = sys.modules.get("kernels.rope")
-    switch = rope is not None and rope.kernels_interpreted() != interpret
+    utils = sys.modules.get("kernels.utils")
+    switch = utils is not None and utils.kernels_interpreted() != interpret
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:

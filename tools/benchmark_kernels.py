@@ -27,6 +27,7 @@ import argparse
 import csv
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import json
 import math
@@ -242,10 +243,11 @@ def attention_cases(shapes: list[tuple[int, int, int, int]], dtype, device: str,
     import torch
     import torch.nn.functional as F
 
-    from kernels import reference
+    from kernels import dispatch, reference
     from kernels.rope import apply_rotary
-    from kernels.rotary_attention import rotary_attention
 
+    # "triton": what model.kernels=triton runs (fp32 on a GPU: PyTorch's SDPA; kernels.dispatch decides)
+    rotary_attention = functools.partial(dispatch.rotary_attention, backend="triton")
     compiled = _compiled(reference.rotary_attention, args, device)
 
     def rope_then_sdpa(q, k, v, cos, sin):
@@ -504,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         # Must precede the first import of the kernel modules: Triton fixes interpreter vs compiled
         # when a kernel is decorated.
         os.environ["TRITON_INTERPRET"] = "1"
-        from kernels.rope import kernels_interpreted
+        from kernels.utils import kernels_interpreted
 
         if not kernels_interpreted():
             print("benchmark_kernels: kernels were imported before TRITON_INTERPRET=1 could be set",

@@ -1,10 +1,10 @@
 """Compile what the GPU will run, without a GPU: every kernel x autotune config x variant, for sm_90.
 
 Each variant's launch is captured from the kernels' own launch code (``kernels.*``: the autograd
-Functions and launchers run on meta tensors, and the autotuned kernels are replaced by a recorder), so
-the arguments, constexprs and launch-time specialisation (divisibility by 16, ``== 1`` integers as
-constants) are those of a real launch. Then Triton compiles each (variant, config) for sm_90 and its
-bundled ``ptxas -v`` is read.
+Functions and launchers run on meta tensors, and every launcher of ``kernels.autotune.LAUNCHERS`` is
+stood in for by a recorder), so the arguments, constexprs and launch-time specialisation (divisibility
+by 16, ``== 1`` integers as constants) are those of a real launch. Then Triton compiles each (variant,
+config) for sm_90 and its bundled ``ptxas -v`` is read.
 
 ``kernel_compile.json`` is a list of rows: ``kernel``, ``variant``, ``config``, ``status`` (``ok``,
 ``out_of_resources`` or ``error: ...``), ``shared_bytes``, ``registers``, ``spill_bytes`` (spill stores +
@@ -15,7 +15,8 @@ Exit status 1 when a config the autotuner can pick (not pruned) fails with anyth
 or does not fit the shared memory (the prune must drop those); 0 otherwise.
 
 Variants: attention (forward, dK/dV, dQ, delta): bf16/fp16 x head_dim 32/64/128 x interleaved/halves x
-mask on/off x dropout on/off; fp32 attention runs PyTorch's SDPA on a GPU (no Triton launch). RoPE:
+mask on/off x dropout on/off; fp32 attention on a GPU goes to PyTorch's SDPA (kernels.dispatch; the kernel
+refuses it). RoPE:
 each layout x dtype, forward and backward (conjugate). MPC: D = 768 and 1024, forward and backward.
 ``--ci``: every config of the model's variants (bf16, head_dim 64, mask, interleaved, dropout on and
 off), the MPC at D = 768, and one config of every other variant.
@@ -80,29 +81,22 @@ def _dtype_name(dtype) -> str:
 
 @contextlib.contextmanager
 def _recording(sink: list):
-    """Patch the kernel modules so their launchers record instead of launching, on meta tensors."""
-    import torch
+    """Stand a recorder in for every launcher of ``kernels.autotune.LAUNCHERS``, so that the kernels' launch
+    code, run on meta tensors (compiled kernels: their GPU branch), records its launches instead of starting
+    them."""
+    import importlib
 
-    import kernels.mpc_loss as mpc
-    import kernels.rope as rope
-    import kernels.rotary_attention as attention
+    from kernels.autotune import LAUNCHERS, launcher
 
-    patches = [(module, "kernels_interpreted", lambda: False) for module in (rope, attention, mpc)]
-    patches += [(module, "check_kernel_inputs", lambda *a, **k: None) for module in (rope, attention, mpc)]
-    patches.append((torch.cuda, "device", lambda device: contextlib.nullcontext()))
-    for module, name in ((rope, "_rotary_kernel_tuned"), (attention, "_attn_fwd_tuned"),
-                         (attention, "_attn_bwd_dkdv_tuned"), (attention, "_attn_bwd_dq_tuned"),
-                         (attention, "_attn_bwd_delta_kernel"), (attention, "_keep_mask_kernel"),
-                         (mpc, "_mpc_lse_fwd_tuned"), (mpc, "_mpc_lse_bwd_tuned")):
-        patches.append((module, name, _Recorder(name, getattr(module, name), sink)))
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    saved = [(importlib.import_module(module), attribute, launcher(name))
+             for name, (module, attribute) in LAUNCHERS.items()]
     try:
-        for module, name, value in patches:
-            setattr(module, name, value)
+        for (module, attribute, target), name in zip(saved, LAUNCHERS):
+            setattr(module, attribute, _Recorder(name, target, sink))
         yield
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for module, attribute, target in saved:
+            setattr(module, attribute, target)
 
 
 def _attention_variants() -> Iterator[dict]:
@@ -164,11 +158,15 @@ def _capture_mpc(variant: dict) -> list:
 
 
 def _capture_keep_mask() -> list:
+    import torch
+
     import kernels.rotary_attention as attention
 
+    seed = torch.empty(1, dtype=torch.int64, device="meta")
+    out = torch.empty((2, HEADS, SEQ, SEQ), dtype=torch.int8, device="meta")
     sink: list = []
     with _recording(sink):
-        attention.dropout_keep_mask(1, 2, HEADS, SEQ, 0.1, device="meta")
+        attention._launch_keep_mask(seed, out, 0.1)
     return sink
 
 
@@ -390,6 +388,18 @@ def summary(rows: list[dict]) -> dict:
     return summary_
 
 
+def out_problem(out: Path) -> str | None:
+    """Why the report could not be written to ``out``, or None: checked before the long compile."""
+    if out.is_dir():
+        return f"--out {out} is a directory; give the report's file, e.g. --out {out / 'kernel_compile.json'}"
+    existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is not a directory"
+    if not os.access(out if out.exists() else existing, os.W_OK):
+        return f"--out {out}: not writable here ({out if out.exists() else existing})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -399,13 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    problem = out_problem(args.out)
+    if problem:
+        print(f"kernel_compile_report: {problem}", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("kernel_compile_report: unset TRITON_INTERPRET (it compiles for the GPU, not the interpreter)",
               file=sys.stderr)
         return 2
-    import kernels.rope as rope
+    from kernels.utils import kernels_interpreted
 
-    if rope.kernels_interpreted():
+    if kernels_interpreted():
         print("kernel_compile_report: the kernels were imported in interpreter mode; run in a fresh process "
               "without TRITON_INTERPRET", file=sys.stderr)
         return 2

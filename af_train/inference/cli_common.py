@@ -51,12 +51,20 @@ def stdout_to_stderr():
 
 
 def build_tagger(args: argparse.Namespace, **kwargs):
-    from af_train.inference import AudioTagger
+    from af_train.inference import AudioTagger, InferenceError
+    from kernels.dispatch import backend_from_environment
 
+    try:
+        kernels = backend_from_environment(os.environ)  # AF_KERNELS (debugging): read once, here
+    except ValueError as exc:
+        raise InferenceError(str(exc)) from None
     with stdout_to_stderr():
-        return AudioTagger.load(args.model, checkpoint=args.checkpoint, weights=args.weights, manifest=args.manifest,
-                                tokenizer=args.tokenizer, device=args.device, hop_seconds=args.hop,
-                                batch_size=args.batch_size, encode_batch_size=args.encode_batch_size, **kwargs)
+        tagger = AudioTagger.load(args.model, checkpoint=args.checkpoint, weights=args.weights, manifest=args.manifest,
+                                  tokenizer=args.tokenizer, device=args.device, hop_seconds=args.hop,
+                                  batch_size=args.batch_size, encode_batch_size=args.encode_batch_size, **kwargs)
+    if kernels is not None:
+        tagger.encoder.kernels = kernels
+    return tagger
 
 
 def find_audio(arguments: list[str], recursive: bool) -> list[Path]:

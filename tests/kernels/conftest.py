@@ -18,14 +18,8 @@ import_kernel_modules(interpret=True)
 
 
 @pytest.fixture(autouse=True)
-def _interpreter_and_default_backend(monkeypatch):
-    from kernels import dispatch
-
+def _interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    dispatch.set_backend("auto")
-    yield
-    dispatch.set_backend("auto")
 
 
 @pytest.fixture

@@ -1,15 +1,20 @@
-"""kernels.autotune: the bucketed tuning key, the shared-memory prune, recording and pinning choices."""
+"""kernels.autotune: the one list of launchers, the bucketed tuning key, the shared-memory prune, recording and
+pinning choices."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 import torch
 import triton
+from triton.runtime.autotuner import Autotuner
 
 import kernels.rotary_attention as attention
 from kernels import autotune
+
+KERNEL_MODULES = ("kernels.rope", "kernels.rotary_attention", "kernels.mpc_loss")
 
 
 def test_seq_bucket_groups_lengths_by_power_of_two():
@@ -51,6 +56,16 @@ def test_chosen_configs_round_trip_through_json_and_stale_entries_are_returned(m
     assert [entry["reason"] for entry in skipped] == ["config not in this version's list", "no such autotuned kernel"]
 
 
-@pytest.mark.parametrize("name", sorted(autotune.TUNERS))
-def test_every_registered_tuner_exists(name):
-    assert hasattr(autotune._tuner(name), "configs")
+@pytest.mark.parametrize("name", sorted(autotune.LAUNCHERS))
+def test_every_listed_launcher_exists(name):
+    launcher = autotune.launcher(name)
+    assert isinstance(launcher, Autotuner) == (name in autotune.TUNERS), name
+    assert name in autotune.TUNERS or name in autotune.FIXED_CONFIG
+
+
+def test_the_list_holds_every_autotuner_of_the_kernel_modules():
+    """A new triton.autotune object that is not in LAUNCHERS would be missed by the compile report, the
+    records, and the tests of the CUDA launch branch."""
+    found = {(name, attribute) for name in KERNEL_MODULES
+             for attribute, value in vars(importlib.import_module(name)).items() if isinstance(value, Autotuner)}
+    assert found == set(autotune.TUNERS.values())

@@ -1,10 +1,9 @@
 """The CUDA branch of each launcher (autotuned kernels, grid lambdas, config meta-parameters), run on
-CPU: the autotuner is replaced by a stand-in that launches the interpreted kernel with one of the
-real autotune configs, so every name the GPU path passes is checked and its numbers compared."""
+CPU: every autotuner of kernels.autotune.TUNERS is replaced by a stand-in that launches the interpreted
+kernel with one of the real autotune configs, so every name the GPU path passes is checked and its
+numbers compared."""
 
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 import kernels.mpc_loss as mpc_module
 import kernels.rope as rope_module
 import kernels.rotary_attention as attention_module
-from kernels import reference
+from kernels import autotune, reference
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -48,16 +47,13 @@ def _block_volume(config) -> int:
 def gpu_branch(request, monkeypatch):
     """Route the launchers through their CUDA branch with the smallest or largest autotune config."""
     pick = min if request.param == "smallest" else max
-    for module in (rope_module, attention_module, mpc_module):
+    for module in (rope_module, attention_module, mpc_module):  # told their kernels are compiled
         monkeypatch.setattr(module, "kernels_interpreted", lambda: False)
         monkeypatch.setattr(module, "check_kernel_inputs", lambda *a, **k: None)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     launchers = {}
-    for module, name in ((rope_module, "_rotary_kernel_tuned"), (attention_module, "_attn_fwd_tuned"),
-                         (attention_module, "_attn_bwd_dkdv_tuned"), (attention_module, "_attn_bwd_dq_tuned"),
-                         (mpc_module, "_mpc_lse_fwd_tuned"), (mpc_module, "_mpc_lse_bwd_tuned")):
-        launcher = ConfigLauncher(getattr(module, name), lambda configs: pick(configs, key=_block_volume))
-        monkeypatch.setattr(module, name, launcher)
+    for name, (module, attribute) in autotune.TUNERS.items():
+        launcher = ConfigLauncher(autotune.launcher(name), lambda configs: pick(configs, key=_block_volume))
+        monkeypatch.setattr(f"{module}.{attribute}", launcher)
         launchers[name] = launcher
     return launchers
 
@@ -71,7 +67,7 @@ def test_rope_gpu_branch(gpu_branch):
     reference.apply_rotary(x64, cos.double(), sin.double(), False).backward(torch.ones_like(x64))
     torch.testing.assert_close(out, reference.apply_rotary(x.detach(), cos, sin, False), atol=1e-6, rtol=0)
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=2e-6, rtol=0)
-    assert gpu_branch["_rotary_kernel_tuned"].launches == 2
+    assert gpu_branch["rope"].launches == 2
 
 
 def _attention_inputs():
@@ -94,7 +90,7 @@ def test_attention_gpu_branch(gpu_branch):
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
     for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=0)
-    launched = [gpu_branch[n].launches for n in ("_attn_fwd_tuned", "_attn_bwd_dkdv_tuned", "_attn_bwd_dq_tuned")]
+    launched = [gpu_branch[n].launches for n in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")]
     assert launched == [1, 1, 1]
 
 
@@ -141,4 +137,4 @@ def test_mpc_gpu_branch(gpu_branch):
     assert float(error.abs().max()) < 2e-3, float(error.abs().max())
     assert abs(float(error.mean())) < 2e-4, float(error.mean())
     torch.testing.assert_close(z.grad.double(), z64.grad, atol=5e-3 * float(z64.grad.abs().max()), rtol=0)
-    assert gpu_branch["_mpc_lse_fwd_tuned"].launches == 1 and gpu_branch["_mpc_lse_bwd_tuned"].launches == 1
+    assert gpu_branch["mpc_fwd"].launches == 1 and gpu_branch["mpc_bwd"].launches == 1

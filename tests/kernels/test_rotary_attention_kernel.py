@@ -271,13 +271,13 @@ def test_dispatch_passes_dropout_to_either_backend(drawn_seeds):
     mask = _padding_mask(2, 9, "padding")
     cos, sin = reference.rotary_tables(9, 32)
     for backend in ("triton", "reference"):
-        dispatch.set_backend(backend)
-        plain = dispatch.rotary_attention(q, k, v, cos, sin, mask)
+        plain = dispatch.rotary_attention(q, k, v, cos, sin, mask, backend=backend)
         torch.manual_seed(0)
-        dropped = dispatch.rotary_attention(q, k, v, cos, sin, mask, dropout_p=0.5)
+        dropped = dispatch.rotary_attention(q, k, v, cos, sin, mask, dropout_p=0.5, backend=backend)
         assert not torch.allclose(dropped, plain)
         torch.manual_seed(0)
-        assert torch.equal(dispatch.rotary_attention(q, k, v, cos, sin, mask, True, None, 0.5), dropped)
+        again = dispatch.rotary_attention(q, k, v, cos, sin, mask, True, None, 0.5, backend=backend)
+        assert torch.equal(again, dropped)
     assert len(drawn_seeds) == 2  # the two Triton calls with dropout, none for the reference
 
 
@@ -390,14 +390,18 @@ def test_dropout_drop_mask_rate(p):
         assert float((rows - p).abs().max()) < 6 * (p * (1 - p) / 500) ** 0.5
 
 
-def test_fp32_on_a_gpu_goes_to_sdpa(monkeypatch):
-    """Compiled (GPU) fp32 attention takes the reference's SDPA: Triton's exact fp32 dots have no tensor
-    cores. (Stood in on CPU: the module is told its kernels are compiled, and the reference is a spy.)"""
-    calls = []
+def test_the_kernel_refuses_fp32_on_a_gpu(monkeypatch):
+    """Compiled (GPU) fp32 attention is kernels.dispatch's to send to SDPA (Triton's exact fp32 dots have no
+    tensor cores); the kernel itself refuses it rather than choosing a backend. (Stood in on CPU: the module is
+    told its kernels are compiled; fp16 then gets past the refusal to the launch, which is a spy.)"""
+    launched = []
     monkeypatch.setattr(triton_attention, "kernels_interpreted", lambda: False)
     monkeypatch.setattr(triton_attention, "check_kernel_inputs", lambda *a, **k: None)
-    monkeypatch.setattr(reference, "rotary_attention", lambda *a, **k: calls.append(a) or "sdpa")
+    monkeypatch.setattr(triton_attention._RotaryAttention, "apply", lambda *a: launched.append(a) or "kernel")
     q = torch.randn(1, 5, 2, 32)
     cos, sin = reference.rotary_tables(5, 32)
-    assert rotary_attention(q, q, q, cos, sin, None, True, None, 0.1) == "sdpa"
-    assert len(calls) == 1 and calls[0][-1] == 0.1  # dropout_p passed on
+    with pytest.raises(TypeError, match="float32 on a GPU goes to PyTorch's SDPA.*kernels.dispatch.rotary_attention"):
+        rotary_attention(q, q, q, cos, sin, None, True, None, 0.1)
+    assert not launched
+    half = q.half()
+    assert rotary_attention(half, half, half, cos, sin, None, True, None, 0.1) == "kernel" and len(launched) == 1

@@ -17,9 +17,9 @@ def compiled_kernels():
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    rope = sys.modules.get("kernels.rope")
-    was_interpreted = rope is not None and rope.kernels_interpreted()
-    if was_interpreted or rope is None:
+    utils = sys.modules.get("kernels.utils")
+    was_interpreted = utils is not None and utils.kernels_interpreted()
+    if was_interpreted or utils is None:
         import_kernel_modules(interpret=False)
     yield {name.split(".")[1]: sys.modules[name] for name in KERNEL_MODULES}
     if was_interpreted:

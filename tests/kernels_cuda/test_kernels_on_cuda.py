@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import autotune
+
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("compiled_kernels")]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,12 +134,15 @@ class _Pinned:
         return launch
 
 
+def _pin(monkeypatch, name: str, config) -> None:
+    """Stand a launcher of one config in for the autotuner ``kernels.autotune.TUNERS[name]``."""
+    monkeypatch.setattr(".".join(autotune.TUNERS[name]), _Pinned(autotune.launcher(name).fn, config))
+
+
 @pytest.mark.parametrize("index", range(6))
 def test_every_attention_config_launches_and_is_right(compiled_kernels, monkeypatch, index):
-    attention = compiled_kernels["rotary_attention"]
-    for name, configs in (("_attn_fwd_tuned", attention.FWD_CONFIGS), ("_attn_bwd_dkdv_tuned", attention.DKDV_CONFIGS),
-                          ("_attn_bwd_dq_tuned", attention.DQ_CONFIGS)):
-        monkeypatch.setattr(attention, name, _Pinned(getattr(attention, name).fn, configs[index]))
+    for name in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"):
+        _pin(monkeypatch, name, autotune.launcher(name).configs[index])
     torch.manual_seed(index)
     batch, seq, heads, dim, p = 2, 203, 2, 64, 0.1
     q, k, v = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -157,26 +162,26 @@ def test_every_mpc_and_rope_config_launches_and_is_right(compiled_kernels, monke
     z = torch.nn.functional.normalize(torch.randn(300, 768, device="cuda"), dim=-1)
     logits = (z.double() @ z.double().t() / 0.05).fill_diagonal_(float("-inf"))
     want = torch.logsumexp(logits, dim=1)
-    for config in mpc._mpc_lse_fwd_tuned.configs:
-        monkeypatch.setattr(mpc, "_mpc_lse_fwd_tuned", _Pinned(mpc._mpc_lse_fwd_kernel, config))
+    for config in autotune.launcher("mpc_fwd").configs:
+        _pin(monkeypatch, "mpc_fwd", config)
         assert float((mpc._lse_forward(z, 0.05).double() - want).abs().max()) < 5e-3
     upstream = torch.randn(300, device="cuda")
     z64 = z.double().requires_grad_()
     torch.logsumexp((z64 @ z64.t() / 0.05).fill_diagonal_(float("-inf")), dim=1).backward(upstream.double())
     lse = want.float()
-    for config in mpc._mpc_lse_bwd_tuned.configs:
-        monkeypatch.setattr(mpc, "_mpc_lse_bwd_tuned", _Pinned(mpc._mpc_lse_bwd_kernel, config))
+    for config in autotune.launcher("mpc_bwd").configs:
+        _pin(monkeypatch, "mpc_bwd", config)
         assert _rel(mpc._lse_backward(z, lse, upstream, 0.05), z64.grad) < 1e-2
     x = torch.randn(2, 752, 12, 64, device="cuda", dtype=torch.bfloat16)
     cos, sin = reference.rotary_tables(752, 64, device="cuda")
     want = reference.apply_rotary(x.double(), cos.double(), sin.double())
-    for config in rope._rotary_kernel_tuned.configs:
-        monkeypatch.setattr(rope, "_rotary_kernel_tuned", _Pinned(rope._rotary_kernel, config))
+    for config in autotune.launcher("rope").configs:
+        _pin(monkeypatch, "rope", config)
         assert _rel(rope.apply_rotary(x, cos, sin), want) < 1e-2
 
 
 def test_chosen_configs_are_recorded_and_pinned_on_a_fresh_tuner(compiled_kernels):
-    from kernels import autotune, reference
+    from kernels import reference
 
     attention = compiled_kernels["rotary_attention"]
     q = torch.randn(2, 130, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -185,8 +190,8 @@ def test_chosen_configs_are_recorded_and_pinned_on_a_fresh_tuner(compiled_kernel
     recorded = autotune.chosen_configs()
     assert recorded["attention_fwd"] and recorded["attention_bwd_dkdv"] and recorded["attention_bwd_dq"]
     assert any(entry["key"][0] == autotune.seq_bucket(130) for entry in recorded["attention_fwd"])
-    saved = {name: dict(autotune._tuner(name).cache) for name in recorded}
+    saved = {name: dict(autotune.launcher(name).cache) for name in recorded}
     for name in recorded:
-        autotune._tuner(name).cache.clear()
+        autotune.launcher(name).cache.clear()
     assert autotune.pin_configs(recorded) == []
-    assert {name: dict(autotune._tuner(name).cache) for name in recorded} == saved
+    assert {name: dict(autotune.launcher(name).cache) for name in recorded} == saved

@@ -100,7 +100,6 @@ def test_global_negatives_on_two_ranks_equal_one_process_over_the_global_batch(t
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    env.pop("AF_KERNELS", None)
     done = subprocess.run([sys.executable, str(script), str(tmp_path), str(_free_port())], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -64,6 +64,44 @@ def test_failures_flag_errors_of_configs_the_tuner_can_pick():
     assert report.failures(rows) == rows[2:]
 
 
+CAPTURE = r"""
+import json
+from af_train_tools import kernel_compile_report as report
+from kernels import autotune
+
+captured = {launch.fn for launch in report.capture_launches()}
+launchers = {name: autotune.launcher(name) for name in autotune.LAUNCHERS}
+listed = {name: target.fn if name in autotune.TUNERS else target for name, target in launchers.items()}
+print(json.dumps({"missed": sorted(name for name, fn in listed.items() if fn not in captured),
+                  "kernels": sorted(fn.__name__ for fn in captured)}))
+"""
+
+
+def test_the_capture_reaches_every_listed_launcher(tmp_path):
+    """The report captures launches through kernels.autotune.LAUNCHERS (the launch code on meta tensors, no
+    compiling): every listed launcher is reached, and a kernel outside the list would be launched for real
+    on meta tensors and fail."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", CAPTURE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["missed"] == []
+    assert len(result["kernels"]) == 8
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_compiling(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "run", lambda *args, **kwargs: pytest.fail("compiled before checking --out"))
+    assert report.main(["--ci", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a directory; give the report's file, e.g. --out {tmp_path / 'kernel_compile.json'}" \
+        in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert report.main(["--out", str(blocker / "sub" / "kernel_compile.json")]) == 2
+    assert f"{blocker} is not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
 def test_refuses_to_run_in_interpreter_mode(tmp_path):
     proc = _run(tmp_path, "--ci", "--out", str(tmp_path / "x.json"), env_extra={"TRITON_INTERPRET": "1"})
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr
