@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def mpc_loss_loops64(embeddings, groups, temperature, anchor_mask=None):
-    """DESIGN.md's formula anchor by anchor in float64 (independent of the reference)."""
+    """docs/ARCHITECTURE.md's MPC formula ("Kernel formulas"), anchor by anchor in float64, not via the reference."""
     z = torch.nn.functional.normalize(embeddings.double(), dim=-1)
     n = z.shape[0]
     losses = []

@@ -110,7 +110,7 @@ def test_masked_mean_pool_equals_loop():
 
 
 def _mpc_brute_force(embeddings, groups, temperature, anchor_mask):
-    """DESIGN.md's formula, one anchor at a time in float64 with Python loops."""
+    """docs/ARCHITECTURE.md's MPC formula ("Kernel formulas"), one anchor at a time in float64, Python loops."""
     z = embeddings.double()
     n = z.shape[0]
     losses = []
