@@ -40,7 +40,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """The interface every tokenizer kind implements (see TOKENIZER_CONTRACT in the docs)."""
+    """The interface every tokenizer kind implements (docs/ARCHITECTURE.md, "Contracts": tokenizer identity)."""
 
     kind: str
     sample_rate: int
