@@ -254,7 +254,7 @@ def init_process() -> Placement:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from af_train.data import setup_distributed_env
+    from af_train.data.dataset import setup_distributed_env
     from af_train.run_logging import setup_logging
 
     setup_distributed_env()

@@ -117,7 +117,7 @@ class Evaluator:
 
     def __init__(self, recipe: Recipe, run_dir: Path, device: torch.device, rank: int, checkpointer: Any):
         from af_train.config import RecipeError
-        from af_train.data import build_dataloader
+        from af_train.data.loader import build_dataloader
 
         cfg = recipe.train
         self.recipe, self.device, self.rank = recipe, device, rank
@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from af_train.data import build_dataloader, load_manifest
+    from af_train.data.dataset import load_manifest
+    from af_train.data.loader import build_dataloader
     from af_train.data.mixing import first_train_source
 
     run_dir = Path(args.run_dir)
