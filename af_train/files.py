@@ -1,4 +1,5 @@
-"""File helpers every layer shares: durable atomic writes, content hashes (sha256, xxh64), the source commit.
+"""File helpers every layer shares: durable atomic writes, output path checks, content hashes (sha256, xxh64),
+the source commit.
 
 Standard library only, so any module (data preparation, model, engine, tools) can import it.
 """
@@ -54,6 +55,35 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
     return Path(path)
+
+
+def output_problem(path: str | Path, *, option: str = "--out", folder: bool = False, overwrite: bool = False,
+                   inputs: Iterable[str | Path] = ()) -> str | None:
+    """Why a command may not write its output at ``path``, or None. Checked before the long work starts.
+
+    ``folder``: the output is a folder (it may exist; the command then names the files it would replace).
+    A file output that is one of ``inputs`` is refused even with ``overwrite``; any other existing file is
+    replaced only with ``overwrite`` (the command did not create it, or cannot tell). Missing parent
+    folders are fine when the nearest existing one is a writable folder (the command creates them).
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        return f"{option} {path} is a file; give a folder (it is created when missing)"
+    if not folder:
+        if path.is_dir():
+            return f"{option} {path} is a folder; give a file name, e.g. {option} {path / 'out'}"
+        for given in inputs:
+            with contextlib.suppress(OSError):
+                if path.exists() and os.path.samefile(path, given):
+                    return f"{option} {path} is also an input: writing it would destroy it; give another {option}"
+        if path.exists() and not overwrite:
+            return f"{option} {path} exists; give another {option}, or pass --overwrite to replace it"
+    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir() and existing != path:
+        return f"{option} {path}: {existing} is not a folder; give an {option} in a folder"
+    if not os.access(existing, os.W_OK) or (existing.is_dir() and not os.access(existing, os.X_OK)):
+        return f"{option} {path}: {existing} is not writable (permission denied); give a writable {option}"
+    return None
 
 
 def sha256_files(paths: Iterable[str | Path]) -> str:

@@ -58,3 +58,22 @@ def test_git_commit_names_the_checkout_and_whether_it_is_dirty(tmp_path):
     assert git_commit(tmp_path) == {"commit": commit, "dirty": False}
     (tmp_path / "file.txt").write_text("changed")
     assert git_commit(tmp_path) == {"commit": commit, "dirty": True}
+
+
+def test_output_problem_names_each_case_before_anything_is_written(tmp_path):
+    from af_train.files import output_problem
+
+    given = tmp_path / "in.wav"
+    given.write_bytes(b"input")
+    (tmp_path / "plain").write_text("a file")
+    assert output_problem(tmp_path / "new" / "deeper" / "out.json") is None  # parents are created
+    assert "is a folder; give a file name" in output_problem(tmp_path)
+    assert "exists; give another --out, or pass --overwrite" in output_problem(tmp_path / "plain")
+    assert output_problem(tmp_path / "plain", overwrite=True) is None
+    for overwrite in (False, True):
+        assert "is also an input" in output_problem(tmp_path / "in.wav", overwrite=overwrite, inputs=[given])
+    assert "is not a folder" in output_problem(tmp_path / "plain" / "out.json")
+    assert "is a file; give a folder" in output_problem(tmp_path / "plain", folder=True)
+    assert output_problem(tmp_path, folder=True) is None
+    assert output_problem(tmp_path / "plain", option="--report").startswith("--report ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "plain"]  # checking wrote nothing
