@@ -8,9 +8,11 @@
 ``audio`` is a float32 tensor [n_sounds, n_samples] of mono audio at ``model.sample_rate`` (48 kHz by
 default, a rate HEAR's data sets come in; resampled to the tokenizer's 24 kHz inside). Timestamp
 embeddings are the last hidden state at every code frame (75 per second, a 13.3 ms hop), timestamps
-the frame centres in milliseconds; scene embeddings the mean-pooled last hidden state averaged over
-the windows of the training clip length. Silent and short sounds are embedded like any other (as
-training pads short clips), never rejected. hear-eval-kit loads this module by name:
+the frame centres in milliseconds, every one within the audio (a partial last frame whose centre would
+lie past the end is left out, as hear-validator v2021.0.6 requires); scene embeddings the mean-pooled
+last hidden state averaged over the windows of the training clip length. Integer PCM (int16, int32) is
+scaled to [-1, 1) as a WAV reader scales it; other integer types are refused. Silent and short sounds
+are embedded like any other (as training pads short clips), never rejected. hear-eval-kit loads this module by name:
 ``python3 -m heareval.embeddings.runner af_train.inference.hear --model MODEL``.
 """
 
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from af_train.inference.tagger import AudioTagger
+from af_train.tokenizers.audio_io import pcm_to_float
 
 HEAR_SAMPLE_RATE = 48_000
 
@@ -51,7 +54,10 @@ def load_model(model_file_path: str | Path = "", sample_rate: int = HEAR_SAMPLE_
 def _sounds(audio: torch.Tensor, model: HearModel) -> list[tuple[np.ndarray, int]]:
     if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
         raise ValueError(f"audio must be a tensor [n_sounds, n_samples], got {getattr(audio, 'shape', type(audio))}")
-    return [(sound, model.sample_rate) for sound in audio.detach().float().cpu().numpy()]
+    if audio.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int16, torch.int32):
+        raise ValueError(f"audio of dtype {audio.dtype}: give float32 samples in [-1, 1] (or int16/int32 PCM, "
+                         "scaled as a WAV reader scales it)")
+    return [(sound, model.sample_rate) for sound in pcm_to_float(audio.detach().cpu()).numpy()]
 
 
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
@@ -68,5 +74,5 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[tor
                 torch.zeros((0, 0), dtype=torch.float32))
     frames = model.tagger.frame_embeddings(_sounds(audio, model))
     embeddings = torch.from_numpy(np.stack([f for f, _ in frames]).astype(np.float32))
-    timestamps = torch.from_numpy(np.stack([t for _, t in frames]).astype(np.float32) * 1000.0)
+    timestamps = torch.from_numpy((np.stack([t for _, t in frames]) * 1000.0).astype(np.float32))
     return embeddings, timestamps
