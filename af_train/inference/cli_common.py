@@ -10,12 +10,46 @@ import argparse
 import contextlib
 import csv
 import logging
+import math
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus", ".w64", ".caf"}
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+
+
+# argparse types: a bad value is a one-line usage error before anything is loaded
+def positive_seconds(text: str) -> float:
+    """A finite duration > 0 in seconds (``--hop``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, e.g. 0.5; got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (batch sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """A torch device name, checked by its form here (whether it exists: when the model is placed)."""
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N (N: a GPU index); got {text!r}")
+    return text
+
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,13 +61,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                            "its recipe names shards that are not here (label names, tokenizer)")
     parser.add_argument("--tokenizer", help="weights of the tokenizer the model was trained with (file or folder), "
                                             "when they are not where the manifest says")
-    parser.add_argument("--hop", type=float, help="seconds between windows (default: half the training clip)")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per model batch (default 16)")
-    parser.add_argument("--encode-batch-size", type=int,
+    parser.add_argument("--hop", type=positive_seconds,
+                        help="seconds between windows, at most the window (default: half the training clip)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per model batch (default 16)")
+    parser.add_argument("--encode-batch-size", type=positive_int,
                         help="clips per tokenizer batch (default: af-prepare's, so that codes equal the training "
                              "shards' bit for bit; partial batches are zero-padded to it)")
     # None: AudioTagger picks cuda when available, else cpu (resolved after parsing, so no torch import here)
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--device", type=device_name,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
 
 
 @contextlib.contextmanager
@@ -77,7 +113,8 @@ def find_audio(arguments: list[str], recursive: bool) -> list[Path]:
         path = Path(argument)
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
-            found += sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            # not only readable files: a broken link with an audio name is kept, to be reported and counted
+            found += sorted(p for p in path.glob(pattern) if not p.is_dir() and p.suffix.lower() in AUDIO_SUFFIXES)
         else:
             found.append(path)
     return found
@@ -86,6 +123,8 @@ def find_audio(arguments: list[str], recursive: bool) -> list[Path]:
 def read_csv_list(path: Path) -> tuple[list[Path], list[str]]:
     """(paths, ids) of a CSV with a ``path`` column (and optionally ``id``); relative paths are relative to
     the CSV's folder, as in af-prepare's csv format."""
+    if not path.is_file():
+        raise SystemExit(f"--csv {path}: no such file; give the CSV listing the audio (a 'path' column)")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames:
@@ -103,11 +142,17 @@ def progress(total: int, what: str):
 
 
 class Failures:
-    """Counts unusable inputs by reason and logs each one."""
+    """Counts unusable inputs by reason and logs each one; also the inputs used with a warning."""
 
     def __init__(self, log: logging.Logger):
         self.log = log
         self.by_reason: Counter[str] = Counter()
+        self.warned: Counter[str] = Counter()
+
+    def warn_all(self, name: str, warnings: list[tuple[str, str]]) -> None:
+        for reason, message in warnings:
+            self.warned[reason] += 1
+            self.log.warning("used %s with a warning: %s (%s)", name, message, reason)
 
     def add(self, name: str, reason: str, message: str) -> None:
         self.by_reason[reason] += 1
@@ -119,4 +164,8 @@ class Failures:
 
     def summary(self, done: int) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.by_reason.items())) or "none"
-        return f"{done} file(s) processed, {self.count} skipped [{reasons}]"
+        summary = f"{done} file(s) processed, {self.count} skipped [{reasons}]"
+        if self.warned:
+            summary += f", {sum(self.warned.values())} warning(s) [" + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.warned.items())) + "]"
+        return summary

@@ -8,13 +8,17 @@ counts from the end) mean-pooled over each window of the training clip length, a
 windows of the file. MODEL as for af-predict (a pretraining run's model.pt works too: no classifier
 needed).
 
-DIR receives ``embeddings.npy`` [N, H] float32 and ``ids.txt`` (one id per row: the CSV's ``id``
-column, else the path as given), or with ``--format npz`` one ``embeddings.npz`` holding both
-(``ids``, ``embeddings``). Files are processed in parts of ``--part-size``; each finished part is
-committed under ``DIR/parts/`` so an interrupted run started again with the same arguments continues
-where it stopped (another model or layer is refused). Unusable files are listed in
-``DIR/failures.jsonl`` with the reason and skipped; the exit status is 1 when any was, unless
---keep-going.
+DIR receives ``embeddings.npy`` [N, H] float32 and ``ids.jsonl`` (line k: row k's id as a JSON string:
+the CSV's ``id`` column, else the path as given; any file name round-trips, newlines included), or with
+``--format npz`` one ``embeddings.npz`` holding both (``ids``, ``embeddings``). Files are processed in
+parts of ``--part-size``; each finished part is committed under ``DIR/parts/`` so an interrupted run
+started again with the same arguments continues where it stopped (another model or layer is refused).
+Unusable files are listed in ``DIR/failures.jsonl`` with the reason and skipped; the exit status is 1
+when any was, unless --keep-going.
+
+af-embed touches only files it created: ``DIR/embed_state.json`` records the settings and what the run
+created, and only those are replaced or removed. DIR is checked before the model loads: a ``parts/`` it
+did not create is refused, and existing outputs are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -23,19 +27,19 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from af_train.files import atomic_open
+from af_train.files import atomic_open, output_problem
 from af_train.inference.cli_common import (
     Failures,
     add_model_arguments,
     build_tagger,
     find_audio,
+    positive_int,
     progress,
     read_csv_list,
 )
@@ -45,6 +49,8 @@ log = logging.getLogger("af_train.embed")
 STATE_NAME = "embed_state.json"
 PARTS = "parts"
 FAILURES = "failures.jsonl"
+IDS = "ids.jsonl"
+OUTPUTS = {"npy": ("embeddings.npy", IDS, FAILURES), "npz": ("embeddings.npz", FAILURES)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,14 +63,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recursive", action="store_true", help="look for audio in sub-folders too")
     parser.add_argument("--layer", type=int, help="hidden state to pool (default: the last layer)")
     parser.add_argument("--format", choices=["npy", "npz"], default="npy")
-    parser.add_argument("--part-size", type=int, default=512, help="files per committed part (default 512)")
+    parser.add_argument("--part-size", type=positive_int, default=512,
+                        help="files per committed part (default 512)")
     parser.add_argument("--keep-going", action="store_true", help="exit 0 even when files were skipped")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace outputs in --out that an earlier, finished af-embed (or anything else) left")
     args = parser.parse_args(argv)
     if bool(args.audio) == bool(args.csv):
         parser.error("give audio files/folders or --csv FILE (one of them)")
-    if args.part_size < 1 or args.batch_size < 1:
-        parser.error("--part-size and --batch-size must be >= 1")
+    if args.csv and not Path(args.csv).is_file():
+        parser.error(f"--csv {args.csv}: no such file; give the CSV listing the audio (a 'path' column)")
+    if problem := output_problem(args.out, folder=True):
+        parser.error(problem)
     return args
+
+
+def _read_state(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(state, dict) and "settings" in state:
+        return state
+    return {"settings": state, "created": [PARTS]}  # an earlier version's state: it always created parts/
+
+
+def _out_problem(out: Path, state: dict | None, fmt: str, overwrite: bool) -> str | None:
+    """Why af-embed may not write into ``out`` (checked before the model loads), or None."""
+    created = set(state["created"]) if state else set()
+    if (out / PARTS).exists() and PARTS not in created:
+        return (f"{out / PARTS} exists and af-embed did not create it (no {STATE_NAME} records it); its files "
+                "would be mixed with af-embed's parts: give another --out")
+    taken = [name for name in OUTPUTS[fmt] if (out / name).exists() and name not in created]
+    if taken and not overwrite:
+        return (f"{out} already holds {', '.join(taken)}; give another --out, or pass --overwrite to replace "
+                f"{'it' if len(taken) == 1 else 'them'}")
+    return None
 
 
 def _atomic_save(path: Path, write) -> None:
@@ -81,8 +114,12 @@ def _fingerprint(args: argparse.Namespace, tagger, ids: list[str]) -> dict:
     return {
         "model": str(Path(args.model).resolve()), "source": tagger.source, "layer": args.layer,
         "hop_seconds": tagger.hop_seconds, "part_size": args.part_size,
-        "inputs_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], "count": len(ids),
+        "inputs_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16], "count": len(ids),
     }
+
+
+def _save_state(path: Path, settings: dict, created: list[str]) -> None:
+    _atomic_save(path, _text(json.dumps({"settings": settings, "created": created}, indent=2) + "\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("af-embed: error: no audio files given", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    parts = out / PARTS
+    state_path = out / STATE_NAME
+    state = _read_state(state_path)
+    if problem := _out_problem(out, state, args.format, args.overwrite):
+        print(f"af-embed: error: {problem}", file=sys.stderr)
+        return 2
     try:
         tagger = build_tagger(args, reject_silent=False)
         tagger._check_layer(args.layer)
@@ -105,20 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"af-embed: error: {exc}", file=sys.stderr)
         return 2
 
-    out = Path(args.out)
-    parts = out / PARTS
-    parts.mkdir(parents=True, exist_ok=True)
-    state_path = out / STATE_NAME
     fingerprint = _fingerprint(args, tagger, ids)
-    if state_path.is_file():
-        previous = json.loads(state_path.read_text(encoding="utf-8"))
-        if previous != fingerprint:
-            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-            print(f"af-embed: error: {out} holds embeddings made with other settings ({', '.join(changed)}); give "
-                  "another --out, or delete it to start over", file=sys.stderr)
-            return 2
-    else:
-        _atomic_save(state_path, _text(json.dumps(fingerprint, indent=2) + "\n"))
+    if state is not None and state["settings"] != fingerprint:
+        changed = sorted(k for k in fingerprint if state["settings"].get(k) != fingerprint[k])
+        print(f"af-embed: error: {out} holds embeddings made with other settings ({', '.join(changed)}); give "
+              "another --out, or rerun with the original settings to finish that run", file=sys.stderr)
+        return 2
+    created = list(state["created"]) if state is not None else []
+    if PARTS not in created:  # recorded before it exists: a crash in between leaves nothing unrecorded
+        created.append(PARTS)
+        out.mkdir(parents=True, exist_ok=True)
+        _save_state(state_path, fingerprint, created)
+    parts.mkdir(exist_ok=True)
 
     failures = Failures(log)
     count = -(-len(files) // args.part_size)
@@ -135,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, result in zip(ids[chunk], tagger.results(files[chunk], scores=False, embeddings=True,
                                                                  layer=args.layer, names=ids[chunk])):
                 bar.update(1)
+                failures.warn_all(name, result.warnings)
                 if result.ok:
                     rows.append(result.embedding.astype(np.float32))
                     kept.append(name)
@@ -157,13 +200,19 @@ def main(argv: list[str] | None = None) -> int:
             all_ids += data["ids"].tolist()
             all_failures += data["failures"].tolist()
     matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, tagger.embedding_size), np.float32)
+    _save_state(state_path, fingerprint, sorted({*created, *OUTPUTS[args.format]}))
     if args.format == "npz":
         _atomic_save(out / "embeddings.npz", lambda f: np.savez(f, embeddings=matrix, ids=np.array(all_ids, dtype=str)))
     else:
         _atomic_save(out / "embeddings.npy", lambda f: np.save(f, matrix))
-        _atomic_save(out / "ids.txt", _text("".join(f"{i}\n" for i in all_ids)))
+        _atomic_save(out / IDS, _text("".join(json.dumps(i) + "\n" for i in all_ids)))
     _atomic_save(out / FAILURES, _text("".join(f"{x}\n" for x in all_failures)))
-    shutil.rmtree(parts)
+    for k in range(count):  # only the parts this command wrote; anything else in parts/ stays
+        (parts / f"part-{k:05d}.npz").unlink(missing_ok=True)
+    try:
+        parts.rmdir()
+    except OSError:
+        log.warning("%s holds files af-embed did not write; left in place", parts)
     state_path.unlink()
     elapsed = time.perf_counter() - started
     skipped = len(all_failures)

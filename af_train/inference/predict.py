@@ -1,7 +1,7 @@
 """af-predict: label audio files of any length with a trained model.
 
     af-predict MODEL AUDIO... [--recursive] [--top-k 5] [--threshold auto|X] [--format table|jsonl|csv]
-               [--out FILE] [--windows] [--aggregate mean|max] [--hop S] [--batch-size N] [--device DEV]
+               [--out FILE [--overwrite]] [--windows] [--aggregate mean|max] [--hop S] [--batch-size N] [--device DEV]
                [--checkpoint DIR | --weights FILE] [--manifest DIR] [--tokenizer PATH] [--keep-going]
 
 MODEL: a run directory (the checkpoint selected on validation unless --checkpoint/--weights), a model.pt
@@ -15,7 +15,10 @@ default) uses the per-class thresholds chosen for best F1 on the validation spli
 class (if its probability reaches a threshold given as a number).
 
 Unreadable, missing, silent or too-short files are reported with the reason, counted in the summary
-and skipped; the exit status is 1 when any file was skipped, unless --keep-going.
+and skipped; the exit status is 1 when any file was skipped, unless --keep-going. Files that are used
+but look wrong (a WAV cut shorter than its header says, float samples beyond full scale) are warned
+about and counted. --out is checked before the model loads: it is never one of the inputs, and an
+existing file is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -28,11 +31,20 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from af_train.inference.cli_common import Failures, add_model_arguments, build_tagger, find_audio, progress
+from af_train.files import output_problem
+from af_train.inference.cli_common import (
+    Failures,
+    add_model_arguments,
+    build_tagger,
+    find_audio,
+    positive_int,
+    progress,
+)
 
 log = logging.getLogger("af_train.predict")
 
@@ -45,10 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("audio", nargs="+", help="audio files or folders")
     parser.add_argument("--recursive", action="store_true", help="look for audio in sub-folders too")
-    parser.add_argument("--top-k", type=int, default=5, help="classes shown per file (default 5)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="classes shown per file (default 5)")
     parser.add_argument("--threshold", default="auto", help="'auto' (per-class, chosen on val) or a probability")
     parser.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
     parser.add_argument("--out", help="write here instead of the standard output")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never an input)")
     parser.add_argument("--windows", action="store_true", help="also give every window's scores with its times")
     parser.add_argument("--aggregate", choices=["mean", "max"], default="mean", help="windows -> file scores")
     parser.add_argument("--keep-going", action="store_true", help="exit 0 even when files were skipped")
@@ -60,8 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--threshold must be 'auto' or a number, got {args.threshold!r}")
         if not 0.0 <= value <= 1.0:
             parser.error(f"--threshold is a probability in [0, 1], got {value}")
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error("--top-k and --batch-size must be >= 1")
     return args
 
 
@@ -144,6 +155,7 @@ def _output(path: str | None):
     if path is None:
         yield sys.stdout
         return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as f:
         yield f
 
@@ -153,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from af_train.inference import InferenceError
 
+    files = find_audio(args.audio, args.recursive)
+    if not files:
+        print(f"af-predict: error: no audio files in {' '.join(args.audio)}", file=sys.stderr)
+        return 2
+    if args.out is not None and (problem := output_problem(args.out, overwrite=args.overwrite, inputs=files)):
+        print(f"af-predict: error: {problem}", file=sys.stderr)
+        return 2
     try:
         tagger = build_tagger(args, aggregate=args.aggregate)
         if tagger.classifier is None:
@@ -160,10 +179,6 @@ def main(argv: list[str] | None = None) -> int:
                                  "(af-embed gives embeddings of any model)")
     except InferenceError as exc:
         print(f"af-predict: error: {exc}", file=sys.stderr)
-        return 2
-    files = find_audio(args.audio, args.recursive)
-    if not files:
-        print(f"af-predict: error: no audio files in {' '.join(args.audio)}", file=sys.stderr)
         return 2
     log.info("%s; %d file(s)", tagger, len(files))
     thresholds = class_thresholds(tagger, args.threshold)
@@ -173,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = Writer(args.format, out, tagger.labels, args.top_k, args.windows)
         for result in tagger.results(files, scores=True):
             bar.update(1)
+            failures.warn_all(result.name, result.warnings)
             if not result.ok:
                 failures.add(result.name, result.reason, result.message)
                 continue

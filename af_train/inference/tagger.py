@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,12 @@ from af_train.inference.windows import aggregate as aggregate_windows
 from af_train.model.heads import masked_mean_pool
 from af_train.objectives import row_type_ids
 from af_train.tokenizers.audio_io import (
+    BEYOND_FULL_SCALE,
     MISSING_FILE,
     NON_FINITE,
     SILENT,
     TOO_SHORT,
+    TRUNCATED,
     UNREADABLE,
     ZERO_LENGTH,
     AudioRejected,
@@ -44,6 +47,7 @@ from af_train.tokenizers.audio_io import (
     fit_to_length,
     pcm_to_float,
     resample,
+    wav_shortfall,
 )
 from af_train.tokens import SpecialTokens, frame_rows
 
@@ -60,6 +64,7 @@ class FileResult:
     ok: bool = True
     reason: str | None = None
     message: str | None = None
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (reason, message): used, but worth a word
     seconds: float = 0.0  # duration of the input
     windows: np.ndarray | None = None  # [W, 2] start and end (seconds) of the audio each window reads
     window_logits: np.ndarray | None = None  # [W, C]
@@ -69,7 +74,7 @@ class FileResult:
     # a softmax is not monotonic per class, so single-label mAP must be computed on these)
     embedding: np.ndarray | None = None  # [H] mean over windows of the mean-pooled hidden state
     frame_embeddings: np.ndarray | None = None  # [F, H] one per code frame
-    frame_times: np.ndarray | None = None  # [F] centre of each frame, seconds
+    frame_times: np.ndarray | None = None  # [F] centre of each frame, seconds (all within the audio)
 
 
 class AudioTagger:
@@ -86,8 +91,10 @@ class AudioTagger:
                  hop_seconds: float | None = None, aggregate: str = "mean", batch_size: int = 16,
                  encode_batch_size: int | None = None, reject_silent: bool = True,
                  min_seconds: float | None = None, tokenizer_search: list[Path] | tuple = ()):
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        for name, value in (("batch_size", batch_size), ("encode_batch_size", encode_batch_size)):
+            if value is not None and int(value) < 1:
+                raise InferenceError(f"{name} must be >= 1, got {value}")
+        self.device = resolve_device(device)
         self.card = loaded.card
         self.source = loaded.source
         self.encoder = loaded.encoder.to(self.device).eval()
@@ -98,7 +105,7 @@ class AudioTagger:
         clip_samples = int(round(self.card.clip_seconds * self.sample_rate))
         window_frames = min(math.ceil(clip_samples / samples_per_frame), self.card.max_codes)
         hop_frames = max(1, window_frames // 2) if hop_seconds is None else \
-            max(1, int(round(hop_seconds * self.tokenizer.frame_rate)))
+            hop_in_frames(hop_seconds, float(self.tokenizer.frame_rate), window_frames)
         self.windowing = Windowing(self.sample_rate, samples_per_frame, clip_samples, window_frames, hop_frames)
         aggregate_windows(np.zeros((1, 1)), aggregate)  # a bad name fails now, not after decoding
         self.aggregate = aggregate
@@ -118,6 +125,7 @@ class AudioTagger:
              manifest: str | Path | None = None, **kwargs: Any) -> AudioTagger:
         """From a run directory (checkpoint selected on validation by default), a model.pt (+ ``manifest``)
         or an af-export-hf directory; ``kwargs`` go to the constructor."""
+        kwargs["device"] = resolve_device(kwargs.get("device"))  # a bad device fails before the weights load
         return cls(load_model(path, checkpoint=checkpoint, weights=weights, manifest=manifest), **kwargs)
 
     # ------------------------------------------------------------------ description
@@ -187,8 +195,7 @@ class AudioTagger:
             result = FileResult(name)
             wav = None
             try:
-                wav = self._decode(item)
-                result.seconds = wav.numel() / self.sample_rate
+                wav, result.seconds = self._decode(item, result.warnings)
             except AudioRejected as exc:
                 result.ok, result.reason, result.message = False, exc.reason, exc.message
             pending.append((result, wav))
@@ -220,11 +227,17 @@ class AudioTagger:
                                  "(or -1 .. -{last + 1} from the end)")
         return chosen
 
-    def _decode(self, item: AudioInput) -> torch.Tensor:
-        """Mono float32 [samples] at ``sample_rate``; AudioRejected with af-prepare's reasons."""
+    def _decode(self, item: AudioInput, warnings: list[tuple[str, str]]) -> tuple[torch.Tensor, float]:
+        """(mono float32 [samples] at ``sample_rate``, the input's duration in seconds); AudioRejected with
+        af-prepare's reasons; problems that do not refuse the input are appended to ``warnings``."""
         if isinstance(item, (str, Path)):
             wav, rate = _read_file(Path(item))
             name = str(item)
+            shortfall = wav_shortfall(item)
+            if shortfall is not None:
+                warnings.append((TRUNCATED, f"{name} is cut short: its header promises {shortfall[0]} bytes of "
+                                            f"samples, the file holds {shortfall[1]}; only those were read "
+                                            "(re-export or re-download the file)"))
         else:
             wav, rate = (item[0], int(item[1])) if isinstance(item, tuple) else (item, self.sample_rate)
             wav = torch.as_tensor(np.asarray(wav) if not isinstance(wav, torch.Tensor) else wav)
@@ -239,13 +252,16 @@ class AudioTagger:
                                            "the training data required (af-prepare --min-seconds)")
         if not torch.isfinite(wav).all():
             raise AudioRejected(NON_FINITE, f"{name} has {int((~torch.isfinite(wav)).sum())} NaN/inf samples")
+        peak = float(wav.abs().max())
+        if peak > 1.0:  # integer PCM is scaled into [-1, 1): only float audio gets here
+            warnings.append((BEYOND_FULL_SCALE, f"{name} peaks at {peak:.3g}, beyond full scale (+-1); used as it "
+                                                "is, unlike anything the model was trained on: normalise it first"))
         if self.silence_dbfs is not None:
-            peak = float(wav.abs().max())
             peak_db = 20.0 * math.log10(peak) if peak > 0 else -math.inf
             if peak_db < self.silence_dbfs:
                 raise AudioRejected(SILENT, f"{name} is silent (peak {peak_db:.1f} dBFS < {self.silence_dbfs:.1f} "
                                             "dBFS, the threshold the training data was prepared with)")
-        return resample(wav, rate, self.sample_rate).contiguous()
+        return resample(wav, rate, self.sample_rate).contiguous(), seconds
 
     def _compute(self, pending: list[tuple[FileResult, torch.Tensor | None]], want_scores: bool, want_embedding: bool,
                  want_frames: bool, layer: int, aggregate_how: str | None) -> Iterator[FileResult]:
@@ -345,7 +361,45 @@ class AudioTagger:
             plan = stitch_frames(starts, counts, w.samples_per_frame)
             result.frame_embeddings = torch.stack([outputs["frames"][k][j] for k, j in plan]).numpy() \
                 if len(plan) else np.zeros((0, self.embedding_size), dtype=np.float32)
-            result.frame_times = (np.arange(len(plan)) + 0.5) * w.samples_per_frame / self.sample_rate
+            times = (np.arange(len(plan)) + 0.5) * w.samples_per_frame / self.sample_rate
+            # a partial last frame is centred past the end of the audio: a timestamp must lie within it (HEAR)
+            keep = max(1, int(np.count_nonzero(times <= result.seconds)))
+            result.frame_embeddings = result.frame_embeddings[:keep]
+            result.frame_times = np.minimum(times[:keep], result.seconds)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (None: cuda when available, else cpu); InferenceError naming the fix for a device
+    that is not a device name or not on this machine."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InferenceError(f"device {device!r} is not a device name; give cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InferenceError(f"device {device!r}: this machine has no usable CUDA GPU; give --device cpu")
+        if chosen.index is not None and chosen.index >= count:
+            raise InferenceError(f"device {device!r}: this machine has {count} GPU(s), cuda:0 .. cuda:{count - 1}")
+    return chosen
+
+
+def hop_in_frames(hop_seconds: float, frame_rate: float, window_frames: int) -> int:
+    """``hop_seconds`` (--hop) in whole code frames; InferenceError naming the fix when it is no usable hop."""
+    if not (isinstance(hop_seconds, (int, float)) and math.isfinite(hop_seconds) and hop_seconds > 0):
+        raise InferenceError(f"hop of {hop_seconds!r} s: the hop (--hop, hop_seconds) must be a finite number of "
+                             "seconds > 0")
+    frames = round(hop_seconds * frame_rate)
+    if frames < 1:
+        raise InferenceError(f"hop of {hop_seconds:g} s is shorter than one code frame (1/{frame_rate:g} s); give "
+                             f"a hop of at least {1 / frame_rate:.4f} s")
+    if frames > window_frames:
+        raise InferenceError(f"hop of {hop_seconds:g} s is longer than the window ({window_frames / frame_rate:g} "
+                             f"s): audio between windows would never be read; give a hop of at most "
+                             f"{window_frames / frame_rate:g} s")
+    return frames
 
 
 def _name_of(item: AudioInput, index: int) -> str:
@@ -356,6 +410,9 @@ def _read_file(path: Path) -> tuple[torch.Tensor, int]:
     import soundfile as sf
 
     if not path.is_file():
+        if path.is_symlink():
+            raise AudioRejected(MISSING_FILE, f"{path} is a link to {os.readlink(path)}, which is not a readable "
+                                              "file; fix or remove the link")
         raise AudioRejected(MISSING_FILE, f"no such file: {path}")
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [frames, channels]

@@ -12,6 +12,7 @@ machine-readable ``reason``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ ZERO_LENGTH = "zero_length"
 SILENT = "silent"
 NON_FINITE = "non_finite_samples"
 TOO_SHORT = "too_short"
+# Problems that do not refuse a file but are logged and counted as warnings
+TRUNCATED = "truncated_file"
+BEYOND_FULL_SCALE = "beyond_full_scale"
 
 DEFAULT_SILENCE_DBFS = -80.0  # peak level below which a clip counts as all-silent
 
@@ -156,6 +160,27 @@ def load_clip(
         source_channels=int(channels),
         source_seconds=float(total_frames) / source_rate if total_frames > 0 else 0.0,
     )
+
+
+def wav_shortfall(path: str | Path) -> tuple[int, int] | None:
+    """(bytes of samples the header promises, bytes the file holds) of a RIFF/WAVE file cut short; None for
+    an intact file, another format, or a streaming header (data size 0 or 0xFFFFFFFF). libsndfile reads
+    such a file short without a word."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = os.fstat(f.fileno()).st_size
+            while len(chunk := f.read(8)) == 8:
+                length = int.from_bytes(chunk[4:], "little")
+                if chunk[:4] == b"data":
+                    present = size - f.tell()
+                    return None if length in (0, 0xFFFFFFFF) or length <= present else (length, present)
+                f.seek(length + (length & 1), os.SEEK_CUR)  # chunks are padded to even sizes
+    except OSError:
+        return None
+    return None
 
 
 def clip_length(clip_seconds: float, sample_rate: int) -> int:

@@ -182,7 +182,7 @@ def test_af_predict_reports_bad_files_and_scores_the_good_ones(tiny_run, synthet
     assert all(len(r["windows"]) == 1 and r["windows"][0]["start_s"] == 0.0 for r in records)
     logits = np.array([[r["logits"][c] for c in vocabulary] for r in records])
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), scores, rtol=1e-5)  # one window: sigmoid of its logits
-    assert predict.main([*argv, "--keep-going", "--format", "csv"]) == 0
+    assert predict.main([*argv, "--keep-going", "--format", "csv", "--overwrite"]) == 0
     assert out.read_text().splitlines()[0].startswith("file,start_s,end_s,predicted,")  # --windows: one row each
 
 
@@ -236,11 +236,14 @@ def test_af_embed_writes_npy_and_ids_and_resumes(tiny_run, synthetic_audio, tmp_
     assert embed.main(argv) == 1  # missing.wav was skipped
     assert calls["n"] == 10 + 2  # parts 2 and 3 only: part 1 was committed by the first run
     matrix = np.load(tmp_path / "emb" / "embeddings.npy")
-    assert (tmp_path / "emb" / "ids.txt").read_text().split() == ids and matrix.shape == (len(ids), 64)
+    rows = [json.loads(line) for line in (tmp_path / "emb" / "ids.jsonl").read_text().splitlines()]
+    assert rows == ids and matrix.shape == (len(ids), 64)
+    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["embeddings.npy", "failures.jsonl", "ids.jsonl"]
     assert "missing_file" in (tmp_path / "emb" / "failures.jsonl").read_text()
     tagger = AudioTagger.load(tiny_run, device="cpu")
     np.testing.assert_allclose(matrix, tagger.embed(paths, layer=1), atol=1e-6)
-    assert embed.main([*argv[:-4], "--format", "npz", "--keep-going", "--device", "cpu"]) == 0
+    assert embed.main([*argv[:-4], "--format", "npz", "--keep-going", "--device", "cpu"]) == 2  # failures.jsonl
+    assert embed.main([*argv[:-4], "--format", "npz", "--keep-going", "--device", "cpu", "--overwrite"]) == 0
     with np.load(tmp_path / "emb" / "embeddings.npz") as data:
         assert data["ids"].tolist() == ids and data["embeddings"].shape == (len(ids), 64)
 
