@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from af_train.files import sha256_files
+from af_train.files import output_problem, sha256_files
 from af_train.prepare.cli import DEFAULT_MIN_SECONDS
 from af_train.prepare.decoding import DecodeSettings, decode, ordered_map, start_pool
 from af_train.prepare.planning import plan_splits
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                          "its identity if it changed. Choose another --out, or pass --overwrite")
     if not Path(args.input).exists():
         raise SystemExit(f"af-fit-tokenizer: error: --input {args.input} does not exist")
+    if problem := output_problem(out, overwrite=args.overwrite, inputs=[args.input]):  # before the whole fit
+        raise SystemExit(f"af-fit-tokenizer: error: {problem}")
     import faiss
     import torch
 

@@ -222,8 +222,12 @@ class MelRVQTokenizer:
         # one metadata entry holding sorted JSON: the file bytes depend on nothing but the content
         meta = {"format": FILE_FORMAT, "config": asdict(self.config), "fit": self.fit_info}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-        tmp.replace(path)
+        try:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # nothing half-written is left behind
+            raise
         self.path, self.sha256 = path, sha256_file(path)
         return self.sha256
 
