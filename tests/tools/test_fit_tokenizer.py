@@ -106,3 +106,25 @@ def test_prepare_with_a_fitted_tokenizer_records_it_and_writes_its_codes(mel_rvq
     # EnCodec options make no sense with a fitted file
     with pytest.raises(SystemExit, match="do not apply"):
         prep.main([*argv, "--codec-random-init", "0", "--overwrite"])
+
+
+def test_an_unusable_out_is_refused_before_the_fit_and_a_failed_save_leaves_no_tmp(tmp_path, monkeypatch):
+    labels = _dataset(tmp_path, {"train": 3})
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setattr(fit_tokenizer, "_run", lambda args: pytest.fail("the fit started"))
+    with pytest.raises(SystemExit, match=r"--out .*a_file.*is not a folder"):
+        fit_tokenizer.main(_fit_argv(labels, tmp_path / "a_file" / "tok.safetensors"))
+    with pytest.raises(SystemExit, match=r"is also an input"):
+        fit_tokenizer.main(_fit_argv(labels, labels, "--overwrite"))
+    monkeypatch.undo()
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        fit_tokenizer.main(_fit_argv(labels, tmp_path / "tok.safetensors"))
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "tok.safetensors").exists()
