@@ -49,7 +49,7 @@ class Trainer:
     """Builds everything from a recipe and trains; see the module docstring."""
 
     def __init__(self, recipe: Recipe, resume: str = "auto", verify_hashes: bool = True):
-        from af_train.data.loader import build_dataloader, check_split_tokenizers
+        from af_train.data.loader import build_dataloader, check_split_clip_lengths, check_split_tokenizers
         from af_train.objectives import build_training_module
 
         self.recipe, cfg = recipe, recipe.train
@@ -70,6 +70,9 @@ class Trainer:
                                              local_cache=str(self.run_dir / "cache"), finetune_masking=not mask)
         self.manifest = self.train_loader.dataset.manifest
         check_split_tokenizers(recipe.data, self.manifest)  # val/test codes must come from the same tokenizer
+        if self.rank == 0:
+            for warning in check_split_clip_lengths(recipe.data, self.manifest):
+                log.warning(warning)
         self.checkpoints.set_tokenizer(self.manifest.tokenizer, point)
         self.evaluator = Evaluator(recipe, self.run_dir, self.device, self.rank, self.checkpoints)
 

@@ -118,6 +118,23 @@ def launcher_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
     return command + rest
 
 
+def preflight(rest: list[str]) -> str | None:
+    """What would stop every rank at start-up, found before the launcher starts any: the recipe, and the
+    splits' manifests (another tokenizer's val/test codes are refused; clip lengths that differ are warned)."""
+    from af_train.config import Recipe, RecipeError
+    from af_train.data.dataset import DataError
+    from af_train.data.loader import preflight_splits
+
+    args = parse_args(rest)
+    try:
+        recipe = Recipe.load(args.recipe, [*args.overrides, *kernels_override(os.environ)])
+        for warning in preflight_splits(recipe.data):
+            print(f"af-train: warning: {warning}", file=sys.stderr)
+    except (RecipeError, DataError) as exc:
+        return str(exc)
+    return None
+
+
 def launch_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="af-train",
@@ -149,6 +166,9 @@ def launch_main(argv: list[str] | None = None) -> int:
     print("af-train:", " ".join(command), flush=True)
     if args.dry_run:
         return 0
+    if problem := preflight(rest):
+        print(f"af-train: error: {problem}", file=sys.stderr)
+        return 2
     # Each CPU rank's torch thread count is shared out by the Trainer (cores / local ranks), whatever launched it.
     return subprocess.call(command)
 

@@ -91,6 +91,40 @@ def check_split_tokenizers(cfg: DataConfig, train: Manifest) -> None:
             raise DataError(str(exc)) from None
 
 
+def check_split_clip_lengths(cfg: DataConfig, train: Manifest) -> list[str]:
+    """The warnings (for the caller to log) when val/test clips are not as long as the training clips: a model
+    then selects checkpoints on, and reports, clips of another length than it learned from. Allowed, as it
+    may be meant; unreadable manifests are left to ``build_dataset``."""
+    warnings = []
+    for split in SPLITS[1:]:
+        if getattr(cfg, split) is None or cfg.remote:
+            continue
+        try:
+            manifest = load_manifest(split_source(cfg, split)[0])
+        except (DataError, ManifestError):
+            continue
+        if abs(manifest.clip_seconds - train.clip_seconds) > 1e-6:
+            warnings.append(f"data.{split} holds clips of {manifest.clip_seconds:g} s, data.train clips of "
+                            f"{train.clip_seconds:g} s: the model is evaluated on clips of another length than it "
+                            "learned from; prepare both with the same af-prepare --clip-seconds unless this is meant")
+    return warnings
+
+
+def preflight_splits(cfg: DataConfig) -> list[str]:
+    """The checks of the splits' manifests, before any process starts (af-train): a refusal is then one line
+    (DataError) instead of a traceback on every rank. Only a training split given as a local shard directory
+    that exists here is checked (a mixture, a bucket or another node's folder is checked by the Trainer).
+    Returns the warnings to show."""
+    if is_mixture(cfg) or cfg.remote or not cfg.train or not Path(cfg.train).is_dir():
+        return []
+    try:
+        train = load_manifest(cfg.train)
+    except (DataError, ManifestError) as exc:
+        raise DataError(str(exc)) from None
+    check_split_tokenizers(cfg, train)
+    return check_split_clip_lengths(cfg, train)
+
+
 def cache_dir_for(cfg: DataConfig, split: str, remote: str, local_cache: str | None) -> str:
     """A private streaming cache directory for one split of one remote data set."""
     root = cfg.local_cache or local_cache

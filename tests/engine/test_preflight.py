@@ -1,0 +1,77 @@
+"""af-train's pre-flight: what would stop every rank at start-up is a one-line error before the launcher
+starts (val/test shards of another tokenizer), and clips of another length in val/test are warned about."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from af_train.train import launch_main
+
+
+def _copy_with(manifest_dir, out, **changes):
+    """A shard directory whose manifest.json is ``manifest_dir``'s with ``changes`` applied."""
+    shutil.copytree(manifest_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key, value in changes.items():
+        target = manifest
+        *parents, last = key.split(".")
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _argv(shards, val, tmp_path):
+    return ["--num_cpu_ranks", "1", "--recipe", "recipes/tiny_ft1.yaml", f"data.train={shards / 'train'}",
+            f"data.val={val}", f"data.test={shards / 'test'}", f"train.run_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("the launcher was started"))
+
+
+def test_val_shards_of_another_tokenizer_are_a_one_line_error_before_launch(prepared_shards, tmp_path, capsys,
+                                                                           no_launch, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    val = _copy_with(prepared_shards / "val", tmp_path / "val", **{"tokenizer.weights": "random-init seed 7",
+                                                                   "codec.weights": "random-init seed 7"})
+    assert launch_main(_argv(prepared_shards, val, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("af-train: error: data.train") and "different tokenizers" in err[0]
+
+
+def test_val_clips_of_another_length_are_warned_before_launch(prepared_shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda command: launched.append(command) or 0)
+    val = _copy_with(prepared_shards / "val", tmp_path / "val", clip_seconds=2.5, frames=188)
+    assert launch_main(_argv(prepared_shards, val, tmp_path)) == 0 and len(launched) == 1
+    err = capsys.readouterr().err
+    assert "af-train: warning: data.val holds clips of 2.5 s, data.train clips of 1 s" in err
+    launched.clear()
+    assert launch_main(_argv(prepared_shards, prepared_shards / "val", tmp_path)) == 0 and len(launched) == 1
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_af_evaluate_checks_its_out_before_reading_the_run(tmp_path):
+    from af_train.evaluate import main as evaluate_main
+
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights")
+    notes = tmp_path / "notes.json"
+    notes.write_text("the user's")
+    run = tmp_path / "no_run"  # nothing is read: the check comes first
+    with pytest.raises(SystemExit, match=r"af-evaluate: error: --out .*model\.pt is also an input"):
+        evaluate_main([str(run), "--weights", str(weights), "--out", str(weights), "--overwrite"])
+    with pytest.raises(SystemExit, match=r"notes\.json exists; give another --out, or pass --overwrite"):
+        evaluate_main([str(run), "--out", str(notes)])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"is not a folder"):
+        evaluate_main([str(run), "--out", str(tmp_path / "a_file" / "eval.json")])
+    assert weights.read_bytes() == b"weights" and notes.read_text() == "the user's"
