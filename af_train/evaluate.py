@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from af_train.distributed import barrier, broadcast_from_rank0, gather_objects
+from af_train.files import atomic_write, output_problem
 from af_train.metrics import classification_metrics
 
 if TYPE_CHECKING:
@@ -297,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--checkpoint", help="a DeepSpeed checkpoint directory (RUN_DIR/checkpoints/step_...)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="write the metrics JSON here (default: RUN_DIR/eval_<split>.json)")
+    parser.add_argument("--out", help="write the metrics JSON here (default: RUN_DIR/eval_<split>.json, replaced "
+                                      "on every run; another existing file only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value (e.g. data.test=/data/x)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -308,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     from kernels.dispatch import backend_from_environment
 
     run_dir = Path(args.run_dir)
+    own = run_dir / f"eval_{args.split}.json"  # af-evaluate's own file in the run directory
+    out = Path(args.out) if args.out else own
+    inputs = [p for p in (args.weights, run_dir / "config.yaml") if p]
+    if problem := output_problem(out, overwrite=args.overwrite or out.absolute() == own.absolute(), inputs=inputs):
+        raise SystemExit(f"af-evaluate: error: {problem}")  # before the evaluation, not after it
     try:
         kernels = backend_from_environment(os.environ)  # AF_KERNELS (debugging): read once, here
     except ValueError as exc:
@@ -335,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"af-evaluate: error: {exc}") from None
     metrics = evaluate_module(module, loader, device, args.split)
     metrics = {"weights": source, "split": args.split, **metrics}
-    out = Path(args.out) if args.out else run_dir / f"eval_{args.split}.json"
-    out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     log.info("wrote %s", out)
     return 0
