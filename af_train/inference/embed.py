@@ -71,11 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.audio) == bool(args.csv):
         parser.error("give audio files/folders or --csv FILE (one of them)")
-    if args.csv and not Path(args.csv).is_file():
-        parser.error(f"--csv {args.csv}: no such file; give the CSV listing the audio (a 'path' column)")
-    if problem := output_problem(args.out, folder=True):
-        parser.error(problem)
     return args
+
+
+def _arguments_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the files the arguments name, found before anything is read or loaded."""
+    if args.csv and not Path(args.csv).is_file():
+        return f"--csv {args.csv}: no such file; give the CSV listing the audio (a 'path' column)"
+    return output_problem(args.out, folder=True)
 
 
 def _read_state(path: Path) -> dict | None:
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from af_train.inference import InferenceError
 
+    if problem := _arguments_problem(args):
+        print(f"af-embed: error: {problem}", file=sys.stderr)
+        return 2
     if args.csv:
         files, ids = read_csv_list(Path(args.csv))
     else:

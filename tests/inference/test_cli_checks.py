@@ -101,15 +101,15 @@ def test_af_predict_replaces_an_existing_out_only_with_overwrite(tiny_run, synth
     assert json.loads(out.read_text())["file"] == str(files[0])
 
 
-def test_af_embed_out_that_is_a_file_and_a_missing_csv_are_usage_errors(tmp_path, capsys, no_model_load):
+def test_af_embed_out_that_is_a_file_and_a_missing_csv_are_one_line_errors(tmp_path, capsys, no_model_load):
     (tmp_path / "emb").write_text("a file")
-    with pytest.raises(SystemExit):
-        embed.main(["RUN", "a.wav", "--out", str(tmp_path / "emb")])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("af-embed: error: --out") and "is a file; give a folder" in err
-    with pytest.raises(SystemExit) as exit_info:
-        embed.main(["RUN", "--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "--csv" in capsys.readouterr().err.splitlines()[-1]
+    assert embed.main(["RUN", "a.wav", "--out", str(tmp_path / "emb")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("af-embed: error: --out") and "is a file; give a folder" in err[0]
+    assert embed.main(["RUN", "--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("af-embed: error: --csv") and "no such file" in err[0]
+    assert (tmp_path / "emb").read_text() == "a file" and not (tmp_path / "out").exists()
 
 
 def test_af_embed_leaves_a_parts_folder_it_did_not_create_alone(synthetic_audio, tmp_path, capsys, no_model_load):
