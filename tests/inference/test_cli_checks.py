@@ -184,3 +184,12 @@ def test_odd_files_are_skipped_or_warned_and_counted(tiny_run, synthetic_audio, 
     assert "dangling.wav is a link to" in caplog.text
     assert sorted(json.loads(line)["file"] for line in out.read_text().splitlines()) == [
         str(folder / n) for n in ("cut.wav", "good.wav", "loud.wav")]
+
+
+def test_a_folder_listing_keeps_links_that_point_nowhere(tmp_path):
+    from af_train.inference.cli_common import find_audio
+
+    (tmp_path / "good.wav").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    os.symlink(tmp_path / "nowhere.wav", tmp_path / "dangling.wav")
+    assert [p.name for p in find_audio([str(tmp_path)], recursive=False)] == ["dangling.wav", "good.wav"]

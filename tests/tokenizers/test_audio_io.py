@@ -119,3 +119,17 @@ def test_mp3_decodes_where_libsndfile_supports_it(tmp_path):
     assert clip.valid_samples > 0.9 * 12000 and clip.source_sample_rate == 16000
     rms = float(np.sqrt(np.mean(clip.samples[: clip.valid_samples] ** 2)))
     assert abs(rms - 0.4 / np.sqrt(2)) < 0.2 * 0.4 / np.sqrt(2)  # lossy, but the same sound level
+
+
+def test_wav_shortfall_finds_a_wav_cut_shorter_than_its_header_says(tmp_path):
+    from af_train.tokenizers.audio_io import wav_shortfall
+
+    path = tmp_path / "a.wav"
+    sf.write(str(path), np.zeros(1000, dtype=np.float32), 16000, subtype="PCM_16")
+    whole = path.read_bytes()
+    assert wav_shortfall(path) is None
+    path.write_bytes(whole[:-600])  # 300 of the 1000 samples (2 bytes each) are gone
+    assert wav_shortfall(path) == (2000, 1400)
+    flac = tmp_path / "a.flac"
+    sf.write(str(flac), np.zeros(1000, dtype=np.float32), 16000)
+    assert wav_shortfall(flac) is None and wav_shortfall(tmp_path / "missing.wav") is None
