@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from af_train.files import sha256_files
+from af_train.files import output_problem, sha256_files
 from af_train.prepare.decoding import DecodeSettings, decode_item, ordered_map, start_pool
 from af_train.prepare.planning import Task, plan_splits
 from af_train.prepare.remote_output import RemoteOutput
@@ -121,6 +121,10 @@ def _validate_args(args: argparse.Namespace) -> None:
                          f"({clip_seconds:g} s, --clip-seconds)")
     if not Path(args.input).exists():
         raise SystemExit(f"af-prepare: error: --input {args.input} does not exist")
+    from af_train.remote import is_remote
+
+    if not is_remote(args.out) and (problem := output_problem(args.out, folder=True)):  # a bucket: checked later
+        raise SystemExit(f"af-prepare: error: {problem}")
     if args.tokenizer != "encodec" and (args.codec_checkpoint is not None or args.codec_random_init is not None):
         raise SystemExit("af-prepare: error: --codec-checkpoint and --codec-random-init choose EnCodec weights; "
                          f"they do not apply to --tokenizer {args.tokenizer}")

@@ -419,3 +419,14 @@ def test_kill_9_with_a_fitted_tokenizer_resumes_exactly(mel_rvq_file, tmp_path):
     for x, y in zip(left, right):
         assert np.array_equal(x["codes"], y["codes"]) and int(x["length"]) == int(y["length"]) == 45
     assert Manifest.load(out).tokenizer == Manifest.load(tmp_path / "reference").tokenizer
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "labels.csv").write_text("path,labels,split\n")
+    (tmp_path / "out").write_text("the user's file")
+    from af_train.prepare import cli
+
+    monkeypatch.setattr(cli, "_run", lambda args: pytest.fail("the preparation started"))
+    with pytest.raises(SystemExit, match=r"af-prepare: error: --out .*out is a file; give a folder"):
+        prep.main(["--format", "csv", "--input", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out").read_text() == "the user's file"
