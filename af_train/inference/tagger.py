@@ -34,20 +34,18 @@ from af_train.inference.windows import aggregate as aggregate_windows
 from af_train.model.heads import masked_mean_pool
 from af_train.objectives import row_type_ids
 from af_train.tokenizers.audio_io import (
-    BEYOND_FULL_SCALE,
     MISSING_FILE,
     NON_FINITE,
     SILENT,
     TOO_SHORT,
-    TRUNCATED,
     UNREADABLE,
     ZERO_LENGTH,
     AudioRejected,
     downmix,
+    file_warnings,
     fit_to_length,
     pcm_to_float,
     resample,
-    wav_shortfall,
 )
 from af_train.tokens import SpecialTokens, frame_rows
 
@@ -232,17 +230,12 @@ class AudioTagger:
         af-prepare's reasons; problems that do not refuse the input are appended to ``warnings``."""
         if isinstance(item, (str, Path)):
             wav, rate = _read_file(Path(item))
-            name = str(item)
-            shortfall = wav_shortfall(item)
-            if shortfall is not None:
-                warnings.append((TRUNCATED, f"{name} is cut short: its header promises {shortfall[0]} bytes of "
-                                            f"samples, the file holds {shortfall[1]}; only those were read "
-                                            "(re-export or re-download the file)"))
+            name, path = str(item), item
         else:
             wav, rate = (item[0], int(item[1])) if isinstance(item, tuple) else (item, self.sample_rate)
             wav = torch.as_tensor(np.asarray(wav) if not isinstance(wav, torch.Tensor) else wav)
             wav = downmix(pcm_to_float(wav).cpu())
-            name = "waveform"
+            name, path = "waveform", None
         # af-prepare's checks, in its order
         if wav.numel() == 0:
             raise AudioRejected(ZERO_LENGTH, f"{name} holds no samples")
@@ -253,9 +246,7 @@ class AudioTagger:
         if not torch.isfinite(wav).all():
             raise AudioRejected(NON_FINITE, f"{name} has {int((~torch.isfinite(wav)).sum())} NaN/inf samples")
         peak = float(wav.abs().max())
-        if peak > 1.0:  # integer PCM is scaled into [-1, 1): only float audio gets here
-            warnings.append((BEYOND_FULL_SCALE, f"{name} peaks at {peak:.3g}, beyond full scale (+-1); used as it "
-                                                "is, unlike anything the model was trained on: normalise it first"))
+        warnings.extend(file_warnings(path, peak, name))  # af-prepare's warnings, counted the same way
         if self.silence_dbfs is not None:
             peak_db = 20.0 * math.log10(peak) if peak > 0 else -math.inf
             if peak_db < self.silence_dbfs:

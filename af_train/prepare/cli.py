@@ -272,6 +272,7 @@ def _run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     audio_seconds = 0.0
     rejected = 0
+    warned: dict[str, int] = {}  # by reason, this run's files: used, but worth a word
     # the rate is measured from the first clip that arrives (the workers' start-up is not throughput)
     first_at: float | None = None
     first_seconds = 0.0
@@ -293,6 +294,10 @@ def _run(args: argparse.Namespace) -> int:
                 rejected += 1
                 if rejected <= 10:
                     bar.write(f"rejected {task.id}: {outcome[1][0]} ({outcome[1][1]})")
+            else:
+                for reason, message in outcome[1][2]:
+                    warned[reason] = warned.get(reason, 0) + 1
+                    log.warning("warning: %s (%s)", message, reason)
             if writer.remaining == 0:
                 writer.commit()
                 writer = None
@@ -331,6 +336,8 @@ def _run(args: argparse.Namespace) -> int:
     rate = _rate(audio_seconds - first_seconds, first_at)
     print(f"\nsummary ({elapsed:.1f} s, {rate:.1f}x realtime this run with {tokenizer.kind} after the first clip, "
           f"{rate / cores:.1f}x per core on {cores} cores):")
+    if warned:
+        print(f"  used with a warning this run: {sum(warned.values())} [{_format_counts(warned)}] (see the log above)")
     for split, (tasks, planned_rejects) in plans.items():
         num_chunks = (len(tasks) + args.chunk_size - 1) // args.chunk_size
         if states[split] == "complete":

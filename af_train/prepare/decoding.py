@@ -32,7 +32,8 @@ def init_worker() -> None:
 
 
 def decode(settings: DecodeSettings, task: Task) -> tuple[str, Any]:
-    """Worker body: ("ok", (samples, valid_samples)) or ("reject", (reason, detail)); never raises."""
+    """Worker body: ("ok", (samples, valid_samples, warnings)) or ("reject", (reason, detail)); never raises.
+    ``warnings``: (reason, message) pairs of a file that is used but looks wrong (``Clip.warnings``)."""
     try:
         clip = audio_io.load_clip(task.path, sample_rate=settings.sample_rate, clip_seconds=settings.clip_seconds,
                                   silence_dbfs=settings.silence_dbfs, min_seconds=settings.min_seconds)
@@ -40,7 +41,7 @@ def decode(settings: DecodeSettings, task: Task) -> tuple[str, Any]:
         return "reject", (exc.reason, exc.message)
     except Exception as exc:  # noqa: BLE001 - a broken file must not stop the run; it is logged
         return "reject", (audio_io.UNREADABLE, f"{task.path}: {type(exc).__name__}: {exc}")
-    return "ok", (clip.samples, clip.valid_samples)
+    return "ok", (clip.samples, clip.valid_samples, clip.warnings)
 
 
 def decode_item(settings: DecodeSettings, item: tuple[Any, ...]) -> tuple[str, Any]:

@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
                 if sum(rejected.values()) <= 10:
                     bar.write(f"skipped {task.id}: {reason} ({detail})")
             else:
-                samples, valid = payload
+                samples, valid, _ = payload
                 fitter.add(samples[:valid])
             elapsed = max(time.monotonic() - started, 1e-9)
             bar.set_postfix_str(f"{fitter.seconds / 3600:.2f} h, {fitter.seconds / elapsed:.0f}x realtime",

@@ -133,7 +133,7 @@ class ChunkWriter:
             reason, detail = payload
             self.rejects.append(Reject(task.order, task.id, task.path, reason, detail))
         else:
-            samples, valid = payload
+            samples, valid, _ = payload  # warnings are counted by the caller
             self.batch.append((task, samples, valid))
         if len(self.batch) >= self.batch_size or (self.remaining == 0 and self.batch):
             self._flush()

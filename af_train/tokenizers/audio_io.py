@@ -53,6 +53,7 @@ class Clip:
     source_sample_rate: int
     source_channels: int
     source_seconds: float  # duration of the whole file
+    warnings: tuple[tuple[str, str], ...] = ()  # (reason, message): used, but worth a word (TRUNCATED, ...)
 
     @property
     def valid_seconds(self) -> float:
@@ -142,6 +143,7 @@ def load_clip(
         bad = int((~np.isfinite(data)).sum())
         raise AudioRejected(NON_FINITE, f"{path} has {bad} NaN/inf samples")
     mono = downmix(torch.from_numpy(np.ascontiguousarray(data.T)))
+    warnings = file_warnings(path, float(mono.abs().max()))
     if silence_dbfs is not None:
         peak = float(mono.abs().max())
         peak_db = 20.0 * math.log10(peak) if peak > 0 else -math.inf
@@ -159,7 +161,25 @@ def load_clip(
         source_sample_rate=int(source_rate),
         source_channels=int(channels),
         source_seconds=float(total_frames) / source_rate if total_frames > 0 else 0.0,
+        warnings=warnings,
     )
+
+
+def file_warnings(path: str | Path | None, peak: float, name: str | None = None) -> tuple[tuple[str, str], ...]:
+    """(reason, message) of what is wrong with decoded audio that is still used: a WAV cut shorter than its
+    header says (``path``; None for a waveform), and float samples beyond full scale (``peak``: the largest
+    absolute sample, mono, as read). ``name``: how messages name the audio (default: ``path``)."""
+    warnings = []
+    name = name or str(path)
+    shortfall = wav_shortfall(path) if path is not None else None
+    if shortfall is not None:
+        warnings.append((TRUNCATED, f"{name} is cut short: its header promises {shortfall[0]} bytes of samples, "
+                                    f"the file holds {shortfall[1]}; only those were read (re-export or "
+                                    "re-download the file)"))
+    if peak > 1.0:  # integer PCM is read into [-1, 1): only float samples get here
+        warnings.append((BEYOND_FULL_SCALE, f"{name} peaks at {peak:.3g}, beyond full scale (+-1); used as it is, "
+                                            "unlike the rest of the audio: normalise it first"))
+    return tuple(warnings)
 
 
 def wav_shortfall(path: str | Path) -> tuple[int, int] | None:

@@ -133,3 +133,14 @@ def test_wav_shortfall_finds_a_wav_cut_shorter_than_its_header_says(tmp_path):
     flac = tmp_path / "a.flac"
     sf.write(str(flac), np.zeros(1000, dtype=np.float32), 16000)
     assert wav_shortfall(flac) is None and wav_shortfall(tmp_path / "missing.wav") is None
+
+
+def test_load_clip_warns_about_a_cut_wav_and_float_peaks_beyond_full_scale(tmp_path):
+    tone = (np.sin(np.arange(8000) / 5.0) * 0.5).astype(np.float32)
+    sf.write(str(tmp_path / "fine.wav"), tone, 16000)
+    sf.write(str(tmp_path / "loud.wav"), tone * 100, 16000, subtype="FLOAT")
+    whole = (tmp_path / "fine.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 2])
+    reasons = {name: [r for r, _ in load_clip(tmp_path / name, sample_rate=24000, clip_seconds=1.0).warnings]
+               for name in ("fine.wav", "loud.wav", "cut.wav")}
+    assert reasons == {"fine.wav": [], "loud.wav": [audio_io.BEYOND_FULL_SCALE], "cut.wav": [audio_io.TRUNCATED]}

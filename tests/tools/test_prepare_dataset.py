@@ -430,3 +430,16 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match=r"af-prepare: error: --out .*out is a file; give a folder"):
         prep.main(["--format", "csv", "--input", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out")])
     assert (tmp_path / "out").read_text() == "the user's file"
+
+
+def test_a_cut_wav_and_float_peaks_beyond_full_scale_are_used_and_counted_as_warnings(tmp_path, capsys):
+    _write_clip(tmp_path / "good.wav", 0)
+    whole = _write_clip(tmp_path / "cut.wav", 1).read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) * 2 // 3])  # its header promises more samples
+    audio, _ = sf.read(str(tmp_path / "good.wav"), dtype="float32")
+    sf.write(str(tmp_path / "loud.wav"), audio / np.abs(audio).max() * 50, 16000, subtype="FLOAT")
+    (tmp_path / "labels.csv").write_text("path,labels\ngood.wav,tone\ncut.wav,tone\nloud.wav,tone\n")
+    assert prep.main(["--format", "csv", "--input", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out"),
+                      "--clip-seconds", "0.5", *FAST]) == 0
+    assert Manifest.load(tmp_path / "out").written == 3
+    assert "used with a warning this run: 2 [beyond_full_scale 1, truncated_file 1]" in capsys.readouterr().out
