@@ -134,8 +134,9 @@ def test_af_embed_ids_round_trip_a_file_name_with_a_newline(tiny_run, synthetic_
     matrix = np.load(out / "embeddings.npy")
     assert ids == sorted(str(folder / n) for n in names) and matrix.shape[0] == len(ids)
     tagger = AudioTagger.load(tiny_run, device="cpu")
+    # the row the id names is that file's embedding (other files' differ by far more than batch rounding)
     np.testing.assert_allclose(matrix[ids.index(str(folder / "b\nc.wav"))], tagger.embed(folder / "b\nc.wav")[0],
-                               atol=1e-6)
+                               atol=1e-4)
     assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "failures.jsonl", "ids.jsonl"]
 
 
