@@ -259,7 +259,7 @@ class CheckpointManager:
 
         DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints (it saves them from stage 2 on):
         take them from the live ``module``, where they are whole below stage 3 and never change."""
-        state = consolidated_state(checkpoint_dir)
+        state = consolidated_state(checkpoint_dir, own_run=True)
         if self.recipe.train.zero_stage >= 3:
             return state
         frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
