@@ -13,6 +13,11 @@ Checkpoints are either complete or ignored. Layout of ``<run_dir>/checkpoints``:
     latest                              tag of the newest complete checkpoint (moved only to complete ones)
     best                                tag and value of the best checkpoint by train.best_metric
 
+At the end of a run the engine writes ``<run_dir>/final/model.{pt,safetensors}`` (the last checkpoint)
+and ``<run_dir>/best/model.safetensors`` + ``af_best.json`` (the checkpoint selected on validation):
+consolidated fp32 weights with their labels, tokenizer identity and framing, which inference reads
+without unpickling.
+
 A crash mid-save leaves a directory without ``COMPLETE``: it is never resumed from, ``latest`` still
 names the previous checkpoint, and the next save of the same step replaces it.
 
@@ -51,6 +56,7 @@ META = "af_meta.json"
 RANK_DIR = "af_state"
 LATEST = "latest"
 BEST = "best"
+BEST_RECORD = "af_best.json"  # beside <run>/best/model.safetensors: a copy of the ``best`` record it was made from
 UNIVERSAL_SUFFIX = "_universal"
 EMA_KEY = "ema"  # the weight average's state_dict, in rank 0's rank file only
 _TAG = re.compile(r"^step_(\d{8,})$")
