@@ -232,11 +232,11 @@ def consolidated_state(ckpt: Path, raw: bool = False, own_run: bool = False) -> 
     if problem is not None:
         raise CheckpointError(f"{problem}; use another checkpoint")
     stage = read_meta(ckpt)["zero_stage"]
-    model_states = load_allowing_deepspeed(ckpt / "mp_rank_00_model_states.pt")
     if stage == 0:  # no partitions: the module states file holds every weight
+        model_states = load_allowing_deepspeed(ckpt / "mp_rank_00_model_states.pt")
         state = {k: v.float() for k, v in model_states["module"].items()}
     elif stage in (1, 2):
-        state = _merge_zero12(ckpt, model_states)
+        state = _merge_zero12(ckpt, load_allowing_deepspeed(ckpt / "mp_rank_00_model_states.pt"))
     elif own_run:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
