@@ -280,8 +280,9 @@ class CheckpointManager:
                           copy_beside: tuple[str, ...] = ()) -> None:
         """Collective: the checkpoint selected on validation as ``out_dir/model.safetensors``, with a copy
         of the ``best`` record (which checkpoint, by what) and of the checkpoint's files ``copy_beside``."""
-        best = broadcast_from_rank0(self.best() if self.rank == 0 else None)
-        if best is None or not (self.root / best[0]).is_dir():
+        best = self.best() if self.rank == 0 else None
+        best = broadcast_from_rank0(best if best is not None and (self.root / best[0]).is_dir() else None)
+        if best is None:  # (rank 0 decides: other nodes may not see the checkpoints directory)
             return
         self.save_weights(module, out_dir / "model.safetensors", self.root / best[0], manifest, (SAFETENSORS_SUFFIX,))
         if self.rank == 0:
