@@ -219,3 +219,27 @@ def test_an_init_checkpoint_with_a_permuted_class_list_is_refused(tiny_run, prep
     module = build_training_module(recipe, len(labels), True, manifest["tokenizer"], labels=labels)
     head = torch.load(tiny_run / "final" / "model.pt", weights_only=True)["state_dict"]["classifier.classifier.weight"]
     assert torch.equal(module.classifier.classifier.weight.detach(), head)
+
+
+def test_resuming_a_checkpoint_of_another_class_list_is_refused(tiny_run, prepared_shards):
+    from af_train.checkpoint import CheckpointManager, ResumePoint
+    from af_train.config import Recipe
+    from af_train.model.checkpoint import CheckpointError
+
+    ckpt = tiny_run / "checkpoints" / read_best(tiny_run / "checkpoints")[0]
+    point = ResumePoint(ckpt, read_meta(ckpt), False, None)
+    recipe = Recipe.load(tiny_run / "config.yaml")
+    labels = read_meta(ckpt)["labels"]
+    manager = CheckpointManager(recipe, tiny_run, 0, 1)
+    manager.set_labels(labels, point)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*class 0 is .*--labels"):
+        manager.set_labels(labels[::-1], point)
+
+
+def test_an_encoder_without_a_classifier_embeds_with_any_manifest(tiny_run, prepared_shards, tmp_path):
+    payload = torch.load(tiny_run / "final" / "model.pt", weights_only=True)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.startswith("classifier.")}
+    torch.save(payload, tmp_path / "encoder_only.pt")
+    permuted = _permuted_shards(prepared_shards / "train", tmp_path / "permuted")
+    tagger = AudioTagger.load(tmp_path / "encoder_only.pt", manifest=permuted, device="cpu")
+    assert tagger.embedding_size == payload["encoder_config"]["hidden_size"]
