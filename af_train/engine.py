@@ -32,7 +32,7 @@ from af_train.checkpoint.state import Progress, rng_state, seed_everything, set_
 from af_train.config import Recipe
 from af_train.ds_config import build_ds_config, plan_batch
 from af_train.ema import EMA, raw_metric_names
-from af_train.evaluate import Evaluator, move_batch
+from af_train.evaluate import THRESHOLDS_NAME, Evaluator, move_batch
 from af_train.objectives import global_loss_counts
 from af_train.run_logging import StepResult, StepTotals
 
@@ -49,7 +49,7 @@ class Trainer:
     """Builds everything from a recipe and trains; see the module docstring."""
 
     def __init__(self, recipe: Recipe, resume: str = "auto", verify_hashes: bool = True):
-        from af_train.data.loader import build_dataloader, check_split_clip_lengths, check_split_tokenizers
+        from af_train.data.loader import build_dataloader, check_splits
         from af_train.objectives import build_training_module
 
         self.recipe, cfg = recipe, recipe.train
@@ -69,16 +69,17 @@ class Trainer:
         self.train_loader = build_dataloader(recipe.data, "train", self.plan.micro_batch, mask=mask, seed=cfg.seed,
                                              local_cache=str(self.run_dir / "cache"), finetune_masking=not mask)
         self.manifest = self.train_loader.dataset.manifest
-        check_split_tokenizers(recipe.data, self.manifest)  # val/test codes must come from the same tokenizer
-        if self.rank == 0:
-            for warning in check_split_clip_lengths(recipe.data, self.manifest):
-                log.warning(warning)
+        # val/test: codes from the same tokenizer, and (fine-tuning) classes meaning the same in every split
+        warnings = check_splits(recipe.data, self.manifest, same_labels=not mask)
+        for warning in warnings if self.rank == 0 else []:  # the checks run on every rank, one rank logs
+            log.warning(warning)
         self.checkpoints.set_tokenizer(self.manifest.tokenizer, point)
+        self.checkpoints.set_labels(self.manifest.labels, point)
         self.evaluator = Evaluator(recipe, self.run_dir, self.device, self.rank, self.checkpoints)
 
         seed_everything(cfg.seed)  # the same initial weights on every rank, then per-rank dropout streams
         module = build_training_module(recipe, self.manifest.num_classes, self.manifest.multi_label,
-                                       self.manifest.tokenizer)
+                                       self.manifest.tokenizer, labels=self.manifest.labels)
         self.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.frozen_params = sum(p.numel() for p in module.parameters() if not p.requires_grad)
         self.flops_per_token = run_logging.training_flops_per_token(
@@ -235,6 +236,8 @@ class Trainer:
                                                                  self.progress, self.save)
             metrics.update(test_metrics)
             self.logger.log({"step": step, **test_metrics})
+        self.checkpoints.save_best_weights(self.engine.module, self.run_dir / "best", self.manifest,
+                                           copy_beside=(THRESHOLDS_NAME,))
         if self.rank == 0:
             run_logging.write_final_metrics(final, self.progress, path, tested, metrics)
         self.logger.flush()

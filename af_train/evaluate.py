@@ -5,8 +5,9 @@ Used by the engine (periodic validation, test at the end) and as a CLI on a fini
     python -m af_train.evaluate RUN_DIR [--split test] [--weights RUN_DIR/final/model.pt | --checkpoint DIR]
 
 The CLI runs in one process (no launcher): it rebuilds the training module from the run's
-``config.yaml``, loads consolidated weights (``final/model.pt``) or a DeepSpeed checkpoint
-(consolidated on the fly with DeepSpeed's zero_to_fp32), and writes the metrics as JSON.
+``config.yaml``, loads consolidated weights (``final/model.safetensors`` or ``model.pt``) or a DeepSpeed
+checkpoint (consolidated on the fly, without unpickling: ``af_train.checkpoint.consolidated_state``), and
+writes the metrics as JSON. The weights' own class list must be the manifests' (else refused).
 """
 
 from __future__ import annotations
@@ -271,20 +272,27 @@ def evaluation_module(
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_state(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, torch.Tensor], str, dict | None]:
-    """(weights, where they came from, the tokenizer identity they were trained on or None)."""
-    if args.checkpoint:
-        from af_train.checkpoint.files import consolidated_state, read_meta
-
-        meta = read_meta(Path(args.checkpoint))
-        return consolidated_state(Path(args.checkpoint)), args.checkpoint, meta.get("tokenizer")
-    weights = Path(args.weights) if args.weights else run_dir / "final" / "model.pt"
+def _load_state(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, torch.Tensor], str, dict | None,
+                                                                  list[str] | None]:
+    """(weights, where they came from, the tokenizer identity and class list they were trained on or None).
+    Read without unpickling: a checkpoint through ``consolidated_state`` (allow-list, recorded sizes and
+    hashes checked first), weight files as safetensors or with ``weights_only=True``."""
+    from af_train.checkpoint.files import CheckpointError, consolidated_state, read_meta
     from af_train.model.checkpoint import read_checkpoint
 
-    payload = read_checkpoint(weights)
+    try:
+        if args.checkpoint:
+            meta = read_meta(Path(args.checkpoint))
+            return (consolidated_state(Path(args.checkpoint)), args.checkpoint, meta.get("tokenizer"),
+                    meta.get("labels"))
+        default = run_dir / "final" / "model.safetensors"
+        weights = Path(args.weights) if args.weights else default if default.is_file() else default.with_suffix(".pt")
+        payload = read_checkpoint(weights)
+    except CheckpointError as exc:
+        raise SystemExit(f"af-evaluate: error: {exc}") from None
     if "state_dict" not in payload or payload.get("format") != "af_train.module/1":
         raise SystemExit(f"{weights}: not module weights (af_train.module/1); give the run's final/model.pt")
-    return payload["state_dict"], str(weights), payload.get("tokenizer")
+    return payload["state_dict"], str(weights), payload.get("tokenizer"), payload.get("labels")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="run directory (holds config.yaml)")
     parser.add_argument("--split", default="test", choices=["val", "test", "train"])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--weights", help="module weights file (default: RUN_DIR/final/model.pt)")
+    group.add_argument("--weights", help="module weights file (default: RUN_DIR/final/model.safetensors, else "
+                       "model.pt)")
     group.add_argument("--checkpoint", help="a DeepSpeed checkpoint directory (RUN_DIR/checkpoints/step_...)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -328,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     except EvaluationError as exc:
         raise SystemExit(str(exc)) from None
     manifest = load_manifest(first_train_source(recipe.data) or split_path)
-    state, source, trained_on = _load_state(args, run_dir)
+    state, source, trained_on, model_labels = _load_state(args, run_dir)
     module = evaluation_module(recipe, manifest, state, source)
     device = torch.device(args.device)
     module.to(device)
@@ -340,6 +349,19 @@ def main(argv: list[str] | None = None) -> int:
         check_same_tokenizer(trained_on, loader.dataset.manifest.tokenizer, f"weights '{source}'",
                              f"data.{args.split}")
     except TokenizerError as exc:
+        raise SystemExit(f"af-evaluate: error: {exc}") from None
+    from af_train.shards import LabelsMismatch, check_same_labels
+
+    try:  # class indices of another list would be scored as these classes
+        for what, labels in ((f"the manifest of {first_train_source(recipe.data) or split_path}", manifest.labels),
+                             (f"data.{args.split}", loader.dataset.manifest.labels)):
+            if model_labels is not None:
+                check_same_labels(model_labels, labels, f"weights '{source}'", what,
+                                  "evaluate on shards prepared with the model's --labels file, in the same order")
+            else:
+                check_same_labels(manifest.labels, labels, "the training shards", what,
+                                  "evaluate on shards prepared with the same --labels file")
+    except LabelsMismatch as exc:
         raise SystemExit(f"af-evaluate: error: {exc}") from None
     metrics = evaluate_module(module, loader, device, args.split)
     metrics = {"weights": source, "split": args.split, **metrics}

@@ -7,6 +7,7 @@ below, and beside them ``manifest.json`` describing how the codes were made.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,37 @@ def shard_columns(codebooks: int, frames: int) -> dict[str, str]:
 
 class ManifestError(ValueError):
     """A shard directory without a readable, consistent manifest."""
+
+
+class LabelsMismatch(ValueError):
+    """Two class lists (of shards, weights or a model) that differ, in names or in order."""
+
+
+def labels_hash(labels: list[str]) -> str:
+    """``sha256:<hex>`` of the ordered class list (its JSON form): equal hashes, equal names in equal order."""
+    text = json.dumps(list(labels), ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def first_label_difference(a: list[str], b: list[str]) -> str | None:
+    """None when ``a`` and ``b`` are the same ordered list, else their first difference in words."""
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"class {index} is {x!r} vs {y!r}"
+    if len(a) != len(b):
+        common, longer = min(len(a), len(b)), a if len(a) > len(b) else b
+        return f"{len(a)} vs {len(b)} classes (class {common} is {longer[common]!r} in one only)"
+    return None
+
+
+def check_same_labels(expected: list[str], given: list[str], what_expected: str, what_given: str, fix: str) -> None:
+    """Refuse (``LabelsMismatch``) two class lists that differ, naming both and their first difference.
+
+    Class indices mean nothing without their list: a permuted vocabulary would silently relabel every
+    score, so order matters as much as names. Nothing is remapped."""
+    difference = first_label_difference(list(expected), list(given))
+    if difference is not None:
+        raise LabelsMismatch(f"{what_expected} and {what_given} have different class lists ({difference}); {fix}")
 
 
 @dataclass
@@ -61,10 +93,17 @@ class Manifest:
     # the tokenizer's identity (af_train.tokenizers: kind, weights or fitted-file sha256, rows, codes);
     # manifests written before it existed get the EnCodec identity their codec section describes
     tokenizer: dict[str, Any] = field(default_factory=dict)
+    # ``labels_hash(labels)``; filled in when absent (manifests written before it existed)
+    labels_hash: str = ""
 
     def __post_init__(self) -> None:
         if not self.tokenizer:
             self.tokenizer = legacy_tokenizer_identity(self.codec)
+        computed = labels_hash(self.labels)
+        if self.labels_hash and self.labels_hash != computed:
+            raise ManifestError(f"manifest labels_hash {self.labels_hash} does not match its labels ({computed}): the "
+                                "class list was edited after af-prepare wrote it; re-run af-prepare")
+        self.labels_hash = computed
 
     @property
     def num_classes(self) -> int:

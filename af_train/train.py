@@ -120,7 +120,8 @@ def launcher_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
 
 def preflight(rest: list[str]) -> str | None:
     """What would stop every rank at start-up, found before the launcher starts any: the recipe, and the
-    splits' manifests (another tokenizer's val/test codes are refused; clip lengths that differ are warned)."""
+    splits' manifests (another tokenizer's val/test codes, and when fine-tuning another class list, are
+    refused; clip lengths that differ are warned)."""
     from af_train.config import Recipe, RecipeError
     from af_train.data.dataset import DataError
     from af_train.data.loader import preflight_splits
@@ -128,7 +129,7 @@ def preflight(rest: list[str]) -> str | None:
     args = parse_args(rest)
     try:
         recipe = Recipe.load(args.recipe, [*args.overrides, *kernels_override(os.environ)])
-        for warning in preflight_splits(recipe.data):
+        for warning in preflight_splits(recipe.data, same_labels=recipe.objective.mode != "pretrain"):
             print(f"af-train: warning: {warning}", file=sys.stderr)
     except (RecipeError, DataError) as exc:
         return str(exc)

@@ -13,6 +13,11 @@ Checkpoints are either complete or ignored. Layout of ``<run_dir>/checkpoints``:
     latest                              tag of the newest complete checkpoint (moved only to complete ones)
     best                                tag and value of the best checkpoint by train.best_metric
 
+At the end of a run the engine writes ``<run_dir>/final/model.{pt,safetensors}`` (the last checkpoint)
+and ``<run_dir>/best/model.safetensors`` + ``af_best.json`` (the checkpoint selected on validation):
+consolidated fp32 weights with their labels, tokenizer identity and framing, which inference reads
+without unpickling.
+
 A crash mid-save leaves a directory without ``COMPLETE``: it is never resumed from, ``latest`` still
 names the previous checkpoint, and the next save of the same step replaces it.
 
@@ -51,6 +56,7 @@ META = "af_meta.json"
 RANK_DIR = "af_state"
 LATEST = "latest"
 BEST = "best"
+BEST_RECORD = "af_best.json"  # beside <run>/best/model.safetensors: a copy of the ``best`` record it was made from
 UNIVERSAL_SUFFIX = "_universal"
 EMA_KEY = "ema"  # the weight average's state_dict, in rank 0's rank file only
 _TAG = re.compile(r"^step_(\d{8,})$")
@@ -209,22 +215,123 @@ def verify(ckpt: Path, hashes: bool = True) -> str | None:
     return None
 
 
-def consolidated_state(ckpt: Path, raw: bool = False) -> dict[str, torch.Tensor]:
-    """fp32 module weights of a complete checkpoint, at any ZeRO stage (one process, CPU).
+def consolidated_state(ckpt: Path, raw: bool = False, own_run: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 module weights of a complete checkpoint (one process, CPU), read without unpickling code.
+
+    Every file is checked against the sizes (and xxh64) recorded in ``af_meta.json`` first, then read with
+    ``torch.load(weights_only=True)`` and the allow-list of ``load_allowing_deepspeed``: ZeRO 0-2 are
+    consolidated here. ZeRO-3 partitions are consolidated by DeepSpeed's ``zero_to_fp32``, which unpickles:
+    only with ``own_run`` (the training process reading the checkpoints it wrote); a shared ZeRO-3 run is
+    read through the ``model.safetensors`` weights written at its end.
 
     A run with ``train.ema_decay`` evaluates its weight average: it replaces the trained weights here
     unless ``raw``. DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints; callers holding the
     live module complete them from it.
     """
-    if read_meta(ckpt)["zero_stage"] == 0:  # no partitions: the module states file holds every weight
-        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        state = {k: v.float() for k, v in state.items()}
-    else:
+    problem = verify(ckpt, hashes=not own_run)  # (the own run's files were just written: their sizes suffice)
+    if problem is not None:
+        raise CheckpointError(f"{problem}; use another checkpoint")
+    stage = read_meta(ckpt)["zero_stage"]
+    if stage == 0:  # no partitions: the module states file holds every weight
+        model_states = load_allowing_deepspeed(ckpt / "mp_rank_00_model_states.pt")
+        state = {k: v.float() for k, v in model_states["module"].items()}
+    elif stage in (1, 2):
+        state = _merge_zero12(ckpt, load_allowing_deepspeed(ckpt / "mp_rank_00_model_states.pt"))
+    elif own_run:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        raise CheckpointError(
+            f"{ckpt} is a ZeRO-3 checkpoint, whose partitions only DeepSpeed's unpickling reader consolidates; "
+            "load the run's final/model.safetensors or best/model.safetensors instead (written at the end of a run)"
+        )
     average = None if raw else read_weight_average(ckpt)
     return state if average is None else {**state, **average}
+
+
+def _merge_zero12(ckpt: Path, model_states: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """ZeRO-1/2: each rank's optimizer file holds its slice of every parameter group's flat fp32 vector;
+    concatenated in rank order, a group's vector holds its parameters in ``param_shapes`` order (each
+    followed by its alignment padding), then padding."""
+    files = sorted(ckpt.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_zero_rank)
+    if not files:
+        raise CheckpointError(f"{ckpt} has no zero_pp_rank_*_optim_states.pt files: the checkpoint is damaged")
+    partitions = [load_allowing_deepspeed(f)["optimizer_state_dict"] for f in files]
+    world = len(files)
+    if any(p["partition_count"] != [world] * len(p["partition_count"]) for p in partitions):
+        raise CheckpointError(f"{ckpt}: {world} optimizer partition files but partition counts "
+                              f"{partitions[0]['partition_count']}; files are missing")
+    paddings = partitions[0].get("param_alignment_paddings")
+    state = {}
+    for group, shapes in enumerate(model_states["param_shapes"]):
+        flat = torch.cat([p["single_partition_of_fp32_groups"][group] for p in partitions])
+        offset = 0
+        for index, (name, shape) in enumerate(shapes.items()):
+            numel = int(torch.Size(shape).numel())
+            state[name] = flat.narrow(0, offset, numel).view(shape).clone()
+            offset += numel + (int(paddings[group][index]) if paddings else 0)
+        if offset > flat.numel():
+            raise CheckpointError(f"{ckpt}: parameter group {group} needs {offset} values, its partitions hold "
+                                  f"{flat.numel()}; the checkpoint is damaged")
+    module = model_states["module"]
+    state.update({name: module[name] for name in model_states.get("buffer_names") or [] if name in module})
+    fragments = model_states.get("frozen_param_fragments") or {}  # ZeRO-2 saves frozen parameters whole
+    state.update({name: fragments[name].float() for name in model_states.get("frozen_param_shapes") or {}
+                  if name in fragments})
+    state.update({alias: state[name] for alias, name in (model_states.get("shared_params") or {}).items()
+                  if name in state})
+    return state
+
+
+def _zero_rank(path: Path) -> int:
+    return int(path.name.split("zero_pp_rank_")[1].split("_")[0])
+
+
+class _Opaque:
+    """Stand-in for DeepSpeed's bookkeeping objects (loss scaler, stage enum, fragment addresses): their
+    state is kept as plain data and no DeepSpeed code runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+_DEEPSPEED_OBJECTS = (  # what DeepSpeed 0.19 pickles into its checkpoint files besides tensors and plain values
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _allowed_globals() -> list[Any]:
+    """The explicit allow-list: DeepSpeed's objects as ``_Opaque`` and the numpy pieces of an RNG state."""
+    import numpy as np
+
+    numpy_parts = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Int64DType, np.dtypes.Float64DType,
+                   (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+                   (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+    return [*numpy_parts, *((_Opaque, name) for name in _DEEPSPEED_OBJECTS)]
+
+
+def load_allowing_deepspeed(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint file with ``_allowed_globals``: anything else
+    pickled in it (code) is refused with a ``CheckpointError`` naming the file."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} holds pickled objects outside the allow-list of tensors, plain values and "
+                              f"DeepSpeed's bookkeeping ({first_line}); not loaded") from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); the "
+                              "checkpoint is damaged") from None
 
 
 def read_weight_average(ckpt: Path) -> dict[str, torch.Tensor] | None:
@@ -243,8 +350,7 @@ def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
     path = rank_file(ckpt, rank)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint was saved with fewer ranks or is damaged")
-    # Our own file (RNG states hold numpy arrays and tuples), written by the same code.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_allowing_deepspeed(path)  # RNG states hold numpy arrays and tuples: allow-listed, no code
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 from af_train.checkpoint.files import (
     BEST,
+    BEST_RECORD,
     EMA_KEY,
     LATEST,
     MARKER,
@@ -42,7 +43,8 @@ from af_train.checkpoint.files import (
 from af_train.checkpoint.state import Progress, seed_everything
 from af_train.distributed import barrier, broadcast_from_rank0, gather_objects, result_or_exception
 from af_train.files import atomic_open, atomic_write
-from af_train.model.checkpoint import CheckpointError, save_module_weights
+from af_train.model.checkpoint import SAFETENSORS_SUFFIX, CheckpointError, save_module_weights
+from af_train.shards import LabelsMismatch, check_same_labels, labels_hash
 from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class CheckpointManager:
         self.keep_last, self.best_mode = cfg.keep_last, cfg.best_mode
         self.last_saved_step: int | None = None
         self.tokenizer: dict[str, Any] | None = None  # the training shards' tokenizer, recorded in every meta.json
+        self.labels: list[str] | None = None  # the run's ordered class list, recorded in every meta.json
 
     def path_for(self, step: int) -> Path:
         """This run's checkpoint directory of ``step``."""
@@ -83,6 +86,18 @@ class CheckpointManager:
                 check_same_tokenizer(point.meta.get("tokenizer"), self.tokenizer, f"checkpoint {point.path}",
                                      "the training data (data.train's manifest)")
             except TokenizerError as exc:
+                raise CheckpointError(str(exc)) from None
+
+    def set_labels(self, labels: list[str], point: ResumePoint | None) -> None:
+        """Record the run's class list in the checkpoints; a checkpoint to resume from whose recorded
+        list differs (names or order) is refused, naming the first difference."""
+        self.labels = list(labels)
+        recorded = point.meta.get("labels") if point is not None else None
+        if recorded is not None and self.labels and self.recipe.objective.mode != "pretrain":
+            try:
+                check_same_labels(recorded, self.labels, f"checkpoint {point.path}", "the training data "
+                                  "(data.train's manifest)", "resume on shards prepared with the same --labels file")
+            except LabelsMismatch as exc:
                 raise CheckpointError(str(exc)) from None
 
     # -- resuming --------------------------------------------------------------------------------
@@ -194,6 +209,7 @@ class CheckpointManager:
             "recipe": self.recipe.to_dict(), "recipe_hash": self.recipe.hash(),
             "allow_test_selection": cfg.allow_test_selection,
             "tokenizer": self.tokenizer,
+            "labels": self.labels, "labels_hash": labels_hash(self.labels) if self.labels is not None else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         rank_state = {"rng": rng, "loader": train_loader.state_dict()}
@@ -245,13 +261,35 @@ class CheckpointManager:
         prune(self.root, self.keep_last)
 
     # -- consolidated weights --------------------------------------------------------------------
-    def save_weights(self, module: torch.nn.Module, out: Path, checkpoint_dir: Path, manifest: Any) -> None:
-        """Collective: consolidated fp32 module weights (``save_module_weights``) from a checkpoint."""
+    def save_weights(self, module: torch.nn.Module, out: Path, checkpoint_dir: Path, manifest: Any,
+                     formats: tuple[str, ...] = (".pt", SAFETENSORS_SUFFIX)) -> None:
+        """Collective: consolidated fp32 module weights (``save_module_weights``) from a checkpoint, as
+        ``out`` with each suffix of ``formats`` (``model.pt`` and ``model.safetensors``, which inference
+        reads without unpickling)."""
         if self.rank == 0:
             state = self.consolidated_weights(module, checkpoint_dir)
-            save_module_weights(module, out, self.recipe.to_dict(), manifest.num_classes, manifest.multi_label,
-                                state_dict=state, tokenizer=manifest.tokenizer)
-            log.info("wrote consolidated weights %s", out)
+            for suffix in formats:
+                target = out.with_suffix(suffix)
+                save_module_weights(module, target, self.recipe.to_dict(), manifest.num_classes,
+                                    manifest.multi_label, state_dict=state, tokenizer=manifest.tokenizer,
+                                    labels=list(manifest.labels))
+                log.info("wrote consolidated weights %s", target)
+        barrier()
+
+    def save_best_weights(self, module: torch.nn.Module, out_dir: Path, manifest: Any,
+                          copy_beside: tuple[str, ...] = ()) -> None:
+        """Collective: the checkpoint selected on validation as ``out_dir/model.safetensors``, with a copy
+        of the ``best`` record (which checkpoint, by what) and of the checkpoint's files ``copy_beside``."""
+        best = self.best() if self.rank == 0 else None
+        best = broadcast_from_rank0(best if best is not None and (self.root / best[0]).is_dir() else None)
+        if best is None:  # (rank 0 decides: other nodes may not see the checkpoints directory)
+            return
+        self.save_weights(module, out_dir / "model.safetensors", self.root / best[0], manifest, (SAFETENSORS_SUFFIX,))
+        if self.rank == 0:
+            for name in copy_beside:
+                if (self.root / best[0] / name).is_file():
+                    atomic_write(out_dir / name, (self.root / best[0] / name).read_bytes())
+            atomic_write(out_dir / BEST_RECORD, (self.root / BEST).read_text(encoding="utf-8"))
         barrier()
 
     def consolidated_weights(self, module: torch.nn.Module, checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -259,7 +297,7 @@ class CheckpointManager:
 
         DeepSpeed leaves frozen parameters out of ZeRO-1 checkpoints (it saves them from stage 2 on):
         take them from the live ``module``, where they are whole below stage 3 and never change."""
-        state = consolidated_state(checkpoint_dir)
+        state = consolidated_state(checkpoint_dir, own_run=True)
         if self.recipe.train.zero_stage >= 3:
             return state
         frozen = {name for name, p in module.named_parameters() if not p.requires_grad}

@@ -43,7 +43,7 @@ from af_train.data.masking import MaskingConfig
 from af_train.data.mixing import first_train_source, is_mixture, merge_manifests, stream_weights
 from af_train.data.shm import clean_stale_streaming_shm
 from af_train.distributed import barrier, is_distributed
-from af_train.shards import Manifest, ManifestError
+from af_train.shards import LabelsMismatch, Manifest, ManifestError, check_same_labels
 from af_train.tokenizers import TokenizerError, check_same_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def check_split_clip_lengths(cfg: DataConfig, train: Manifest) -> list[str]:
     return warnings
 
 
-def preflight_splits(cfg: DataConfig) -> list[str]:
+def preflight_splits(cfg: DataConfig, same_labels: bool) -> list[str]:
     """The checks of the splits' manifests, before any process starts (af-train): a refusal is then one line
     (DataError) instead of a traceback on every rank. Only a training split given as a local shard directory
     that exists here is checked (a mixture, a bucket or another node's folder is checked by the Trainer).
@@ -121,8 +121,39 @@ def preflight_splits(cfg: DataConfig) -> list[str]:
         train = load_manifest(cfg.train)
     except (DataError, ManifestError) as exc:
         raise DataError(str(exc)) from None
+    return check_splits(cfg, train, same_labels=same_labels)
+
+
+def check_splits(cfg: DataConfig, train: Manifest, same_labels: bool) -> list[str]:
+    """Every check of val/test against the training split's manifest: the same tokenizer (always) and the
+    same class list (``same_labels``: fine-tuning) are refusals (DataError); the clip-length warnings are
+    returned for the caller to log."""
     check_split_tokenizers(cfg, train)
+    if same_labels:
+        check_split_labels(cfg, train)
     return check_split_clip_lengths(cfg, train)
+
+
+def check_split_labels(cfg: DataConfig, train: Manifest) -> None:
+    """Refuse val/test shards whose class list differs from the training shards' (names or order): a
+    class index would mean another class there, so selection and test metrics would score permuted
+    classes. Nothing is remapped; the fix is to prepare every split with the same ``--labels`` file.
+    Splits not configured or not readable yet are left to ``build_dataset``, as in ``check_split_tokenizers``."""
+    for split in SPLITS:
+        if split == "train" or (getattr(cfg, split) is None and not (cfg.remote and split == "val")):
+            continue
+        source, remote = split_source(cfg, split)
+        try:
+            manifest = (load_manifest(source) if remote is None else
+                        load_manifest(remote, timeout=cfg.download_timeout, retries=cfg.download_retry))
+        except (DataError, ManifestError):
+            continue
+        try:
+            check_same_labels(train.labels, manifest.labels, f"data.train ({first_train_source(cfg)})",
+                              f"data.{split} ({source})", "prepare every split with the same --labels vocabulary "
+                              "file (af-prepare), in the same order")
+        except LabelsMismatch as exc:
+            raise DataError(str(exc)) from None
 
 
 def cache_dir_for(cfg: DataConfig, split: str, remote: str, local_cache: str | None) -> str:

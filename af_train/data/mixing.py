@@ -23,7 +23,7 @@ import logging
 
 from af_train.config import DataConfig, StreamConfig
 from af_train.data.dataset import DataError
-from af_train.shards import Manifest
+from af_train.shards import Manifest, first_label_difference
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +64,13 @@ def merge_manifests(manifests: list[Manifest], sources: list[str], need_labels: 
         )
     logger.info("data.train: the mixed data sets have different label vocabularies ('%s' vs '%s': %s); "
                 "pretraining ignores labels, so none are read", where, source, detail)
-    return dataclasses.replace(first, labels=[], multi_label=True), True
+    return dataclasses.replace(first, labels=[], labels_hash="", multi_label=True), True
 
 
 def _vocabulary_difference(a: Manifest, b: Manifest) -> str:
     if a.multi_label != b.multi_label:
         return f"multi_label {a.multi_label} vs {b.multi_label}"
-    if len(a.labels) != len(b.labels):
-        return f"{len(a.labels)} vs {len(b.labels)} classes"
-    index = next(i for i, (x, y) in enumerate(zip(a.labels, b.labels)) if x != y)
-    return f"class {index} is {a.labels[index]!r} vs {b.labels[index]!r}"
+    return first_label_difference(a.labels, b.labels)
 
 
 def is_mixture(cfg: DataConfig) -> bool:

@@ -7,12 +7,14 @@ CHECKPOINT is an encoder checkpoint (``af_train.encoder/1``, written by pretrain
 weights (``af_train.module/1``, written at the end of any run). OUT_DIR receives:
 
 - ``config.json`` + ``model.safetensors``: the trainable encoder as ``transformers.RoFormerModel``
-  (``RoFormerForMaskedLM`` with ``--with-mlm-head`` when the checkpoint has an MLM head);
+  (``RoFormerForMaskedLM`` with ``--with-mlm-head`` when the checkpoint has an MLM head); with a
+  classification head, ``config.json`` names its classes in ``id2label`` / ``label2id``: the weights' own
+  class list (a ``--manifest`` with another list is refused), the manifest's for older weights;
 - ``classifier.safetensors`` (``weight`` [C, hidden], ``bias`` [C]) and ``classifier.json`` when the
   checkpoint has a classification head. The head reads the encoder's last hidden state mean-pooled over
   ``attention_mask == 1`` (BOA/EOA included): ``logits = pooled @ weight.T + bias``; apply a sigmoid
   (multi-label) or softmax (single-label). ``classifier.json`` holds ``num_classes``, ``multi_label``,
-  ``labels`` (class names from the manifest, when found) and ``code_row``;
+  ``labels`` (the same class names) and ``code_row``;
 - ``af_train_inference.json`` (module weights with a manifest): what af-predict, af-embed and the HEAR
   module need besides the weights: label vocabulary, tokenizer identity, training clip length, code row,
   sequence framing, and the per-class thresholds stored beside the weights (``af_thresholds.json``);
@@ -66,6 +68,23 @@ def _find_manifest(manifest_arg: str | None, recipe: dict[str, Any] | None):
     return None
 
 
+def _model_labels(payload: dict[str, Any], shards: Any, checkpoint: str | Path) -> list[str] | None:
+    """The class list of the weights: their own (refusing a --manifest with another list), else the
+    manifest's for weights written before lists were stored."""
+    from af_train.shards import LabelsMismatch, check_same_labels
+
+    own = payload.get("labels")
+    if own is not None and shards is not None:
+        try:
+            check_same_labels(own, shards.labels, f"'{checkpoint}'", "the manifest given", "give the manifest of "
+                              "the shards the model was trained on, or none: the weights name their own classes")
+        except LabelsMismatch as exc:
+            raise ValueError(str(exc)) from None
+    if own is None and shards is not None and payload.get("format") == "af_train.module/1":
+        log.warning("'%s' records no class list (written before af_train stored one); using the manifest's", checkpoint)
+    return list(own) if own is not None else list(shards.labels) if shards is not None else None
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -101,13 +120,17 @@ def export_checkpoint(
         check_and_load_state(mlm_head, head_state, f"'{checkpoint}'")
 
     code_row = payload.get("code_row")
-    export_roformer(encoder, out_dir, mlm_head=mlm_head, extra_config={"af_train_code_row": code_row})
+    shards = _find_manifest(manifest, recipe)
+    labels = _model_labels(payload, shards, checkpoint)
+    extra_config: dict[str, Any] = {"af_train_code_row": code_row}
+    if labels is not None and "classifier.classifier.weight" in state:  # the transformers convention
+        extra_config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        extra_config["label2id"] = {name: i for i, name in enumerate(labels)}
+    export_roformer(encoder, out_dir, mlm_head=mlm_head, extra_config=extra_config)
 
     written = ["config.json", "model.safetensors"]
-    shards = _find_manifest(manifest, recipe)
     weight, bias = state.get("classifier.classifier.weight"), state.get("classifier.classifier.bias")
     if weight is not None and bias is not None:
-        labels = list(shards.labels) if shards is not None else None
         if labels is not None and len(labels) != weight.shape[0]:
             raise ValueError(
                 f"the manifest lists {len(labels)} labels but the classifier has {weight.shape[0]} outputs; "
@@ -174,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="af-export-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", help="encoder checkpoint or module weights (.pt)")
+    parser.add_argument("checkpoint", help="encoder checkpoint or module weights (.pt or .safetensors)")
     parser.add_argument("out_dir", help="Hugging Face model directory to write")
     parser.add_argument("--manifest", help="shard directory (or its manifest.json) for class names")
     parser.add_argument("--with-mlm-head", action="store_true", help="export RoFormerForMaskedLM (pretraining)")

@@ -4,8 +4,8 @@ Three sources, one result (``LoadedModel``):
 
 - a run directory (holds ``config.yaml``): the checkpoint selected on validation (``checkpoints/best``)
   by default, else the final weights; ``checkpoint=`` / ``weights=`` pick another;
-- consolidated module weights (``final/model.pt``, ``af_train.module/1``) plus the shard directory
-  (or its ``manifest.json``) the model was trained on;
+- consolidated module weights (``final/model.safetensors`` or ``final/model.pt``, ``af_train.module/1``)
+  plus the shard directory (or its ``manifest.json``) the model was trained on;
 - an ``af-export-hf`` directory, which carries the same information in ``af_train_inference.json``.
 
 ``ModelCard`` is that information: label vocabulary, the tokenizer identity the shards were written
@@ -161,47 +161,69 @@ def _read_thresholds(path: Path, labels: list[str] | None) -> list[float] | None
     return [float("nan") if t is None else float(t) for t in data["thresholds"]]
 
 
+def _selected_weights(run_dir: Path) -> tuple[Path | None, Path | None]:
+    """(weights file, checkpoint directory) that a run directory's model is by default: the checkpoint
+    selected on validation (its consolidated ``best/model.safetensors`` when that is of the current
+    selection, else the checkpoint's own safetensors, else the checkpoint), then the final weights
+    (safetensors before model.pt), then the newest complete checkpoint."""
+    from af_train.checkpoint import BEST, BEST_RECORD, latest_complete, read_best
+
+    root = run_dir / "checkpoints"
+    best = read_best(root)
+    if best is not None and (root / best[0]).is_dir():
+        record = run_dir / "best" / BEST_RECORD
+        if (run_dir / "best" / "model.safetensors").is_file() and record.is_file() \
+                and json.loads(record.read_text(encoding="utf-8")).get("tag") == best[0]:
+            return run_dir / "best" / "model.safetensors", None
+        return None, root / best[0]
+    for name in ("model.safetensors", "model.pt"):
+        if (run_dir / "final" / name).is_file():
+            log.info("%s has no checkpoint selected on validation (%s); using the final weights", run_dir, root / BEST)
+            return run_dir / "final" / name, None
+    checkpoint = latest_complete(root)
+    if checkpoint is None:
+        raise InferenceError(f"{run_dir} has neither final/model.pt nor a complete checkpoint; has it trained?")
+    return None, checkpoint
+
+
 def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
                   weights: str | Path | None = None, manifest: str | Path | None = None) -> LoadedModel:
     """A fine-tuned run's model: the checkpoint selected on validation unless told otherwise.
     ``manifest``: the training shards (or their manifest.json) when they are no longer where the
-    run's recipe says."""
-    from af_train.checkpoint import BEST, consolidated_state, latest_complete, read_best, read_meta
+    run's recipe says; its class list must be the model's own.
+
+    Nothing here unpickles: weights are read from safetensors, from ``.pt`` files with
+    ``weights_only=True``, or consolidated from a checkpoint's DeepSpeed files with an allow-list
+    (``af_train.checkpoint.consolidated_state``), after checking the sizes and hashes recorded at save."""
+    from af_train.checkpoint import CheckpointError, consolidated_state, read_meta
     from af_train.evaluate import EvaluationError, evaluation_module, evaluation_recipe
-    from af_train.model.checkpoint import CheckpointError, read_checkpoint
 
     run_dir = Path(run_dir)
     try:
         recipe = evaluation_recipe(run_dir)
     except EvaluationError as exc:
         raise InferenceError(str(exc)) from None
-    root = run_dir / "checkpoints"
     if checkpoint is None and weights is None:
-        best = read_best(root)
-        if best is not None and (root / best[0]).is_dir():
-            checkpoint = root / best[0]
-        elif (run_dir / "final" / "model.pt").is_file():
-            weights = run_dir / "final" / "model.pt"
-            log.info("%s has no checkpoint selected on validation (%s); using the final weights", run_dir, root / BEST)
-        else:
-            checkpoint = latest_complete(root)
-            if checkpoint is None:
-                raise InferenceError(f"{run_dir} has neither final/model.pt nor a complete checkpoint; has it trained?")
+        weights, checkpoint = _selected_weights(run_dir)
+    if checkpoint is not None and (Path(checkpoint) / "model.safetensors").is_file():
+        weights, checkpoint = Path(checkpoint) / "model.safetensors", None  # consolidated when it was saved
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        state, source, thresholds_file = consolidated_state(checkpoint), str(checkpoint), checkpoint / THRESHOLDS_NAME
-        trained_on = read_meta(checkpoint).get("tokenizer")
-    else:
         try:
-            payload = read_checkpoint(weights)
+            state, meta = consolidated_state(checkpoint), read_meta(checkpoint)
         except CheckpointError as exc:
             raise InferenceError(str(exc)) from None
+        source, thresholds_file = str(checkpoint), checkpoint / THRESHOLDS_NAME
+        trained_on, model_labels = meta.get("tokenizer"), meta.get("labels")
+    else:
+        payload = _read_weights(weights)
         state, source = payload["state_dict"], str(weights)
         thresholds_file = Path(weights).parent / THRESHOLDS_NAME
-        trained_on = payload.get("tokenizer")
+        trained_on, model_labels = payload.get("tokenizer"), payload.get("labels")
     shards = manifest or next((s for s in (recipe.data.train, recipe.data.val, recipe.data.test) if s), None)
     manifest = _manifest(shards, f"the training shards named in {run_dir / 'config.yaml'}")
     _check_trained_on(trained_on, manifest, source, shards)
+    _check_model_labels(model_labels, manifest, source, shards)
     objectives_log = logging.getLogger("af_train.objectives")
     level = objectives_log.level
     objectives_log.setLevel(logging.ERROR)  # "starts from random weights": true of the shell, not of the weights
@@ -212,6 +234,32 @@ def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     encoder, classifier, code_row = _heads_from_module(module)
     card = ModelCard.build(manifest, recipe.data, code_row, _read_thresholds(thresholds_file, list(manifest.labels)))
     return LoadedModel(encoder, classifier, card, source)
+
+
+def _read_weights(weights: str | Path) -> dict[str, Any]:
+    from af_train.model.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        return read_checkpoint(weights)
+    except CheckpointError as exc:
+        raise InferenceError(str(exc)) from None
+
+
+def _check_model_labels(model_labels: list[str] | None, manifest: Any, source: str, shards: Any) -> None:
+    """Scores are named with the model's own class list: a manifest with another list (names or order)
+    is refused, naming the first difference. Weights written before class lists were stored name none:
+    the manifest's list is used, with a warning."""
+    from af_train.shards import LabelsMismatch, check_same_labels
+
+    if model_labels is None:
+        log.warning("%s records no class list (written before af_train stored one); naming its outputs with the "
+                    "class list of %s, which must be the manifest it was trained on", source, shards)
+        return
+    try:
+        check_same_labels(model_labels, manifest.labels, f"the model '{source}'", f"the manifest of '{shards}'",
+                          "give the shards the model was trained on (--manifest DIR), or leave --manifest out")
+    except LabelsMismatch as exc:
+        raise InferenceError(str(exc)) from None
 
 
 def _check_trained_on(trained_on: dict[str, Any] | None, manifest: Any, source: str, shards: Any) -> None:
@@ -253,7 +301,7 @@ def load_from_weights(weights: str | Path, manifest: str | Path | None = None) -
 
     try:
         payload = read_checkpoint(weights)
-        encoder = load_encoder(weights).eval()
+        encoder = load_encoder(weights).eval()  # (reads the file again: safetensors or weights_only=True)
     except CheckpointError as exc:
         raise InferenceError(str(exc)) from None
     recipe = payload.get("recipe") or {}
@@ -265,7 +313,8 @@ def load_from_weights(weights: str | Path, manifest: str | Path | None = None) -
     classifier = None
     if payload["format"] == MODULE_FORMAT:
         head = {k[len("classifier."):]: v for k, v in payload["state_dict"].items() if k.startswith("classifier.")}
-        if head:
+        if head:  # (an encoder without a classifier embeds audio of any data set: no class list to match)
+            _check_model_labels(payload.get("labels"), shards, str(weights), manifest)
             classifier = ClassificationHead(encoder.config, head["classifier.weight"].shape[0])
             check_and_load_state(classifier, {k: v.float() for k, v in head.items()}, f"'{weights}'")
             classifier.eval()

@@ -9,7 +9,17 @@ Module weights (``save_module_weights``), what the engine writes at the end of a
 
     {"format": "af_train.module/1", "recipe": {...}, "num_classes": int, "multi_label": bool,
      "state_dict": {...}, "encoder_config": asdict(AudioFormerConfig), "code_row": int | None,
-     "tokenizer": {...} | None}
+     "tokenizer": {...} | None, "labels": [class names] | None, "labels_hash": "sha256:..." | None,
+     "framing": {"max_length", "add_boa", "add_eoa", "dynamic_padding", "code_rows"} | None}
+
+Module weights are written as ``model.pt`` (``torch.save``) and/or ``model.safetensors``: the same tensors,
+with every other field above as JSON in the safetensors metadata (key ``af_train``; also ``labels``,
+``labels_hash``, ``tokenizer`` and ``framing`` on their own). Reading a ``.safetensors`` file never
+unpickles; ``read_checkpoint`` returns the same dictionary for both.
+
+``labels`` is the ordered class list the classifier's outputs mean (the training shards' manifest):
+inference names scores with it, and fine-tuning from these weights refuses another list. Files written
+before it existed have none.
 
 ``tokenizer`` is the identity of the tokenizer whose codes the weights were trained on
 (``af_train.tokenizers``; the shards' ``manifest.json`` ``tokenizer``): fine-tuning refuses weights
@@ -32,9 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from af_train.files import atomic_open
+from af_train.files import atomic_open, atomic_write
 from af_train.model.config import AudioFormerConfig
 from af_train.model.encoder import RoFormerEncoder
+from af_train.shards import labels_hash
 
 __all__ = [
     "ENCODER_FORMAT",
@@ -53,6 +64,8 @@ log = logging.getLogger(__name__)
 
 ENCODER_FORMAT = "af_train.encoder/1"
 MODULE_FORMAT = "af_train.module/1"
+SAFETENSORS_SUFFIX = ".safetensors"
+_METADATA_KEY = "af_train"
 TRAINABLE_ENCODER_PREFIX = "encoder."
 
 
@@ -107,13 +120,16 @@ def save_module_weights(
     multi_label: bool,
     state_dict: dict[str, torch.Tensor] | None = None,
     tokenizer: dict[str, Any] | None = None,
+    labels: list[str] | None = None,
 ) -> Path:
-    """Write a training module's weights (all of them, frozen encoders included) with its recipe and the
-    identity of the tokenizer whose codes it was trained on."""
+    """Write a training module's weights (all of them, frozen encoders included) with its recipe, the
+    identity of the tokenizer whose codes it was trained on and its ordered class list. A path ending in
+    ``.safetensors`` is written as safetensors (metadata as JSON), anything else with ``torch.save``."""
     module = _unwrap(module)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     encoder = getattr(module, "encoder", None)
+    data = (recipe_dict or {}).get("data") or {}
     payload = {
         "format": MODULE_FORMAT,
         "recipe": recipe_dict,
@@ -123,14 +139,50 @@ def save_module_weights(
         "encoder_config": asdict(encoder.config) if isinstance(encoder, RoFormerEncoder) else None,
         "code_row": getattr(module, "code_row", None),
         "tokenizer": dict(tokenizer) if tokenizer else None,
+        "labels": list(labels) if labels is not None else None,
+        "labels_hash": labels_hash(labels) if labels is not None else None,
+        "framing": {key: data.get(key) for key in ("max_length", "add_boa", "add_eoa", "dynamic_padding", "code_rows")},
     }
+    if path.suffix == SAFETENSORS_SUFFIX:
+        _write_safetensors(payload, path)
+        return path
     with atomic_open(path) as f:
         torch.save(payload, f)
     return path
 
 
+def _write_safetensors(payload: dict[str, Any], path: Path) -> None:
+    import json
+
+    from safetensors.torch import save
+
+    tensors = {name: t.contiguous().clone() for name, t in payload["state_dict"].items()}  # tied weights: own copies
+    rest = {k: v for k, v in payload.items() if k != "state_dict"}
+    metadata = {_METADATA_KEY: json.dumps(rest), "format": payload["format"]}
+    metadata.update({key: json.dumps(payload.get(key)) for key in ("labels", "labels_hash", "tokenizer", "framing")})
+    atomic_write(path, save(tensors, metadata))
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """A ``.safetensors`` module-weights file as ``read_checkpoint``'s dictionary (no unpickling)."""
+    import json
+
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            tensors[name] = f.get_tensor(name)
+    if _METADATA_KEY not in metadata:
+        raise CheckpointError(f"'{path}' is a safetensors file without af_train metadata (not written by af_train's "
+                              "save_module_weights)")
+    return {**json.loads(metadata[_METADATA_KEY]), "state_dict": tensors}
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load an encoder or module-weights file, checking that it exists and has a known format."""
+    """Load an encoder or module-weights file (``.pt`` with ``weights_only=True``, or ``.safetensors``),
+    checking that it exists and has a known format. Never unpickles code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -138,9 +190,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "(af_train.model.save_encoder) or module weights written at the end of a run"
         )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {exc})") from None
+        if path.suffix == SAFETENSORS_SUFFIX:
+            payload = _read_safetensors(path)
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a truncated or foreign file: say which, in one line
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(exc).__name__}: {detail}); it is "
+                              "truncated, damaged or not af_train weights") from None
     fmt = payload.get("format") if isinstance(payload, dict) else None
     if fmt not in (ENCODER_FORMAT, MODULE_FORMAT):
         raise CheckpointError(

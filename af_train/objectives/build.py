@@ -47,6 +47,7 @@ from af_train.model.checkpoint import (
     encoder_state_from_checkpoint,
 )
 from af_train.objectives.modules import FineTuneModule, PretrainModule
+from af_train.shards import LabelsMismatch, check_same_labels
 from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
 from af_train.tokens import SpecialTokens
 
@@ -116,9 +117,10 @@ def _load_frozen_rows(recipe: Recipe, trainable: RoFormerEncoder,
 
 
 def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool,
-                          tokenizer: dict[str, Any] | None = None) -> nn.Module:
+                          tokenizer: dict[str, Any] | None = None, labels: list[str] | None = None) -> nn.Module:
     """The module that ``recipe.objective.mode`` trains (see the module docstring); ``tokenizer``: the
-    training shards' tokenizer identity (vocabulary size, checkpoint compatibility)."""
+    training shards' tokenizer identity (vocabulary size, checkpoint compatibility); ``labels``: their
+    class list (a fine-tuned ``init_checkpoint`` recorded with another list is refused)."""
     codebook_size = int((tokenizer or {}).get("codes") or SpecialTokens().codebook_size)
     config = AudioFormerConfig.from_recipe(recipe.model, codebook_size)
     kernels = recipe.model.kernels
@@ -161,8 +163,22 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool,
         mpc_negatives=negatives,
     )
     if payload is not None and module.classifier is not None:
+        _check_head_labels(payload.get("labels"), labels, objective.init_checkpoint)
         _maybe_load_head(module, payload, "classifier", objective.init_checkpoint)
     return module
+
+
+def _check_head_labels(recorded: list[str] | None, labels: list[str] | None, path: str) -> None:
+    """A classifier continued from ``init_checkpoint`` must mean the same classes in the same order;
+    weights without a recorded list (written before lists were stored) are not compared."""
+    if recorded is None or labels is None or len(recorded) != len(labels):
+        return  # (another class count: the head starts from random weights, logged by _maybe_load_head)
+    try:
+        check_same_labels(recorded, labels, f"objective.init_checkpoint '{path}'", "the training data "
+                          "(data.train's manifest)", "prepare the shards with the checkpoint's class list (its "
+                          "--labels file, same order), or fine-tune from an encoder checkpoint without a classifier")
+    except LabelsMismatch as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _maybe_load_head(module: nn.Module, payload: dict, name: str, path: str) -> None:

@@ -43,7 +43,9 @@ def test_files_give_the_logits_and_map_of_the_runs_test_evaluation(tiny_run, tag
                                                                    prepared_shards):
     summary = json.loads((tiny_run / "final" / "metrics.json").read_text())
     best_tag, _ = read_best(tiny_run / "checkpoints")
-    assert summary["test_checkpoint"] == best_tag and tagger.source.endswith(best_tag)  # val-selected by default
+    assert summary["test_checkpoint"] == best_tag  # val-selected by default, consolidated as best/model.safetensors:
+    assert tagger.source == str(tiny_run / "best" / "model.safetensors")
+    assert json.loads((tiny_run / "best" / "af_best.json").read_text())["tag"] == best_tag
     paths, names, ids = split_files(synthetic_audio, "test")
     results = list(tagger.results(paths))
     assert all(r.ok and len(r.windows) == 1 for r in results)
@@ -111,7 +113,8 @@ def test_a_short_file_is_padded_like_training(tiny_run, tagger, synthetic_audio,
             "--out", str(tmp_path / "shards"), "--codec-random-init", "0", "--clip-seconds", "1.0", "--workers", "0",
             "--chunk-size", "4", "--batch-size", "4", "--threads", "1", "--quiet"]
     assert prepare.main(argv) == 0
-    reference = evaluation_logits(tiny_run, Path(tagger.source), tmp_path / "shards" / "test")
+    selected = tiny_run / "checkpoints" / read_best(tiny_run / "checkpoints")[0]
+    reference = evaluation_logits(tiny_run, selected, tmp_path / "shards" / "test")
     (result,) = tagger.results([folder / "short.wav"])
     assert result.ok and result.windows.tolist() == [[0.0, pytest.approx(0.3)]]
     torch.testing.assert_close(torch.from_numpy(result.window_logits[0]), torch.from_numpy(reference["short"]),
