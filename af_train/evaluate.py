@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="write the metrics JSON here (default: RUN_DIR/eval_<split>.json)")
+    parser.add_argument("--scores", help="also write every clip's scores here (.npz: ids, scores [clips, classes] "
+                                         "(logits), labels as the shards hold them, classes), e.g. for paired "
+                                         "comparisons of runs on the same clips")
     parser.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value (e.g. data.test=/data/x)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -333,8 +336,16 @@ def main(argv: list[str] | None = None) -> int:
                              f"data.{args.split}")
     except TokenizerError as exc:
         raise SystemExit(f"af-evaluate: error: {exc}") from None
-    metrics = evaluate_module(module, loader, device, args.split)
+    per_clip: dict[str, Any] = {}
+    metrics = evaluate_module(module, loader, device, args.split, per_clip if args.scores else None)
     metrics = {"weights": source, "split": args.split, **metrics}
+    if args.scores:
+        from af_train.files import atomic_open
+
+        with atomic_open(Path(args.scores), "wb") as handle:
+            np.savez(handle, ids=np.asarray(per_clip["ids"]), scores=per_clip["scores"], labels=per_clip["labels"],
+                     classes=np.asarray(list(loader.dataset.manifest.labels)))
+        log.info("wrote per-clip scores of %d clips to %s", len(per_clip["ids"]), args.scores)
     out = Path(args.out) if args.out else run_dir / f"eval_{args.split}.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(metrics, indent=2))
