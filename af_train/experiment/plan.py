@@ -188,6 +188,9 @@ class _Builder:
             values["data"] = fill(spec.data.root, values, "data.root")
             data_keys = self.data_units(values)
             splits = {s: fill(getattr(spec.data, s), values, f"data.{s}") for s in ("train", "val", "test")}
+            for split in ("train", "val"):
+                given = getattr(spec.data, f"pretrain_{split}")
+                splits[f"pretrain_{split}"] = fill(given, values, f"data.pretrain_{split}") if given else splits[split]
             for arm in spec.arms:
                 for seed in spec.seeds:
                     key = self.arm_runs(arm.name, seed, fold, values, splits, data_keys)
@@ -210,7 +213,8 @@ class _Builder:
         frozen = sorted({*(finetune.frozen_rows or []), *((stage2.frozen_rows or []) if stage2 else [])})
         data_all = [f"data.train={splits['train']}", f"data.val={splits['val']}", f"data.test={splits['test']}"]
         # MLM pretraining never reads the test split
-        data_pretrain = [f"data.train={splits['train']}", f"data.val={splits['val']}", "data.test=null"]
+        data_pretrain = [f"data.train={splits['pretrain_train']}", f"data.val={splits['pretrain_val']}",
+                         "data.test=null"]
 
         row_weights: dict[int, Path] = {}
         row_keys: dict[int, str] = {}

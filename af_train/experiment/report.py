@@ -226,6 +226,7 @@ def check_results_dir(out: Path, name: str) -> None:
 def write_report(plan: Plan, experiment_file: str, wall_seconds: float | None = None) -> dict[str, Any]:
     """Collect, summarise and write results.json, results.md, scores.npz and plots/ into the results folder."""
     spec = plan.spec
+    check_results_dir(spec.results_dir, spec.name)
     data = collect(plan)
     summary = summarize(plan, data)
     times = timings(plan)
@@ -246,7 +247,6 @@ def write_report(plan: Plan, experiment_file: str, wall_seconds: float | None = 
         "wall_seconds_this_invocation": wall_seconds, "notes": spec.notes,
     }
     out = spec.results_dir
-    check_results_dir(out, spec.name)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / RESULTS_JSON, json.dumps(payload, indent=2, default=_nan_none) + "\n")
     atomic_write(out / RESULTS_MD, render_markdown(payload))

@@ -202,14 +202,18 @@ def run_unit(unit: Unit, state: str, echo: bool = False) -> dict[str, Any]:
                         "resumed": state == RESUME, "attempts": int(previous.get("attempts", 0)) + 1,
                         "earlier_seconds": previous.get("seconds_total", 0.0),
                         "earlier_cpu_seconds": previous.get("cpu_seconds_total", 0.0)})
-    commands = [unit.command]
-    for index, argv in enumerate(commands):
+    trained = unit.kind == "train" and all((unit.directory / "final" / name).is_file()
+                                           for name in ("model.pt", "metrics.json"))
+    commands = [] if trained else [unit.command]  # training finished, only its evaluation was interrupted
+    if trained and unit.evaluate:
+        commands.append(evaluate_command(unit))
+    for argv in commands:
         rc = run_command(argv, log, echo)
         if rc != 0:
             raise ExperimentError(f"{unit.name} failed: `{shlex.join(argv)}` exited with {rc}. Last lines of "
                                   f"{log}:\n{_tail(log)}\nFix the cause and run the same af-experiment command "
                                   "again: finished runs are kept, this one resumes.")
-        if index == 0 and unit.evaluate:
+        if argv is unit.command and unit.evaluate:
             commands.append(evaluate_command(unit))
     if unit.evaluate:
         check_evaluation(unit)

@@ -99,13 +99,16 @@ class DataStep:
 @dataclass
 class DataSpec:
     """Where the shards come from. ``steps`` run in order, once (per fold when they use {fold} or
-    {val_fold}); ``train``/``val``/``test`` are the shard directories every run reads."""
+    {val_fold}); ``train``/``val``/``test`` are the shard directories every run reads (MLM pretraining
+    reads ``pretrain_train``/``pretrain_val`` when given, and never the test split)."""
 
     root: str
     train: str
     val: str
     test: str
     steps: list[DataStep] = field(default_factory=list)
+    pretrain_train: str | None = None  # MLM pretraining's shards, when not the fine-tuning ones (AudioSet-2M)
+    pretrain_val: str | None = None
 
     def validate(self) -> None:
         names = [s.name for s in self.steps]

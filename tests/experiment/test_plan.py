@@ -172,3 +172,74 @@ def test_shipped_experiment_files_load_and_plan(path, in_repo):
         if results.is_file():
             payload = json.loads(results.read_text())
             assert payload["experiment"] == spec.name and payload["file"] == str(path.relative_to(REPO))
+
+
+def fake_finished_runs(plan, rng, quality: dict[str, float], sizes: dict) -> None:
+    """Write what a finished evaluated run leaves (scores, final metrics, af-evaluate's JSON, a done marker)."""
+    import numpy as np
+
+    from af_train.experiment.runner import write_marker
+
+    targets = {fold: rng.integers(0, 3, n) for fold, n in sizes.items()}
+    for result in plan.results:
+        unit = plan.units[result.unit]
+        labels = targets[result.fold]
+        scores = rng.normal(size=(labels.size, 3)) + quality[result.arm] * np.eye(3)[labels]
+        (unit.directory / "experiment").mkdir(parents=True, exist_ok=True)
+        (unit.directory / "final").mkdir(parents=True, exist_ok=True)
+        np.savez(unit.directory / "experiment" / "test_scores.npz", ids=np.array([f"c{i}" for i in range(labels.size)]),
+                 scores=scores, labels=labels, classes=np.array(["a", "b", "c"]))
+        best = {"metric": "val/mAP", "value": quality[result.arm] + result.seed * 0.01, "step": 10}
+        (unit.directory / "final" / "metrics.json").write_text(json.dumps({"best": best, "test_checkpoint": "s"}))
+        (unit.directory / "experiment" / "eval_test.json").write_text("{}")
+        write_marker(unit, {"status": "done", "seconds_total": 2.0, "cpu_seconds_total": 3.0, "commit": "abc",
+                            "dirty": False})
+
+
+def test_report_of_folds_averages_each_seed_over_folds_and_pairs_the_arms(tmp_path, in_repo):
+    import numpy as np
+
+    from af_train.experiment.report import write_report
+    from af_train.metrics import run_metric
+
+    spec = copy.deepcopy(BASE)
+    spec["folds"] = {"test": [1, 2], "val": [2, 1]}
+    spec["data"].update(train="{data}/f{fold}/train", val="{data}/f{fold}/val", test="{data}/f{fold}/test")
+    spec.pop("pretrain")
+    spec["arms"] = [{"name": "ft1"}, {"name": "weak", "finetune": {"overrides": ["optim.lr=1e-5"]}}]
+    spec["results"] = str(tmp_path / "results")
+    plan = plan_of(tmp_path, spec)
+    fake_finished_runs(plan, np.random.default_rng(0), {"ft1": 3.0, "weak": 0.0}, {1: 40, 2: 30})
+    payload = write_report(plan, str(tmp_path / "e.yaml"))
+    assert payload["test_clips"] == {"1": 40, "2": 30} and payload["folds"] == [1, 2]
+    assert payload["single_label"] and payload["metrics"] == ["mAP"]
+    ft1 = next(a for a in payload["arms"] if a["name"] == "ft1")
+    expected = []
+    for seed in (0, 1):
+        per_fold = []
+        for fold in (1, 2):
+            unit = next(plan.units[r.unit] for r in plan.results if (r.arm, r.seed, r.fold) == ("ft1", seed, fold))
+            with np.load(unit.directory / "experiment" / "test_scores.npz") as data:
+                per_fold.append(run_metric("mAP", data["scores"], np.eye(3, dtype=bool)[data["labels"]]))
+        expected.append(np.mean(per_fold))
+    assert ft1["mAP"]["per_seed"] == pytest.approx(expected) and ft1["mAP"]["mean"] == pytest.approx(np.mean(expected))
+    (weak,) = payload["differences"]
+    assert weak["verdict"] == "worse beyond noise" and weak["high"] < 0
+    assert payload["selected_on_val"]["arm"] == "ft1"
+    assert payload["timings"]["by_stage"]["finetune"] == {"units": 8, "seconds": 16.0, "cpu_seconds": 24.0}
+    md = (tmp_path / "results" / "results.md").read_text()
+    assert "2 folds (40 test clips in fold 1, 30 test clips in fold 2), 2 seeds" in md
+    # runs of one fold scored on other clips cannot be paired: refused
+    unit = plan.units[plan.results[-1].unit]
+    path = unit.directory / "experiment" / "test_scores.npz"
+    with np.load(path) as data:
+        arrays = dict(data)
+    arrays["ids"] = arrays["ids"][::-1]
+    np.savez(path, **arrays)
+    with pytest.raises(ExperimentError, match="cannot be paired"):
+        write_report(plan, str(tmp_path / "e.yaml"))
+    # a results folder of another experiment is never written over
+    other = copy.deepcopy(spec)
+    other["name"] = "another"
+    with pytest.raises(ExperimentError, match="holds the results of experiment 'ablation'"):
+        write_report(plan_of(tmp_path, other), str(tmp_path / "e.yaml"))
