@@ -66,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{args.file} has that key; --plan lists them")
             run_plan(plan, args.verbose, only=matches)
             return 0
+        rows = None
         if not args.report:
             print(f"{spec.name}: {len(plan.units)} units ({sum(state_of(u)[0] == REUSE for u in plan.units.values())} "
                   f"done); runs in {spec.runs_dir}, logs in each run's experiment/log.txt", flush=True)
-            run_plan(plan, args.verbose)
-        payload = write_report(plan, args.file, time.time() - started)
+            rows = run_plan(plan, args.verbose)
+        payload = write_report(plan, args.file, time.time() - started, rows)
     except ExperimentError as exc:
         print(f"af-experiment: error: {exc}", file=sys.stderr)
         return 2

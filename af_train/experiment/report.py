@@ -223,13 +223,19 @@ def check_results_dir(out: Path, name: str) -> None:
                                   "experiment its own results folder (key: results)")
 
 
-def write_report(plan: Plan, experiment_file: str, wall_seconds: float | None = None) -> dict[str, Any]:
-    """Collect, summarise and write results.json, results.md, scores.npz and plots/ into the results folder."""
+def write_report(plan: Plan, experiment_file: str, wall_seconds: float | None = None,
+                 invocation: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Collect, summarise and write results.json, results.md, scores.npz and plots/ into the results folder.
+    ``invocation``: the units' rows of this invocation (``run_plan``): what ran now and what was reused."""
     spec = plan.spec
     check_results_dir(spec.results_dir, spec.name)
     data = collect(plan)
     summary = summarize(plan, data)
     times = timings(plan)
+    if invocation is not None:
+        ran = [row for row in invocation if row["state"] != "reused"]
+        times["this_invocation"] = {"ran": len(ran), "reused": len(invocation) - len(ran),
+                                    "wall_seconds": wall_seconds}
     commits = sorted({(u["commit"], u["dirty"]) for u in times["units"] if u["commit"]}, key=str)
     clips = {str(f): int(t.shape[0]) for f, t in zip(data["folds"], data["targets_by_fold"])}
     payload = {
@@ -326,6 +332,10 @@ def render_markdown(payload: dict[str, Any]) -> str:
     rows.append(["total", str(sum(t["units"] for t in times["by_stage"].values())), format_seconds(times["seconds"]),
                  format_seconds(times["cpu_seconds"])])
     lines += ["Time (every attempt of every unit, summed):", "", _table(["stage", "units", "wall", "CPU"], rows), ""]
+    now = times.get("this_invocation")
+    if now:
+        lines += [f"This invocation ran {now['ran']} unit(s) and reused {now['reused']} finished earlier "
+                  f"(wall {format_seconds(now['wall_seconds'])}).", ""]
     runs = ", ".join(f"{c['commit'][:12]}{' (dirty)' if c['dirty'] else ''}" for c in payload["run_commits"])
     lines += [f"Runs made at commit(s): {runs or 'unknown'}; report written at "
               f"{(commit.get('commit') or 'unknown')[:12]}{' (dirty)' if commit.get('dirty') else ''} on "
