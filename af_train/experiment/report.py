@@ -237,7 +237,7 @@ def write_report(plan: Plan, experiment_file: str, wall_seconds: float | None = 
         times["this_invocation"] = {"ran": len(ran), "reused": len(invocation) - len(ran),
                                     "wall_seconds": wall_seconds}
     commits = sorted({(u["commit"], u["dirty"]) for u in times["units"] if u["commit"]}, key=str)
-    clips = {str(f): int(t.shape[0]) for f, t in zip(data["folds"], data["targets_by_fold"])}
+    clips = {("test" if f is None else str(f)): int(t.shape[0]) for f, t in zip(data["folds"], data["targets_by_fold"])}
     payload = {
         "experiment": spec.name, "question": spec.question, "protocol": spec.protocol,
         "file": experiment_file, "file_sha256": sha256_file(experiment_file),

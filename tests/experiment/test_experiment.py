@@ -114,7 +114,7 @@ def test_runs_are_killed_resumed_and_reported_with_paired_intervals(tmp_path):
     assert json.loads((second / "af_experiment.json").read_text())["attempts"] == 2
 
     payload = json.loads((results / "results.json").read_text())
-    assert payload["test_clips"] == {"None": 48} and payload["seeds"] == [0, 1]
+    assert payload["test_clips"] == {"test": 48} and payload["seeds"] == [0, 1]
     assert payload["report_commit"]["commit"] and payload["run_commits"]
     differences = {(d["arm"], d["metric"]): d for d in payload["differences"]}
     for metric in ("mAP", "accuracy"):
