@@ -43,6 +43,7 @@ class RunScores:
     classes: list[str]
     final: dict[str, Any]  # the run's final/metrics.json
     evaluation: dict[str, Any]  # af-evaluate's JSON of the same checkpoint
+    selection: dict[str, Any] | None  # the validation metric at the selected checkpoint (selection_of)
 
 
 def _multi_hot(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -66,7 +67,32 @@ def load_run(unit: Unit) -> RunScores:
         classes = [str(c) for c in data["classes"].tolist()]
     final = json.loads((unit.directory / "final" / "metrics.json").read_text(encoding="utf-8"))
     evaluation = json.loads((unit.directory / "experiment" / "eval_test.json").read_text(encoding="utf-8"))
-    return RunScores(ids, scores, targets, classes, final, evaluation)
+    return RunScores(ids, scores, targets, classes, final, evaluation, selection_of(unit.directory, final))
+
+
+def selection_of(run_dir: Path, final: dict[str, Any]) -> dict[str, Any] | None:
+    """{metric, value, step} of the validation metric that selected the tested checkpoint, read from the run's
+    own log (metrics.jsonl at the step of ``test_checkpoint``; the metric is the run's ``train.best_metric``).
+    None when the run selected nothing (no best_metric: its last checkpoint is tested)."""
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (
+        run_dir / "config.yaml").is_file() else {}
+    metric = ((config or {}).get("train") or {}).get("best_metric")
+    tag = final.get("test_checkpoint") or ""
+    if not metric or not tag.startswith("step_"):
+        return None
+    step = int(tag.split("_", 1)[1])
+    value = None
+    log = run_dir / "metrics.jsonl"
+    for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if record.get("step") == step and metric in record:
+            value = record[metric]
+    return {"metric": metric, "value": value, "step": step}
 
 
 def _nan_none(value: float) -> float | None:
@@ -122,7 +148,7 @@ def summarize(plan: Plan, data: dict[str, Any]) -> dict[str, Any]:
         run = data["runs"][result.unit]
         row = by_run.setdefault(f"{result.arm}/{result.seed}/{result.fold}", {
             "arm": result.arm, "seed": result.seed, "fold": result.fold, "run": str(plan.units[result.unit].directory),
-            "test_checkpoint": run.final.get("test_checkpoint"), "val": run.final.get("best"),
+            "test_checkpoint": run.final.get("test_checkpoint"), "val": run.selection,
             "test": {}})
         for metric in metrics:
             row["test"][metric] = run_metric(metric, run.scores, run.targets)
@@ -154,7 +180,7 @@ def summarize(plan: Plan, data: dict[str, Any]) -> dict[str, Any]:
                         "mean": float(np.mean(numbers)) if len(numbers) == len(values) and numbers else None}
     scored = [e for e in summary["arms"] if e["val"]["mean"] is not None]
     metric_names = {e["val"]["metric"] for e in scored}
-    if scored and len(metric_names) == 1:
+    if scored and len(scored) == len(summary["arms"]) and len(metric_names) == 1:
         (name,) = metric_names
         pick = (min if name and name.endswith("loss") else max)(scored, key=lambda e: e["val"]["mean"])
         summary["selected_on_val"] = {"arm": pick["name"], "by": f"mean {name} over seeds and folds",

@@ -123,6 +123,7 @@ def test_runs_are_killed_resumed_and_reported_with_paired_intervals(tmp_path):
         same = differences[("real_again", metric)]
         assert same["shares_runs_with_baseline"] and same["verdict"] == "no difference beyond noise"
         assert (same["low"], same["mean"], same["high"]) == (0.0, 0.0, 0.0)
+    assert all(run["val"]["metric"] == "val/mAP" and run["val"]["value"] is not None for run in payload["runs"])
     assert payload["selected_on_val"]["arm"] in ("real", "real_again")
 
     # the reported paired mAP interval, recomputed from the per-clip scores by a plain loop

@@ -189,8 +189,11 @@ def fake_finished_runs(plan, rng, quality: dict[str, float], sizes: dict) -> Non
         (unit.directory / "final").mkdir(parents=True, exist_ok=True)
         np.savez(unit.directory / "experiment" / "test_scores.npz", ids=np.array([f"c{i}" for i in range(labels.size)]),
                  scores=scores, labels=labels, classes=np.array(["a", "b", "c"]))
-        best = {"metric": "val/mAP", "value": quality[result.arm] + result.seed * 0.01, "step": 10}
-        (unit.directory / "final" / "metrics.json").write_text(json.dumps({"best": best, "test_checkpoint": "s"}))
+        (unit.directory / "config.yaml").write_text("train:\n  best_metric: val/mAP\n")
+        val = quality[result.arm] + result.seed * 0.01
+        (unit.directory / "metrics.jsonl").write_text(json.dumps({"step": 10, "val/mAP": val}) + "\n"
+                                                      + json.dumps({"step": 20, "val/mAP": val - 1}) + "\n")
+        (unit.directory / "final" / "metrics.json").write_text(json.dumps({"test_checkpoint": "step_00000010"}))
         (unit.directory / "experiment" / "eval_test.json").write_text("{}")
         write_marker(unit, {"status": "done", "seconds_total": 2.0, "cpu_seconds_total": 3.0, "commit": "abc",
                             "dirty": False})
@@ -225,7 +228,8 @@ def test_report_of_folds_averages_each_seed_over_folds_and_pairs_the_arms(tmp_pa
     assert ft1["mAP"]["per_seed"] == pytest.approx(expected) and ft1["mAP"]["mean"] == pytest.approx(np.mean(expected))
     (weak,) = payload["differences"]
     assert weak["verdict"] == "worse beyond noise" and weak["high"] < 0
-    assert payload["selected_on_val"]["arm"] == "ft1"
+    assert payload["selected_on_val"]["arm"] == "ft1"  # the validation score of the tested checkpoint (step 10)
+    assert ft1["val"] == {"metric": "val/mAP", "mean": pytest.approx(3.005)}
     assert payload["timings"]["by_stage"]["finetune"] == {"units": 8, "seconds": 16.0, "cpu_seconds": 24.0}
     md = (tmp_path / "results" / "results.md").read_text()
     assert "2 folds (40 test clips in fold 1, 30 test clips in fold 2), 2 seeds" in md
