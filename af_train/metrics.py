@@ -207,6 +207,15 @@ def run_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> float:
     return float(_metric_columns(name, np.asarray(scores)[None], np.asarray(targets, dtype=bool))[0])
 
 
+def chance_metric(name: str, targets: np.ndarray, draws: int = 200, seed: int = 0) -> float:
+    """``name`` of a model that knows nothing, on these ``targets`` [N, C]: the mean over ``draws`` score
+    sets drawn at random (i.i.d. normal, seeded). About the mean class prevalence for mAP, 1 / C for
+    accuracy; drawn rather than derived, so that it holds for any class balance and any tie rule."""
+    targets = np.asarray(targets, dtype=bool)
+    scores = np.random.default_rng(seed).standard_normal((draws, *targets.shape))
+    return float(np.nanmean(_metric_columns(name, scores, targets)))
+
+
 def _metric_columns(name: str, scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """``name`` of each of M score sets ``scores`` [M, N, C] on the same ``targets`` [N, C]: [M]."""
     m, n, c = scores.shape

@@ -30,7 +30,7 @@ from af_train.experiment.plan import Plan, Unit
 from af_train.experiment.runner import format_seconds, read_marker
 from af_train.experiment.spec import ExperimentError
 from af_train.files import atomic_open, atomic_write, git_commit, sha256_file
-from af_train.metrics import bootstrap_runs, percentile_interval, run_metric
+from af_train.metrics import bootstrap_runs, chance_metric, percentile_interval, run_metric
 
 RESULTS_JSON, RESULTS_MD, SCORES_NPZ = "results.json", "results.md", "scores.npz"
 
@@ -275,6 +275,9 @@ def write_report(plan: Plan, experiment_file: str, wall_seconds: float | None = 
                       "resamples": "seeds and test clips" if spec.stats.resample_seeds else "test clips",
                       "method": "percentile"},
         "metrics": summary["metrics"], "arms": summary["arms"], "differences": summary["differences"],
+        # what random scores reach on the same test clips (mean over folds): the floor every arm is read against
+        "chance": {m: float(np.mean([chance_metric(m, t) for t in data["targets_by_fold"]]))
+                   for m in summary["metrics"]},
         "selected_on_val": summary.get("selected_on_val"), "runs": summary["runs"], "timings": times,
         "wall_seconds_this_invocation": wall_seconds, "notes": spec.notes,
     }
@@ -342,6 +345,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
         lines += [f"Test {metric}:", "",
                   _table(["arm", f"test {metric}", f"{level} interval", f"paired difference vs {payload['baseline']}",
                           "verdict", f"{val_name} (selection)"], rows), ""]
+        if metric in payload.get("chance", {}):
+            lines += [f"Chance {metric} (random scores on the same test clips, mean of 200 draws): "
+                      f"{_f(payload['chance'][metric])}.", ""]
     picked = payload.get("selected_on_val")
     if picked:
         lines += [f"Chosen on validation ({picked['by']}): {picked['arm']}; its test "

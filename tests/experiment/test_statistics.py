@@ -11,6 +11,7 @@ from sklearn.metrics import average_precision_score
 from af_train.metrics import (
     average_precision_columns,
     bootstrap_runs,
+    chance_metric,
     classification_metrics,
     percentile_interval,
     run_metric,
@@ -164,3 +165,17 @@ def test_bad_inputs_are_refused():
         bootstrap_runs([], [], "mAP")
     with pytest.raises(ValueError, match="unknown run metric"):
         run_metric("f1", np.zeros((2, 2)), np.eye(2, dtype=bool))
+
+
+def test_chance_is_what_random_scores_reach():
+    """Accuracy of random scores is 1 / C; their mAP, computed here with scikit-learn on draws of another RNG, is
+    a little above the class prevalence (2 of 10 classes per clip: 0.2)."""
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 10, size=300)
+    assert chance_metric("accuracy", one_hot(labels, 10)) == pytest.approx(0.1, abs=0.01)
+    targets = np.zeros((300, 10), dtype=bool)
+    for row in targets:
+        row[rng.choice(10, size=2, replace=False)] = True
+    expected = np.mean([sklearn_map(rng.standard_normal(targets.shape), targets) for _ in range(200)])
+    got = chance_metric("mAP", targets)
+    assert 0.2 < got < 0.25 and got == pytest.approx(expected, abs=0.005)
