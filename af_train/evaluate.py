@@ -246,7 +246,9 @@ def evaluation_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()
     if recipe.objective.mode == "pretrain":
         raise EvaluationError("evaluation computes classification metrics; this run is MLM pretraining")
     if recipe.objective.mode == "ft2":
+        # scored as its classifier alone: the MPC options of the training loss do not apply
         recipe = Recipe.load(config_path, [*overrides, "objective.init_checkpoint=null", "objective.mode=ft1",
+                                           "objective.mpc_drop_shared_label_negatives=false",
                                            f"data.code_rows=[{recipe.data.code_rows[0]}]"])
     return recipe
 

@@ -374,3 +374,16 @@ def test_the_shared_label_option_reaches_ft2_and_is_refused_where_it_cannot_appl
     assert abs(out["logs"]["mpc_loss"].item() - plain(batch)["logs"]["mpc_loss"].item()) > 1e-4
     with pytest.raises(RecipeError, match="applies to mode=ft2"):
         _recipe("ft1", [0], mpc_drop_shared_label_negatives=True)
+
+
+def test_an_ft2_run_with_the_shared_label_option_is_evaluated_as_its_classifier(tmp_path, row_checkpoints):
+    """af-evaluate and AudioTagger score an FT2 run as FT1 on its trainable row; the training-loss option does not
+    stop them (it is refused on FT1 recipes)."""
+    from af_train.evaluate import evaluation_recipe
+
+    recipe = _recipe("ft2", [0, 1, 2, 3], frozen_row_checkpoints=row_checkpoints[1:],
+                     mpc_drop_shared_label_negatives=True)
+    (tmp_path / "config.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    scored = evaluation_recipe(tmp_path)
+    assert scored.objective.mode == "ft1" and scored.data.code_rows == [0]
+    assert not scored.objective.mpc_drop_shared_label_negatives
