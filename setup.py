@@ -16,8 +16,8 @@ setup(
     python_requires=">=3.10",
     # `tools/` is installed as `af_train_tools` so the console scripts can import it.
     packages=["af_train", "af_train.checkpoint", "af_train.config", "af_train.data", "af_train.model",
-              "af_train.objectives", "af_train.prepare", "af_train.tokenizers", "af_train.inference", "kernels",
-              "af_train_tools"],
+              "af_train.objectives", "af_train.prepare", "af_train.tokenizers", "af_train.inference",
+              "af_train.experiment", "kernels", "af_train_tools"],
     package_dir={"af_train_tools": "tools"},
     install_requires=[
         # Exact versions live in constraints.txt (ABI-coupled stack, see the comment there).
@@ -65,6 +65,7 @@ setup(
             "af-evaluate=af_train.evaluate:main",
             "af-predict=af_train.inference.predict:main",
             "af-embed=af_train.inference.embed:main",
+            "af-experiment=af_train.experiment.cli:main",
         ],
     },
 )

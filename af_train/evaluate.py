@@ -248,7 +248,9 @@ def evaluation_recipe(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()
     if recipe.objective.mode == "pretrain":
         raise EvaluationError("evaluation computes classification metrics; this run is MLM pretraining")
     if recipe.objective.mode == "ft2":
+        # scored as its classifier alone: the MPC options of the training loss do not apply
         recipe = Recipe.load(config_path, [*overrides, "objective.init_checkpoint=null", "objective.mode=ft1",
+                                           "objective.mpc_drop_shared_label_negatives=false",
                                            f"data.code_rows=[{recipe.data.code_rows[0]}]"])
     return recipe
 
@@ -309,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="write the metrics JSON here (default: RUN_DIR/eval_<split>.json, replaced "
                                       "on every run; another existing file only with --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out / --scores file")
+    parser.add_argument("--scores", help="also write every clip's scores here (.npz: ids, scores [clips, classes] "
+                                         "(logits), labels as the shards hold them, classes), e.g. for paired "
+                                         "comparisons of runs on the same clips (an existing file only with --overwrite)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value (e.g. data.test=/data/x)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -325,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [p for p in (args.weights, run_dir / "config.yaml") if p]
     if problem := output_problem(out, overwrite=args.overwrite or out.absolute() == own.absolute(), inputs=inputs):
         raise SystemExit(f"af-evaluate: error: {problem}")  # before the evaluation, not after it
+    if args.scores and (problem := output_problem(args.scores, option="--scores", overwrite=args.overwrite,
+                                                  inputs=[*inputs, out])):
+        raise SystemExit(f"af-evaluate: error: {problem}")
     try:
         kernels = backend_from_environment(os.environ)  # AF_KERNELS (debugging): read once, here
     except ValueError as exc:
@@ -363,8 +371,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "evaluate on shards prepared with the same --labels file")
     except LabelsMismatch as exc:
         raise SystemExit(f"af-evaluate: error: {exc}") from None
-    metrics = evaluate_module(module, loader, device, args.split)
+    per_clip: dict[str, Any] = {}
+    metrics = evaluate_module(module, loader, device, args.split, per_clip if args.scores else None)
     metrics = {"weights": source, "split": args.split, **metrics}
+    if args.scores:
+        from af_train.files import atomic_open
+
+        with atomic_open(Path(args.scores), "wb") as handle:
+            np.savez(handle, ids=np.asarray(per_clip["ids"]), scores=per_clip["scores"], labels=per_clip["labels"],
+                     classes=np.asarray(list(loader.dataset.manifest.labels)))
+        log.info("wrote per-clip scores of %d clips to %s", len(per_clip["ids"]), args.scores)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))

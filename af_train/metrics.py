@@ -161,3 +161,123 @@ def f1_optimal_thresholds(scores: np.ndarray, targets: np.ndarray) -> tuple[np.n
         thresholds[c] = kept if left_out is None else (kept + left_out) / 2.0
         best_f1[c] = f1[best]
     return thresholds, best_f1
+
+
+# --------------------------------------------------------------------------------------------------
+# Repeated runs: per-clip metrics in bulk and the bootstrap over seeds, folds and test clips
+# --------------------------------------------------------------------------------------------------
+
+RUN_METRICS = ("mAP", "accuracy")  # what ``run_metric`` and ``bootstrap_runs`` compute
+
+
+def average_precision_columns(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """AP of every column of ``scores`` [N, K] against ``targets`` [N, K] (bool), at once: [K] float64,
+    NaN for a column without a positive. The same step-function AP as ``average_precision`` (tied
+    scores form one threshold): each positive contributes the precision at the end of its run of
+    equal scores."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(targets, dtype=bool)
+    if scores.shape != positive.shape or scores.ndim != 2:
+        raise ValueError(f"scores and targets must be [N, K] of the same shape, got {scores.shape} and "
+                         f"{positive.shape}")
+    n = scores.shape[0]
+    if n == 0:
+        return np.full(scores.shape[1], np.nan)
+    order = np.argsort(-scores, axis=0, kind="stable")
+    ranked = np.take_along_axis(scores, order, axis=0)
+    hits = np.take_along_axis(positive, order, axis=0)
+    true_pos = np.cumsum(hits, axis=0)
+    last_of_run = np.ones_like(hits)
+    last_of_run[:-1] = ranked[1:] != ranked[:-1]
+    position = np.arange(n)[:, None]
+    # the index of the end of each row's run of equal scores: a reversed running minimum
+    run_end = np.where(last_of_run, position, n)
+    run_end = np.minimum.accumulate(run_end[::-1], axis=0)[::-1]
+    precision_at_end = np.take_along_axis(true_pos, run_end, axis=0) / (run_end + 1.0)
+    num_pos = true_pos[-1].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (hits * precision_at_end).sum(axis=0) / num_pos
+    return np.where(num_pos > 0, ap, np.nan)
+
+
+def run_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> float:
+    """One run's test metric from its per-clip ``scores`` [N, C] and multi-hot ``targets`` [N, C]:
+    ``mAP`` (macro AP over the classes with a positive, as ``classification_metrics``) or ``accuracy``
+    (top-1 against the one positive of single-label targets)."""
+    return float(_metric_columns(name, np.asarray(scores)[None], np.asarray(targets, dtype=bool))[0])
+
+
+def chance_metric(name: str, targets: np.ndarray, draws: int = 200, seed: int = 0) -> float:
+    """``name`` of a model that knows nothing, on these ``targets`` [N, C]: the mean over ``draws`` score
+    sets drawn at random (i.i.d. normal, seeded). About the mean class prevalence for mAP, 1 / C for
+    accuracy; drawn rather than derived, so that it holds for any class balance and any tie rule."""
+    targets = np.asarray(targets, dtype=bool)
+    scores = np.random.default_rng(seed).standard_normal((draws, *targets.shape))
+    return float(np.nanmean(_metric_columns(name, scores, targets)))
+
+
+def _metric_columns(name: str, scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``name`` of each of M score sets ``scores`` [M, N, C] on the same ``targets`` [N, C]: [M]."""
+    m, n, c = scores.shape
+    if targets.shape != (n, c):
+        raise ValueError(f"targets {targets.shape} do not fit scores [{n}, {c}]")
+    if name == "mAP":
+        columns = scores.transpose(1, 0, 2).reshape(n, m * c)
+        ap = average_precision_columns(columns, np.tile(targets, (1, m))).reshape(m, c)
+        with np.errstate(all="ignore"):
+            valid = ~np.isnan(ap)
+            return np.where(valid.any(1), np.nansum(ap, axis=1) / np.maximum(valid.sum(1), 1), np.nan)
+    if name == "accuracy":
+        if not np.all(targets.sum(axis=1) == 1):
+            raise ValueError("accuracy needs single-label targets (one positive per clip); use mAP")
+        return (scores.argmax(axis=2) == targets.argmax(axis=1)[None]).mean(axis=1)
+    raise ValueError(f"unknown run metric {name!r}; choose one of {', '.join(RUN_METRICS)}")
+
+
+def bootstrap_runs(scores_by_fold: list[np.ndarray], targets_by_fold: list[np.ndarray], metric: str,
+                   rounds: int = 2000, seed: int = 0, resample_seeds: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap of repeated runs: (point [A], replicates [rounds, A]) of each arm's statistic.
+
+    ``scores_by_fold[f]``: [A arms, S seeds, N_f clips, C] test scores of fold f (one fold without
+    cross-validation); ``targets_by_fold[f]``: [N_f, C] multi-hot. An arm's statistic is the mean over
+    seeds of the mean over folds of ``metric`` (``run_metric``) on the fold's clips. A replicate draws,
+    in this order from ``np.random.default_rng(seed)``: S seed indices with replacement (unless
+    ``resample_seeds`` is false: every seed once), then for each fold N_f clip indices with
+    replacement, and recomputes every arm's statistic on that one draw. All arms share each draw, so
+    ``replicates[:, b] - replicates[:, a]`` is the paired bootstrap of the difference b − a: paired over
+    the same test clips and the same seeds (each seed's runs share data order and initialisation).
+    """
+    if len(scores_by_fold) != len(targets_by_fold) or not scores_by_fold:
+        raise ValueError("give one scores array and one targets array per fold (at least one fold)")
+    shapes = [np.shape(s) for s in scores_by_fold]
+    if any(len(s) != 4 for s in shapes) or len({s[:2] for s in shapes}) != 1:
+        raise ValueError(f"scores must be [arms, seeds, clips, classes] with the same arms and seeds in every "
+                         f"fold, got {shapes}")
+    arms, seeds = shapes[0][:2]
+    scores_f = [np.asarray(s, dtype=np.float64) for s in scores_by_fold]
+    targets_f = [np.asarray(t, dtype=bool) for t in targets_by_fold]
+
+    def per_run(picks: list[np.ndarray | None]) -> np.ndarray:
+        """[A, S]: the metric of every run, mean over folds, on the clips ``picks`` (None: all)."""
+        total = np.zeros((arms, seeds))
+        for s, t, pick in zip(scores_f, targets_f, picks):
+            chosen, truth = (s, t) if pick is None else (s[:, :, pick], t[pick])
+            total += _metric_columns(metric, chosen.reshape(arms * seeds, *chosen.shape[2:]), truth).reshape(
+                arms, seeds)
+        return total / len(scores_f)
+
+    point = per_run([None] * len(scores_f)).mean(axis=1)
+    rng = np.random.default_rng(seed)
+    replicates = np.empty((rounds, arms))
+    for r in range(rounds):
+        seed_pick = rng.integers(0, seeds, seeds) if resample_seeds else np.arange(seeds)
+        clip_picks = [rng.integers(0, t.shape[0], t.shape[0]) for t in targets_f]
+        replicates[r] = per_run(clip_picks)[:, seed_pick].mean(axis=1)
+    return point, replicates
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` percentile interval of bootstrap replicates (NaN replicates skipped)."""
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.nanpercentile(np.asarray(replicates, dtype=np.float64), [tail, 100.0 - tail])
+    return float(low), float(high)

@@ -3,6 +3,7 @@
 
     af-synth-speech --out data/speech [--train-speakers 40 --val-speakers 10 --test-speakers 10]
                     [--repeats 2] [--words yes,no,...] [--clip-seconds 1.0] [--seed 0] [--workers 2]
+                    [--words-per-clip 1]
 
 The words are spoken by eSpeak NG (the ``espeakng-loader`` wheel ships the library and its voice data; no
 download, no apt). Unlike the synthetic tones of ``af-synth-audio``, these classes are not separable by
@@ -17,6 +18,13 @@ test split measures generalisation to unseen voices. ``speakers.csv`` lists ever
 split and settings. Each speaker says every word ``--repeats`` times (small pitch/rate jitter per take),
 so the classes are exactly balanced in every split.
 
+Multi-label (``--words-per-clip K``, K >= 2): every clip holds K different words of one speaker, one
+in each of K equal slots of the clip (at a random offset inside its slot, each at its own level), and
+is labelled with all K (``labels`` ``yes;up``). In each take a speaker says every word exactly once,
+in clips of K words drawn by a seeded shuffle: K must divide the number of words, every word still
+occurs ``--repeats`` times per speaker, so the classes stay balanced in every split; which words share
+a clip changes from take to take and speaker to speaker.
+
 Recording conditions, drawn per clip: the word starts at a random offset in the clip; an optional
 small room (exponentially decaying noise reverb) and an optional band limit (high-pass / low-pass);
 background noise (white, pink or brown) at 10-30 dB SNR; a peak level between -25 and -3 dBFS.
@@ -28,7 +36,7 @@ worker process, its words in a fixed order: the same seed gives identical files 
 ``--workers`` is. Files are written atomically (temporary name, then rename).
 
 Output in ``--out``:
-    audio/<split>/<speaker>/<word>_<take>.wav     mono PCM_16 at --sample-rate
+    audio/<split>/<speaker>/<word>_<take>.wav     mono PCM_16 at --sample-rate (several words: w1+w2_<take>.wav)
     train.csv, val.csv, test.csv                  header ``path,labels`` (af-prepare --format csv)
     labels.csv                                    header ``path,labels,split``: all splits in one file
     vocabulary.txt                                the words, one per line (af-prepare --labels)
@@ -231,10 +239,36 @@ def coloured_noise(n: int, colour: str, rng: np.random.Generator) -> np.ndarray:
 
 def record(word: np.ndarray, sample_rate: int, clip_samples: int, rng: np.random.Generator) -> np.ndarray:
     """Place ``word`` (float, at ``sample_rate``) in a clip under random recording conditions; float32 in [-1, 1]."""
-    from scipy import signal
-
     x = word.astype(np.float64)
     x /= np.abs(x).max() + 1e-12
+    x = _room_and_line(x, sample_rate, rng)
+    clip = np.zeros(clip_samples)
+    x = x[:clip_samples]
+    offset = int(rng.integers(0, clip_samples - x.size + 1))
+    clip[offset: offset + x.size] = x
+    return _noise_and_level(clip, np.sqrt(np.mean(x ** 2)) + 1e-12, rng)
+
+
+def record_words(words: list[np.ndarray], sample_rate: int, clip_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Several words in one clip, word i at a random offset inside the i-th of ``len(words)`` equal slots, each
+    at its own level (0.5-1 of full scale), then the room, line, noise and level of one recording."""
+    slot = clip_samples // len(words)
+    track = np.zeros(clip_samples)
+    for index, word in enumerate(words):
+        x = word.astype(np.float64)[:slot]
+        x = x / (np.abs(x).max() + 1e-12) * rng.uniform(0.5, 1.0)
+        offset = index * slot + int(rng.integers(0, slot - x.size + 1))
+        track[offset: offset + x.size] = x
+    active = np.abs(track) > 1e-6
+    speech_rms = np.sqrt(np.mean(track[active] ** 2)) + 1e-12 if active.any() else 1e-12
+    track = _room_and_line(track, sample_rate, rng)[:clip_samples]
+    return _noise_and_level(track, speech_rms, rng)
+
+
+def _room_and_line(x: np.ndarray, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """Optionally a small room and a band-limited line (each with probability 1/2)."""
+    from scipy import signal
+
     if rng.random() < 0.5:  # a small room: exponentially decaying noise tail, mixed in
         rt60 = rng.uniform(0.1, 0.5)
         t = np.arange(int(rt60 * sample_rate)) / sample_rate
@@ -246,11 +280,12 @@ def record(word: np.ndarray, sample_rate: int, clip_samples: int, rng: np.random
         high = rng.uniform(60.0, 300.0)
         low = min(rng.uniform(2500.0, 7000.0), 0.45 * sample_rate)
         x = signal.sosfilt(signal.butter(2, [high, low], btype="bandpass", fs=sample_rate, output="sos"), x)
-    clip = np.zeros(clip_samples)
-    x = x[:clip_samples]
-    offset = int(rng.integers(0, clip_samples - x.size + 1))
-    clip[offset: offset + x.size] = x
-    speech_rms = np.sqrt(np.mean(x ** 2)) + 1e-12
+    return x
+
+
+def _noise_and_level(clip: np.ndarray, speech_rms: float, rng: np.random.Generator) -> np.ndarray:
+    """Background noise at 10-30 dB SNR below ``speech_rms``, then a peak level of -25 to -3 dBFS; float32."""
+    clip_samples = clip.size
     snr_db = rng.uniform(10.0, 30.0)
     clip += coloured_noise(clip_samples, str(rng.choice(["white", "pink", "brown"])), rng) * speech_rms \
         * 10 ** (-snr_db / 20)
@@ -273,10 +308,22 @@ class RenderJob:
     sample_rate: int
     clip_seconds: float
     out: str
+    words_per_clip: int = 1
 
 
 def clip_path(speaker: Speaker, word: str, take: int) -> str:
     return f"audio/{speaker.split}/{speaker.speaker}/{word}_{take}.wav"
+
+
+def clip_groups(job: RenderJob, take: int) -> list[tuple[int, ...]]:
+    """The word indices of each clip of one take: every word once, ``words_per_clip`` to a clip (a seeded
+    shuffle per speaker and take; in the words' order for one word per clip)."""
+    count = len(job.words)
+    if job.words_per_clip == 1:
+        return [(i,) for i in range(count)]
+    order = np.random.default_rng([job.seed, job.index, 0x3A17, take]).permutation(count)
+    k = job.words_per_clip
+    return [tuple(int(i) for i in sorted(order[j: j + k])) for j in range(0, count, k)]
 
 
 def render_speaker(job: RenderJob) -> list[dict[str, str]]:
@@ -289,29 +336,41 @@ def render_speaker(job: RenderJob) -> list[dict[str, str]]:
     engine = Espeak()
     s = job.speaker
     clip_samples = int(round(job.clip_seconds * job.sample_rate))
+    room = clip_samples // job.words_per_clip  # each word must fit its slot
+
+    def speak(word: str, rng: np.random.Generator) -> np.ndarray:
+        rate = s.rate * rng.uniform(0.92, 1.08)
+        pitch = int(np.clip(s.pitch + rng.integers(-5, 6), 0, 99))
+        for _ in range(12):  # a slow voice may not fit the clip: speak faster until it does
+            raw = trim_silence(engine.say(word, s.voice, s.variant, int(rate), pitch, s.pitch_range,
+                                         noise_seed=int(rng.integers(1, 2**31))))
+            audio = signal.resample_poly(raw.astype(np.float64) / 32768.0, job.sample_rate, ESPEAK_SAMPLE_RATE)
+            if audio.size <= 0.9 * room:
+                break
+            rate *= 1.15
+        if raw.size == 0:
+            raise SpeechSynthesisError(f"eSpeak produced no sound for {word!r} with voice {s.voice}+{s.variant}")
+        return audio[:room]
+
     rows = []
-    for word_index, word in enumerate(job.words):
-        for take in range(job.repeats):
+    takes = [(take, group) for take in range(job.repeats) for group in clip_groups(job, take)]
+    if job.words_per_clip == 1:  # word by word, then take by take (the order of the single-word files)
+        takes.sort(key=lambda item: item[1])
+    for take, group in takes:
+        if job.words_per_clip == 1:
+            (word_index,) = group
             rng = np.random.default_rng([job.seed, job.index, word_index, take])
-            rate = s.rate * rng.uniform(0.92, 1.08)
-            pitch = int(np.clip(s.pitch + rng.integers(-5, 6), 0, 99))
-            for _ in range(12):  # a slow voice may not fit the clip: speak faster until it does
-                raw = trim_silence(engine.say(word, s.voice, s.variant, int(rate), pitch, s.pitch_range,
-                                             noise_seed=int(rng.integers(1, 2**31))))
-                audio = signal.resample_poly(raw.astype(np.float64) / 32768.0, job.sample_rate, ESPEAK_SAMPLE_RATE)
-                if audio.size <= 0.9 * clip_samples:
-                    break
-                rate *= 1.15
-            if raw.size == 0:
-                raise SpeechSynthesisError(f"eSpeak produced no sound for {word!r} with voice {s.voice}+{s.variant}")
-            clip = record(audio[:clip_samples], job.sample_rate, clip_samples, rng)
-            rel = clip_path(s, word, take)
-            target = Path(job.out) / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.wav")
-            sf.write(str(tmp), clip, job.sample_rate, subtype="PCM_16")
-            os.replace(tmp, target)  # atomic: a concurrent or killed run never leaves half a file
-            rows.append({"path": rel, "labels": word, "split": s.split})
+            clip = record(speak(job.words[word_index], rng), job.sample_rate, clip_samples, rng)
+        else:
+            rng = np.random.default_rng([job.seed, job.index, 0x3A17, take, *group])
+            clip = record_words([speak(job.words[i], rng) for i in group], job.sample_rate, clip_samples, rng)
+        rel = clip_path(s, "+".join(job.words[i] for i in group), take)
+        target = Path(job.out) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.wav")
+        sf.write(str(tmp), clip, job.sample_rate, subtype="PCM_16")
+        os.replace(tmp, target)  # atomic: a concurrent or killed run never leaves half a file
+        rows.append({"path": rel, "labels": ";".join(job.words[i] for i in group), "split": s.split})
     return rows
 
 
@@ -327,7 +386,7 @@ def render_speakers(jobs: list[RenderJob], workers: int, progress: bool = True) 
     # maxtasksperchild=1: a new process for every speaker.
     context = multiprocessing.get_context("fork")
     results: dict[int, list[dict[str, str]]] = {}
-    total = sum(len(j.words) * j.repeats for j in jobs)
+    total = sum(len(j.words) // j.words_per_clip * j.repeats for j in jobs)
     bar = tqdm(total=total, unit="clip", desc="speaking", disable=not progress) if tqdm is not None else None
     pool = context.Pool(processes=max(1, workers), maxtasksperchild=1)
     try:
@@ -374,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-speakers", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2, help="takes of every word per speaker (default 2)")
     p.add_argument("--clip-seconds", type=float, default=1.0, help="clip duration (default 1.0)")
+    p.add_argument("--words-per-clip", type=int, default=1,
+                   help="words in every clip (default 1: single-label); 2 or more make a multi-label set (labels "
+                        "'yes;up'), each word in its own slot of the clip; must divide the number of words")
     p.add_argument("--sample-rate", type=int, default=16000, help="sample rate of the files (default 16000)")
     p.add_argument("--seed", type=int, default=0, help="everything derives from this seed (default 0)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -397,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         errors.append("--repeats must be >= 1")
     if not 0.3 <= args.clip_seconds <= 30:
         errors.append("--clip-seconds must be between 0.3 and 30 (a word takes about 0.3-0.7 s)")
+    if args.words_per_clip < 1 or (words and len(words) % args.words_per_clip):
+        errors.append(f"--words-per-clip {args.words_per_clip} must be >= 1 and divide the number of words "
+                      f"({len(words)}), so that every word is said equally often")
+    elif args.clip_seconds / args.words_per_clip < 0.3:
+        errors.append(f"--clip-seconds {args.clip_seconds:g} leaves less than 0.3 s for each of "
+                      f"{args.words_per_clip} words; give at least {0.3 * args.words_per_clip:g}")
     if args.sample_rate < 8000:
         errors.append("--sample-rate must be >= 8000")
     if errors:
@@ -406,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         speakers = plan_speakers(args.seed, counts, available_variants())
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        jobs = [RenderJob(i, s, tuple(words), args.repeats, args.seed, args.sample_rate, args.clip_seconds, str(out))
-                for i, s in enumerate(speakers)]
+        jobs = [RenderJob(i, s, tuple(words), args.repeats, args.seed, args.sample_rate, args.clip_seconds, str(out),
+                          args.words_per_clip) for i, s in enumerate(speakers)]
         rows = render_speakers(jobs, args.workers, progress=not args.quiet)
     except SpeechSynthesisError as exc:
         print(f"af-synth-speech: error: {exc}", file=sys.stderr)
@@ -418,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "speakers.csv", [f.name for f in fields(Speaker)], [asdict(s) for i, s in enumerate(speakers)])
     (out / "vocabulary.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
     per_split = {split: sum(r["split"] == split for r in rows) for split in SPLITS}
-    print(f"wrote {len(rows)} clips ({args.clip_seconds:g} s, {args.sample_rate} Hz) of {len(words)} words to {out}: "
+    kind = "" if args.words_per_clip == 1 else f", {args.words_per_clip} words each (multi-label)"
+    print(f"wrote {len(rows)} clips ({args.clip_seconds:g} s, {args.sample_rate} Hz{kind}) of {len(words)} words to "
+          f"{out}: "
           + ", ".join(f"{split} {per_split[split]} ({counts[split]} speakers)" for split in SPLITS)
           + f"; speakers disjoint between splits (speakers.csv); labels in {out / 'labels.csv'}")
     return 0

@@ -178,6 +178,9 @@ class ObjectiveConfig:
     # MPC negatives: each rank's own micro batch (local) or the micro batches of every rank, gathered with
     # their gradients (global); null: global when the world size is > 1
     mpc_negatives: Literal["local", "global"] | None = None
+    # ft2, not in the paper (off by default): leave the rows of other clips that share a class with the
+    # anchor's clip out of its MPC denominator, instead of pushing them away as negatives
+    mpc_drop_shared_label_negatives: bool = False
 
     def validate(self) -> None:
         _require(0.0 <= self.alpha <= 1.0, f"objective.alpha must be in [0, 1], got {self.alpha}")
@@ -285,6 +288,11 @@ class Recipe:
                 "objective.mode=ft2 needs data.code_rows with the trainable row first and at least one "
                 f"frozen row, e.g. [0, 1, 2, 3]; got {self.data.code_rows}",
             )
+        if self.objective.mpc_drop_shared_label_negatives:
+            _require(self.objective.mode == "ft2" and self.objective.use_classifier,
+                     "objective.mpc_drop_shared_label_negatives applies to mode=ft2 with its classifier (it reads the "
+                     f"clips' class labels); got mode={self.objective.mode}, use_classifier="
+                     f"{self.objective.use_classifier}")
         if self.objective.joint_rows:
             _require(self.objective.mode == "pretrain", "objective.joint_rows applies to mode=pretrain only")
         if self.objective.mode == "pretrain":

@@ -160,7 +160,7 @@ def build_training_module(recipe: Recipe, num_classes: int, multi_label: bool,
         encoder, num_classes, multi_label, rows[: 1 + len(frozen)], frozen,
         use_classifier=use_classifier, alpha=objective.alpha, temperature=objective.temperature,
         mixup_prob=objective.mixup.prob, mixup_alpha=objective.mixup.alpha,
-        mpc_negatives=negatives,
+        mpc_negatives=negatives, drop_shared_label_negatives=objective.mpc_drop_shared_label_negatives,
     )
     if payload is not None and module.classifier is not None:
         _check_head_labels(payload.get("labels"), labels, objective.init_checkpoint)

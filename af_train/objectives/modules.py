@@ -18,6 +18,10 @@ batch index of the same accumulation step on every rank, never from other micro 
 accumulation A, N = global micro batch x rows, not global batch x rows. Evaluation
 (``module.eval()``) uses local negatives. ``logs["mpc_n"]`` reports N, the embeddings each anchor is
 contrasted with (itself included).
+
+``objective.mpc_drop_shared_label_negatives`` (FT2, off by default, not in the paper): an anchor's MPC
+denominator leaves out the rows of other clips that share a class with the anchor's clip (on multi-label
+data many negatives do). Off, the loss is the paper's and every number is unchanged.
 """
 
 from __future__ import annotations
@@ -96,18 +100,51 @@ def _detached(logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _contrast(module: nn.Module, embeddings: torch.Tensor, groups: torch.Tensor, anchors: torch.Tensor,
-              rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+              rows: int, row_classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(MPC loss over this rank's ``anchors``, N). ``embeddings`` [B * rows, D] clip-major, ``groups``
-    the local clip of each row; with global negatives every rank's rows join, clips renumbered."""
+    the local clip of each row; with global negatives every rank's rows join, clips renumbered.
+    ``row_classes`` [B * rows, C] (bool, the classes of each row's clip): given, the rows of other clips
+    that share a class with the anchor's clip are left out of its denominator
+    (``mpc_loss_dropping_shared_label_negatives``)."""
     if module.mpc_negatives == "global" and module.training and world_size() > 1:
         embeddings, start = gather_rows(embeddings)
+        if row_classes is not None:
+            row_classes, _ = gather_rows(row_classes.to(embeddings.dtype))
         n = embeddings.shape[0]
         groups = torch.arange(n // rows, device=embeddings.device).repeat_interleave(rows)
         mine = anchors.new_zeros(n)
         mine[start: start + anchors.shape[0]] = anchors  # anchors: this rank's rows only
         anchors = mine
     n_rows = torch.tensor(float(embeddings.shape[0]), device=embeddings.device)
+    if row_classes is not None:
+        return mpc_loss_dropping_shared_label_negatives(embeddings, groups, row_classes, module.temperature,
+                                                        anchors), n_rows
     return dispatch.mpc_loss(embeddings, groups, module.temperature, anchors, backend=module.encoder.kernels), n_rows
+
+
+def mpc_loss_dropping_shared_label_negatives(embeddings: torch.Tensor, groups: torch.Tensor, row_classes: torch.Tensor,
+                                             temperature: float, anchor_mask: torch.Tensor) -> torch.Tensor:
+    """The MPC loss of ``kernels.reference.mpc_loss`` (docs/ARCHITECTURE.md, "Kernel formulas") with one change,
+    ``objective.mpc_drop_shared_label_negatives``: anchor i's denominator leaves out the rows of every other
+    clip that shares a class with i's clip (``row_classes`` [N, C], the classes of each row's clip). The paper
+    contrasts every other clip as a negative; on multi-label data many of them share a class with the anchor.
+    In PyTorch, on every device (the N x N similarities are materialised; N = micro batch x ranks x rows)."""
+    n = embeddings.shape[0]
+    compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    z = F.normalize(embeddings.to(compute), dim=-1)
+    logits = (z @ z.t()) / temperature
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    same_clip = groups[:, None] == groups[None, :]
+    classes = row_classes.to(compute)
+    shares_a_class = (classes @ classes.t()) > 0
+    log_denominator = torch.logsumexp(logits.masked_fill(eye | (shares_a_class & ~same_clip), float("-inf")), dim=1)
+    positives = same_clip & ~eye
+    num_pos = positives.sum(dim=1)
+    per_anchor = log_denominator - (logits * positives).sum(dim=1) / num_pos.clamp(min=1)
+    valid = (num_pos > 0) & anchor_mask.to(torch.bool)
+    if not bool(valid.any()):
+        return (logits.sum() * 0.0).to(compute)
+    return per_anchor[valid].mean()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,6 +250,7 @@ class FineTuneModule(nn.Module):
         mixup_prob: float = 0.0,
         mixup_alpha: float = 0.5,
         mpc_negatives: str = "local",
+        drop_shared_label_negatives: bool = False,
     ) -> None:
         super().__init__()
         frozen_encoders = list(frozen_encoders or [])
@@ -231,6 +269,7 @@ class FineTuneModule(nn.Module):
         self.alpha = alpha if use_classifier else 0.0
         self.temperature = temperature
         self.mpc_negatives = mpc_negatives
+        self.drop_shared_label_negatives = drop_shared_label_negatives  # objective.mpc_drop_shared_label_negatives
         self.classifier = ClassificationHead(encoder.config, num_classes) if use_classifier else None
         for frozen in frozen_encoders:
             if frozen.config.hidden_size != encoder.config.hidden_size:
@@ -288,6 +327,7 @@ class FineTuneModule(nn.Module):
         logs: dict[str, torch.Tensor] = {}
         terms: dict[str, LossTerm] = {}
         loss = pooled.new_zeros((), dtype=torch.float32)
+        clip_classes = None  # [B, C] bool: the classes each clip is trained on (MPC's shared-label option)
 
         if self.classifier is not None:
             scores = self.classifier(pooled)
@@ -295,6 +335,8 @@ class FineTuneModule(nn.Module):
             if "labels" in batch:
                 labels = self._check_labels(batch["labels"], batch_size)
                 targets = labels if mix is None else mix.targets(labels, self.num_classes, self.multi_label)
+                if self.drop_shared_label_negatives:
+                    clip_classes = (targets > 0) if targets.dim() == 2 else F.one_hot(targets, self.num_classes) > 0
                 if self.multi_label:
                     cls_loss = F.binary_cross_entropy_with_logits(scores.float(), targets)
                 else:
@@ -320,7 +362,8 @@ class FineTuneModule(nn.Module):
             embeddings = torch.stack([p.to(pooled.dtype) for p in pooled_rows], dim=1).reshape(batch_size * rows, -1)
             groups = torch.arange(batch_size, device=pooled.device).repeat_interleave(rows)
             anchors = (torch.arange(batch_size * rows, device=pooled.device) % rows) == 0
-            mpc, logs["mpc_n"] = _contrast(self, embeddings, groups, anchors, rows)
+            row_classes = clip_classes.repeat_interleave(rows, dim=0) if clip_classes is not None else None
+            mpc, logs["mpc_n"] = _contrast(self, embeddings, groups, anchors, rows, row_classes)
             logs["mpc_loss"] = mpc
             terms["mpc_loss"] = LossTerm(mpc * batch_size, "clips", 1.0 - self.alpha)
             loss = loss + (1.0 - self.alpha) * mpc

@@ -16,8 +16,11 @@ from af_train.shards import CodecInfo, Manifest, shard_columns
 
 
 def write_split(out: Path, num_clips: int, *, split: str, num_classes: int = 4, multi_label: bool = True,
-                frames: int = 30, codebooks: int = 4, seed: int = 0) -> None:
+                frames: int = 30, codebooks: int = 4, seed: int = 0, shuffle_labels: bool = False) -> None:
+    """``shuffle_labels``: the same clips, each written with the labels of another clip (a random
+    permutation): what a model learns from them is chance."""
     rng = np.random.default_rng([seed, {"train": 0, "val": 1, "test": 2}.get(split, 3)])
+    clips = []
     class_codes = [np.arange(16) + 16 * c for c in range(num_classes)]
     out.mkdir(parents=True, exist_ok=True)
     with MDSWriter(out=str(out), columns=shard_columns(codebooks, frames), size_limit=1 << 13) as writer:
@@ -33,6 +36,12 @@ def write_split(out: Path, num_clips: int, *, split: str, num_classes: int = 4, 
             codes = np.stack([(row + 100 * k) % 1024 for k in range(codebooks)]).astype(np.int16)
             length = int(rng.integers(frames // 2, frames + 1))
             codes[:, length:] = 0
+            clips.append((codes, length, labels))
+        written_labels = [labels for _, _, labels in clips]
+        if shuffle_labels:
+            order = np.random.default_rng([seed, 0x5F]).permutation(num_clips)
+            written_labels = [written_labels[j] for j in order]
+        for i, ((codes, length, _), labels) in enumerate(zip(clips, written_labels)):
             writer.write({"id": f"{split}{i:05d}", "codes": codes, "length": np.int32(length),
                           "labels": np.asarray(labels, dtype=np.int32)})
     Manifest(

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engine_helpers import TINY, base_overrides, single_process_rank
@@ -24,6 +25,7 @@ from af_train.checkpoint.files import (
 )
 from af_train.checkpoint.manager import CheckpointManager
 from af_train.config import Recipe
+from af_train.metrics import classification_metrics
 from af_train.objectives import LossTerm
 from af_train.run_logging import read_metrics
 
@@ -231,10 +233,17 @@ def test_test_split_is_scored_with_the_checkpoint_selected_on_validation(one_ran
     assert final["test/mAP"] == metrics["test/mAP"]
     # an independent single-process evaluation of that checkpoint gives the same test metrics
     selected = run_dir / "checkpoints" / "step_00000002"
-    out = tmp_path / "eval.json"
-    assert evaluate_main([str(run_dir), "--split", "test", "--out", str(out), "--checkpoint", str(selected)]) == 0
+    out, scores = tmp_path / "eval.json", tmp_path / "scores.npz"
+    assert evaluate_main([str(run_dir), "--split", "test", "--out", str(out), "--checkpoint", str(selected),
+                          "--scores", str(scores)]) == 0
     standalone = json.loads(out.read_text())
     assert standalone["test/mAP"] == pytest.approx(final["test/mAP"], abs=1e-5)
+    # --scores: every test clip once, with the scores the metrics came from
+    with np.load(scores) as per_clip:
+        assert sorted(per_clip["ids"].tolist()) == [f"test{i:05d}" for i in range(40)]
+        assert per_clip["classes"].tolist() == [f"class{c}" for c in range(4)]
+        recomputed = classification_metrics(per_clip["scores"], per_clip["labels"])
+    assert recomputed["mAP"] == pytest.approx(standalone["test/mAP"], abs=1e-12)
 
 
 def _copy_split_as_other_tokenizer(src: Path, dst: Path) -> Path:

@@ -316,3 +316,74 @@ def test_checkpoints_of_another_tokenizer_are_refused(tmp_path):
     # a file written before identities were recorded has none: nothing to compare, it loads
     legacy = save_encoder(pretrained.encoder, tmp_path / "legacy.pt", code_row=0)
     build_training_module(_recipe("ft1", [0], init_checkpoint=str(legacy)), 5, True, tokenizer=MEL_B)
+
+
+def _shared_label_loop(embeddings, groups, classes, temperature, anchors) -> float:
+    """The option's loss written out anchor by anchor (cosine similarities, every sum as a loop)."""
+    z = F.normalize(embeddings.double(), dim=-1)
+    total, count = 0.0, 0
+    for i in range(len(z)):
+        if not anchors[i]:
+            continue
+        kept = [a for a in range(len(z)) if a != i
+                and not (groups[a] != groups[i] and bool((classes[a] & classes[i]).any()))]
+        positives = [p for p in range(len(z)) if p != i and groups[p] == groups[i]]
+        log_denominator = torch.logsumexp(torch.stack([z[i] @ z[a] / temperature for a in kept]), 0)
+        total += float(log_denominator - torch.stack([z[i] @ z[p] / temperature for p in positives]).mean())
+        count += 1
+    return total / count
+
+
+def test_dropping_shared_label_negatives_leaves_them_out_of_the_denominator():
+    from af_train.objectives.modules import mpc_loss_dropping_shared_label_negatives
+
+    gen = torch.Generator().manual_seed(3)
+    clips, rows = 6, 3
+    embeddings = torch.randn(clips * rows, 8, generator=gen, dtype=torch.float64)
+    groups = torch.arange(clips).repeat_interleave(rows)
+    anchors = torch.arange(clips * rows) % rows == 0
+    classes = (torch.rand(clips, 5, generator=gen) < 0.4).repeat_interleave(rows, dim=0)
+    got = mpc_loss_dropping_shared_label_negatives(embeddings, groups, classes, 0.1, anchors)
+    assert got.item() == pytest.approx(_shared_label_loop(embeddings, groups, classes, 0.1, anchors), abs=1e-10)
+    assert got.item() < mpc_loss(embeddings, groups, 0.1, anchors).item()  # fewer negatives: a smaller loss
+    alone = torch.eye(clips, dtype=torch.bool).repeat_interleave(rows, dim=0)  # no two clips share a class
+    assert mpc_loss_dropping_shared_label_negatives(embeddings, groups, alone, 0.1, anchors).item() == pytest.approx(
+        mpc_loss(embeddings, groups, 0.1, anchors).item(), abs=1e-12)
+
+
+def test_the_shared_label_option_reaches_ft2_and_is_refused_where_it_cannot_apply(row_checkpoints):
+    from af_train.config import RecipeError
+    from af_train.objectives.modules import mpc_loss_dropping_shared_label_negatives
+
+    batch = _batch(6, rows=4)
+    plain = _ft2(row_checkpoints, alpha=0.5, temperature=0.1).train()
+    dropping = _ft2(row_checkpoints, alpha=0.5, temperature=0.1, mpc_drop_shared_label_negatives=True).train()
+    assert dropping.drop_shared_label_negatives and not plain.drop_shared_label_negatives
+    out = dropping(batch)
+    mask = batch["attention_mask"]
+    pooled = [masked_mean_pool(dropping.encoder(batch["input_ids"][:, 0], mask), mask)]
+    for row in (1, 2, 3):
+        pooled.append(masked_mean_pool(load_encoder(row_checkpoints[row]).eval()(batch["input_ids"][:, row], mask),
+                                       mask))
+    embeddings = torch.stack(pooled, dim=1).reshape(B * 4, -1)
+    anchors = torch.arange(B * 4) % 4 == 0
+    classes = (batch["labels"] > 0).repeat_interleave(4, dim=0)
+    expected = mpc_loss_dropping_shared_label_negatives(embeddings, torch.arange(B).repeat_interleave(4), classes,
+                                                        0.1, anchors)
+    assert out["logs"]["mpc_loss"].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert abs(out["logs"]["mpc_loss"].item() - plain(batch)["logs"]["mpc_loss"].item()) > 1e-4
+    with pytest.raises(RecipeError, match="applies to mode=ft2"):
+        _recipe("ft1", [0], mpc_drop_shared_label_negatives=True)
+
+
+def test_an_ft2_run_with_the_shared_label_option_is_evaluated_as_its_classifier(tmp_path, row_checkpoints):
+    """af-evaluate and AudioTagger score an FT2 run as FT1 on its trainable row; the training-loss option does not
+    stop them (it is refused on FT1 recipes)."""
+    from af_train.evaluate import evaluation_recipe
+
+    recipe = _recipe("ft2", [0, 1, 2, 3], frozen_row_checkpoints=row_checkpoints[1:],
+                     mpc_drop_shared_label_negatives=True)
+    (tmp_path / "config.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    scored = evaluation_recipe(tmp_path)
+    assert scored.objective.mode == "ft1" and scored.data.code_rows == [0]
+    assert not scored.objective.mpc_drop_shared_label_negatives

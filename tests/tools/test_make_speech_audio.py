@@ -125,3 +125,45 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert "--repeats" in err and "--clip-seconds" in err
     with pytest.raises(speech.SpeechSynthesisError, match="English and"):
         speech.plan_speakers(0, {"train": 100000, "val": 0, "test": 0}, ["f1"])
+
+
+PAIR_WORDS = ["yes", "no", "up", "down"]
+PAIRS = ["--words", ",".join(PAIR_WORDS), "--words-per-clip", "2", "--train-speakers", "2", "--val-speakers", "1",
+         "--test-speakers", "1", "--repeats", "2", "--clip-seconds", "1.6", "--quiet"]
+
+
+def test_two_words_per_clip_make_a_balanced_multi_label_set_of_disjoint_speakers(tmp_path):
+    out = tmp_path / "pairs"
+    assert speech.main(["--out", str(out), "--workers", "2", *PAIRS]) == 0
+    again = tmp_path / "again"
+    assert speech.main(["--out", str(again), "--workers", "1", *PAIRS]) == 0
+    assert digests(again) == digests(out)  # deterministic whatever the worker count
+    speakers = {s["speaker"]: s["split"] for s in read_csv(out / "speakers.csv")}
+    pairs_seen = set()
+    for split, count in (("train", 2), ("val", 1), ("test", 1)):
+        rows = read_csv(out / f"{split}.csv")
+        assert len(rows) == count * 2 * len(PAIR_WORDS) // 2  # every take: each word once, two to a clip
+        words = [r["labels"].split(";") for r in rows]
+        assert all(len(w) == 2 and w[0] != w[1] and set(w) <= set(PAIR_WORDS) for w in words)
+        assert Counter(w for pair in words for w in pair) == {w: count * 2 for w in PAIR_WORDS}  # balanced
+        assert {speakers[Path(r["path"]).parent.name] for r in rows} == {split}  # speakers stay in their split
+        pairs_seen |= {tuple(w) for w in words}
+        for row in rows:
+            x, rate = sf.read(out / row["path"])
+            assert rate == 16000 and len(x) == int(1.6 * rate)
+            rms = windowed_rms(x, 320)
+            halves = np.array_split(rms, 2)
+            floor = np.median(np.sort(rms)[: len(rms) // 4])
+            assert all(20 * np.log10(h.max() / floor) > 8 for h in halves), row  # a word in each half
+    assert len(pairs_seen) > 2  # the pairing is shuffled, not fixed
+    argv = ["--format", "csv", "--input", str(out / "labels.csv"), "--labels", str(out / "vocabulary.txt"),
+            "--out", "unused"]
+    assert load_csv_source(prepare_parser().parse_args(argv)).multi_label
+
+
+def test_words_per_clip_must_divide_the_words_and_fit_the_clip(tmp_path, capsys):
+    assert speech.main(["--out", str(tmp_path), "--words", "yes,no,up", "--words-per-clip", "2", "--quiet"]) == 2
+    assert "divide the number of words (3)" in capsys.readouterr().err
+    assert speech.main(["--out", str(tmp_path), "--words", "yes,no", "--words-per-clip", "2", "--clip-seconds", "0.5",
+                        "--quiet"]) == 2
+    assert "less than 0.3 s" in capsys.readouterr().err
