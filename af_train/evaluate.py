@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out / --scores file")
     parser.add_argument("--scores", help="also write every clip's scores here (.npz: ids, scores [clips, classes] "
                                          "(logits), labels as the shards hold them, classes), e.g. for paired "
-                                         "comparisons of runs on the same clips (an existing file only with --overwrite)")
+                                         "comparisons of runs on the same clips; replaced only with --overwrite")
     parser.add_argument("overrides", nargs="*", help="recipe overrides key.sub=value (e.g. data.test=/data/x)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
