@@ -176,29 +176,40 @@ def _committed(out: Path) -> dict[int, tuple[int, int]]:
 
 
 def test_kill_9_of_one_rank_then_rerun_redoes_only_its_unfinished_chunks(
-        single_process, mixed_csv, synthetic_audio, mel_rvq_file, tmp_path):
+        mixed_csv, synthetic_audio, mel_rvq_file, tmp_path):
+    # the mixed set 4 times over (ids made distinct): 76 chunks of one clip, so rank 1 is caught mid-way
+    with open(mixed_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels_csv = tmp_path / "labels.csv"
+    with open(labels_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "path", "labels"])
+        writer.writeheader()
+        writer.writerows({**r, "id": f"{r['id']}#{rep}"} for rep in range(4) for r in rows)
+    vocabulary = synthetic_audio / "vocabulary.txt"
+    assert prep.main(_argv(labels_csv, vocabulary, mel_rvq_file, tmp_path / "single", chunk=1)) == 0
+    chunks = 4 * (len(rows) - 2)  # one clip per chunk; the unknown label and the duplicate id are no task
     out = tmp_path / "out"
-    argv = _argv(mixed_csv, synthetic_audio / "vocabulary.txt", mel_rvq_file, out, chunk=1)  # 19 chunks
+    argv = _argv(labels_csv, vocabulary, mel_rvq_file, out, chunk=1)
     processes = _start_two_nodes(argv, tmp_path, "killed")
     deadline = time.monotonic() + 240
     pids: dict[int, int] = {}
-    while 1 not in pids:  # node 1's launcher names its rank's process
+    while 0 not in pids:  # node 1's launcher names its rank's process (rank 1, local rank 0)
         assert time.monotonic() < deadline and processes[1].poll() is None, _logs(tmp_path, "killed")[-3000:]
         pids = _rank_pids(tmp_path / "killed_node1.log")
         time.sleep(0.05)
     while not any(rank == 1 for rank, _ in _committed(out).values()):
         assert time.monotonic() < deadline and processes[1].poll() is None, _logs(tmp_path, "killed")[-3000:]
         time.sleep(0.002)
-    os.kill(pids[1], signal.SIGSTOP)  # rank 1 frozen after its first commit, in the middle of its part
-    rank0_chunks = {k for k in range(19) if owns_chunk(k, 0, 2)}
+    os.kill(pids[0], signal.SIGSTOP)  # rank 1 frozen after its first commit, in the middle of its part
+    rank0_chunks = {k for k in range(chunks) if owns_chunk(k, 0, 2)}
     while not rank0_chunks <= set(_committed(out)):  # rank 0 finishes its part, then waits for rank 1
         assert time.monotonic() < deadline, _logs(tmp_path, "killed")[-3000:]
         time.sleep(0.05)
     before = _committed(out)
-    os.kill(pids[1], signal.SIGKILL)
+    os.kill(pids[0], signal.SIGKILL)
     codes = _wait(processes, tmp_path, "killed")
     assert codes[1] != 0 and not (out / "manifest.json").exists()
-    unfinished = set(range(19)) - set(before)
+    unfinished = set(range(chunks)) - set(before)
     assert unfinished and all(owns_chunk(k, 1, 2) for k in unfinished)
 
     rerun = _start_two_nodes(argv, tmp_path, "rerun")
@@ -206,8 +217,10 @@ def test_kill_9_of_one_rank_then_rerun_redoes_only_its_unfinished_chunks(
     after = _committed(out)
     redone = {k for k in after if before.get(k) != after[k]}
     assert redone == unfinished  # only rank 1's unfinished chunks; every committed chunk kept as it was
+    print(f"kill -9 of rank 1 after {sum(r == 1 for r, _ in before.values())} of its {chunks // 2} chunks: the "
+          f"rerun redid {len(redone)} chunks, kept {len(before)}")
     assert all(after[k][0] == 1 for k in redone)
-    _assert_same_dataset(out, single_process)  # no duplicate, no missing clip, same codes
+    _assert_same_dataset(out, tmp_path / "single")  # no duplicate, no missing clip, same codes
 
 
 @pytest.mark.parametrize("env, expected", [
