@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _establish_outputs(args, remote_out, dirs, fingerprint, shown) -> dict[str, str]:
-    """Check or create each split's resume state (rank 0 only with several ranks); raises ``PrepareRefused``."""
+    """Check or create each split's resume state (rank 0 only with several ranks); raises ``PrepareRefused``
+    (object storage) or ``SystemExit`` (the folder's refusals)."""
     from af_train.remote import RemoteError
 
     try:
@@ -237,9 +238,15 @@ def _establish_outputs(args, remote_out, dirs, fingerprint, shown) -> dict[str, 
                     remote_out.push_state(d)
     except RemoteError as exc:
         raise PrepareRefused(f"af-prepare: error: {exc}") from None
+    return states
+
+
+def _establish_outputs_for_all_ranks(*args) -> dict[str, str]:
+    """``_establish_outputs`` on rank 0 of several: a refusal becomes an exception every rank raises."""
+    try:
+        return _establish_outputs(*args)
     except SystemExit as exc:  # prepare_split_dir's refusals (another preparation's folder, other settings)
         raise PrepareRefused(str(exc.code)) from None
-    return states
 
 
 def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None = None) -> int:
@@ -298,7 +305,7 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
             states = _establish_outputs(args, remote_out, dirs, fingerprint, shown)
         else:  # rank 0 checks and creates the resume state, then every rank starts from it
             states = distributed.broadcast_from_rank0(distributed.result_or_exception(
-                _establish_outputs, args, remote_out, dirs, fingerprint, shown) if rank == 0 else None)
+                _establish_outputs_for_all_ranks, args, remote_out, dirs, fingerprint, shown) if rank == 0 else None)
             if rank != 0 and remote_out:
                 for split, d in dirs.items():  # this rank's staging folder follows the bucket
                     remote_out.pull(d, overwrite=False)
