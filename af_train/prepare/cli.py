@@ -369,6 +369,7 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
     interrupted = finished = False
     upload_error: RemoteError | None = None
     waited_from = time.perf_counter()
+    cpu_from = time.process_time()
     try:
         for (split, k, task), outcome in ordered_map(
             functools.partial(decode_item, settings), iter(work), pool,
@@ -421,6 +422,7 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
               file=sys.stderr)
     elapsed = time.monotonic() - start
     timings["elapsed_s"] = elapsed
+    timings["cpu_s"] = time.process_time() - cpu_from  # this process's CPU time in the loop (not its workers')
     # the rate after the first clip: start-up (imports, workers, the tokenizer's first batch) is not throughput
     timings["after_first_s"] = time.monotonic() - first_at if first_at is not None else 0.0
     log.info("%s", part_summary(rank, world, timings))

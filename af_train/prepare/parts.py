@@ -33,4 +33,4 @@ def part_summary(rank: int, world_size: int, timings: dict) -> str:
     steady = f", {(clips - 1) / after_first:.2f} clips/s after the first" if clips > 1 and after_first > 0 else ""
     return (f"rank {rank} of {world_size}: {clips} clips in {elapsed:.1f} s ({clips / elapsed:.2f} clips/s{steady}); "
             f"decode {timings['decode_s']:.1f} s, tokenize {timings['tokenize_s']:.1f} s, "
-            f"write {timings['write_s']:.1f} s")
+            f"write {timings['write_s']:.1f} s; {timings.get('cpu_s', 0.0):.1f} CPU-s in this process")
