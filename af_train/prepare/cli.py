@@ -249,6 +249,20 @@ def _establish_outputs_for_all_ranks(*args) -> dict[str, str]:
         raise PrepareRefused(str(exc.code)) from None
 
 
+def _wait_for_all_ranks(rank: int, world: int, own_code: int, timings: dict) -> int:
+    """Collective, after each rank's part: the worst exit code of the other ranks (0 when all finished);
+    rank 0 logs the whole job's rate, or which ranks did not finish."""
+    statuses = distributed.gather_objects({"rank": rank, "code": own_code, **timings})
+    failed = [s for s in statuses if s["code"] != 0]
+    if rank == 0 and failed:
+        print(f"af-prepare: error: rank(s) {', '.join(str(s['rank']) for s in failed)} did not finish their part; "
+              "committed chunks are kept; rerun the same command to continue", file=sys.stderr)
+    elif rank == 0:
+        clips, slowest = sum(s["clips"] for s in statuses), max(s["elapsed_s"] for s in statuses)
+        log.info("all %d ranks: %d clips in %.1f s (%.2f clips/s)", world, clips, slowest, clips / max(slowest, 1e-9))
+    return max((s["code"] for s in failed if s["rank"] != rank), default=0)
+
+
 def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None = None) -> int:
     placement = placement or distributed.LaunchPlacement(0, 1, 0, 1, "none")
     rank, world = placement.rank, placement.world_size
@@ -414,50 +428,31 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
             pool.join()
         if writer is not None:
             writer.abandon()
-    code = 130 if interrupted else 1 if upload_error is not None else 0
-    if interrupted:
-        print("\ninterrupted: committed chunks are kept; rerun the same command to continue", file=sys.stderr)
-    if upload_error is not None:
-        print(f"af-prepare: error: {upload_error}\ncommitted chunks are kept; rerun the same command to continue",
-              file=sys.stderr)
     elapsed = time.monotonic() - start
     timings["elapsed_s"] = elapsed
     timings["cpu_s"] = time.process_time() - cpu_from  # this process's CPU time in the loop (not its workers')
     # the rate after the first clip: start-up (imports, workers, the tokenizer's first batch) is not throughput
     timings["after_first_s"] = time.monotonic() - first_at if first_at is not None else 0.0
     log.info("%s", part_summary(rank, world, timings))
-    if world > 1:  # every rank waits here for the slowest part; then only rank 0 merges
-        statuses = distributed.gather_objects({"rank": rank, "code": code, **timings})
-        failed = [s for s in statuses if s["code"] != 0]
-        if failed:
-            if rank == 0:
-                print(f"af-prepare: error: rank(s) {', '.join(str(s['rank']) for s in failed)} did not finish "
-                      "their part; committed chunks are kept; rerun the same command to continue", file=sys.stderr)
-            return max(s["code"] for s in failed)
-        if rank == 0:
-            total_clips = sum(s["clips"] for s in statuses)
-            slowest = max(s["elapsed_s"] for s in statuses)
-            log.info("all %d ranks: %d clips in %.1f s (%.2f clips/s)", world, total_clips, slowest,
-                     total_clips / max(slowest, 1e-9))
-        code = 0
-        if rank == 0:
-            if remote_out:  # the other ranks' chunks: their bookkeeping from the bucket
-                for split, d in dirs.items():
-                    if states[split] != "complete":
-                        remote_out.pull(d, overwrite=False)
-            code = _finish(args, plans, states, dirs, shown, manifest_base, remote_out, tokenizer, audio_seconds,
-                           first_seconds, first_at, elapsed)
-        return distributed.broadcast_from_rank0(code)
-    if code:
-        return code
-    return _finish(args, plans, states, dirs, shown, manifest_base, remote_out, tokenizer, audio_seconds,
-                   first_seconds, first_at, elapsed)
-
-
-def _finish(args, plans, states, dirs, shown, manifest_base, remote_out, tokenizer, audio_seconds, first_seconds,
-            first_at, elapsed) -> int:
-    """Merge every split (chunks, rejects, manifest last) and print the summary; the exit code."""
-    from af_train.remote import RemoteError
+    others_failed = 0
+    if world > 1:  # every rank waits here for the slowest part; then rank 0 alone merges
+        own = 130 if interrupted else 1 if upload_error is not None else 0
+        others_failed = _wait_for_all_ranks(rank, world, own, timings)
+        if rank != 0 and not (own or others_failed):
+            return 0
+        if remote_out and not (own or others_failed):  # the other ranks' chunks: their bookkeeping from the bucket
+            for split, d in dirs.items():
+                if states[split] != "complete":
+                    remote_out.pull(d, overwrite=False)
+    if interrupted:
+        print("\ninterrupted: committed chunks are kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+    if upload_error is not None:
+        print(f"af-prepare: error: {upload_error}\ncommitted chunks are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return 1
+    if others_failed:
+        return others_failed
 
     exit_code = 0
     import torch
