@@ -7,11 +7,74 @@ called by every rank, in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import datetime
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LaunchPlacement:
+    """Where a launcher put this process, read from its environment before any process group exists."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str  # "torch" (deepspeed / torchrun: RANK, WORLD_SIZE), "slurm" (srun), "mpi" or "none"
+
+
+# (launcher, rank, world size, local rank, local world size): the first launcher whose rank variable is set wins
+_LAUNCH_VARIABLES = (
+    ("torch", "RANK", "WORLD_SIZE", "LOCAL_RANK", ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", ("SLURM_NTASKS_PER_NODE",)),
+    ("mpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
+)
+
+
+def launch_placement(environ: Mapping[str, str] | None = None) -> LaunchPlacement:
+    """This process's rank, world size and local rank as its launcher set them (deepspeed and torchrun
+    export RANK/WORLD_SIZE/LOCAL_RANK, SLURM's srun SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, Open MPI
+    OMPI_COMM_WORLD_*); rank 0 of 1 without a launcher. The one place rank and world come from the
+    environment for jobs that are not DeepSpeed engines (af-prepare)."""
+    env = os.environ if environ is None else environ
+    for launcher, rank_key, world_key, local_key, local_size_keys in _LAUNCH_VARIABLES:
+        if rank_key in env:
+            world = int(env.get(world_key, "1"))
+            local_size = next((env[k] for k in local_size_keys if k in env), None)
+            # SLURM_NTASKS_PER_NODE may read "4(x2)" on heterogeneous allocations: the leading number
+            local_world = int(str(local_size).split("(")[0]) if local_size else 1
+            placement = LaunchPlacement(int(env[rank_key]), world, int(env.get(local_key, "0")), local_world,
+                                        launcher)
+            if not 0 <= placement.rank < placement.world_size:
+                raise ValueError(f"{rank_key}={placement.rank} is outside {world_key}={placement.world_size}")
+            return placement
+    return LaunchPlacement(0, 1, 0, 1, "none")
+
+
+def init_from_environment(placement: LaunchPlacement, timeout_s: float) -> None:
+    """Join the gloo process group of a launched job (MASTER_ADDR / MASTER_PORT from the environment),
+    unless there is only one rank or a group is already up. ``timeout_s`` bounds every collective:
+    a job whose ranks wait for each other's long work sets it above that work's duration."""
+    if placement.world_size == 1 or is_distributed():
+        return
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"{placement.world_size} ranks ({placement.launcher} launcher) but {', '.join(missing)} "
+                         "not set: export the address and a free port of the rank-0 host on every rank")
+    dist.init_process_group("gloo", rank=placement.rank, world_size=placement.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    """Leave the process group (if one is up); after this, collectives act on this process alone."""
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -27,19 +25,15 @@ if __package__ in (None, ""):  # run as a script path (deepspeed af_train/train.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process_env() -> None:
     """Without a launcher, run as rank 0 of 1 (DeepSpeed otherwise looks for MPI)."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "SLURM_PROCID" in os.environ:
         return
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from af_train.launcher import free_port
+
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -97,27 +91,6 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def launcher_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
-    deepspeed = shutil.which("deepspeed")
-    command = [deepspeed] if deepspeed else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    if args.hostfile:
-        command += ["--hostfile", args.hostfile]
-        if args.no_ssh:  # one launcher per node, started by the user (e.g. srun): this node's rank
-            command += ["--no_ssh", "--node_rank", str(args.node_rank)]
-        if args.master_addr:
-            command += ["--master_addr", args.master_addr]
-    else:
-        ranks = args.num_gpus or args.num_cpu_ranks
-        if ranks is None:
-            import torch
-
-            ranks = torch.cuda.device_count() or 1
-        command += ["--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1", "--num_gpus", str(ranks)]
-    command += ["--master_port", str(args.master_port or _free_port())]
-    command += ["--module", "af_train.train"]
-    return command + rest
-
-
 def preflight(rest: list[str]) -> str | None:
     """What would stop every rank at start-up, found before the launcher starts any: the recipe, and the
     splits' manifests (another tokenizer's val/test codes, and when fine-tuning another class list, are
@@ -137,33 +110,19 @@ def preflight(rest: list[str]) -> str | None:
 
 
 def launch_main(argv: list[str] | None = None) -> int:
+    from af_train.launcher import add_launcher_arguments, check_launcher_arguments, launcher_command
+
     parser = argparse.ArgumentParser(
         prog="af-train",
         description="Start the DeepSpeed launcher for af_train.train (all other arguments go to af_train.train: "
                     "--recipe FILE [--resume ...] [key=value ...]).")
-    parser.add_argument("--hostfile", help="DeepSpeed hostfile (hostname slots=N per line); omitted: this machine only")
-    parser.add_argument("--num_gpus", "--num-gpus", type=int, help="GPUs on this machine (default: all visible)")
-    parser.add_argument("--num_cpu_ranks", "--num-cpu-ranks", type=int,
-                        help="CPU processes when there is no GPU (gloo); default 1")
-    parser.add_argument("--master_port", "--master-port", type=int, help="rendezvous port (default: a free one)")
-    parser.add_argument("--master_addr", "--master-addr", help="with --hostfile: address of the first host")
-    parser.add_argument("--no_ssh", "--no-ssh", action="store_true",
-                        help="with --hostfile: start only this node's ranks (run one af-train per node, e.g. "
-                             "under srun); needs --node_rank and --master_addr")
-    parser.add_argument("--node_rank", "--node-rank", type=int,
-                        help="with --no_ssh: this node's line in the hostfile, from 0 (SLURM: $SLURM_NODEID)")
+    add_launcher_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the launcher command and exit")
     args, rest = parser.parse_known_args(argv)
     if "--recipe" not in rest:
         parser.error("--recipe FILE is required (it is passed to af_train.train)")
-    if args.no_ssh and not args.hostfile:
-        parser.error("--no_ssh is for multi-node runs with --hostfile; on one machine af-train never uses ssh")
-    if args.no_ssh and (args.node_rank is None or not args.master_addr):
-        parser.error("--no_ssh needs --node_rank N (this node's line in the hostfile, from 0) and "
-                     "--master_addr HOST (the node of rank 0), the same on every node")
-    if args.node_rank is not None and not args.no_ssh:
-        parser.error("--node_rank only applies with --hostfile --no_ssh (one launcher per node)")
-    command = launcher_command(args, rest)
+    check_launcher_arguments(parser, args)
+    command = launcher_command(args, "af_train.train", rest)
     print("af-train:", " ".join(command), flush=True)
     if args.dry_run:
         return 0

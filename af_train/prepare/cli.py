@@ -21,6 +21,12 @@ Object storage: ``--out s3://bucket/prefix`` (endpoint and credentials from the 
 ``S3_ENDPOINT_URL`` for MinIO/Ceph) works the same way in a local staging folder and uploads each
 committed chunk, then the merged index and the manifest last; the bucket is the resume state
 (:mod:`~af_train.prepare.remote_output`). Each shard's sha1 and xxh64 go into ``index.json``.
+
+Several ranks (:mod:`~af_train.prepare.parts`): ``--num_cpu_ranks N``, ``--num_gpus N`` or ``--hostfile``
+start the DeepSpeed launcher as ``af-train`` does (``torchrun`` and ``srun`` environments work too). Chunk
+``k`` of a split belongs to rank ``k mod world_size``; each rank encodes its own chunks on its own device
+into the shared output, and rank 0 merges them once every rank is done. A rerun with another number of
+ranks re-plans only the chunks not yet committed.
 """
 
 from __future__ import annotations
@@ -29,13 +35,18 @@ import argparse
 import functools
 import logging
 import os
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from af_train import distributed
 from af_train.files import output_problem, sha256_files
+from af_train.launcher import add_launcher_arguments, check_launcher_arguments, launcher_command, wants_launcher
 from af_train.prepare.decoding import DecodeSettings, decode_item, ordered_map, start_pool
+from af_train.prepare.parts import PART_RULE, PrepareRefused, owns_chunk, part_summary
 from af_train.prepare.planning import Task, plan_splits
 from af_train.prepare.remote_output import RemoteOutput
 from af_train.prepare.sources import (
@@ -48,6 +59,7 @@ from af_train.prepare.sources import (
 from af_train.prepare.writing import (
     REJECTS_NAME,
     ChunkWriter,
+    DamagedChunk,
     chunk_name,
     codec_info,
     committed_chunks,
@@ -84,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", type=float, default=3.0,
                    help="--tokenizer encodec: kbps 1.5/3/6/12/24 → 2/4/8/16/32 codebooks")
     p.add_argument("--device", help="tokenizer device (default: cuda when available, else cpu)")
-    p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
-                   help="decoding processes; 0 decodes in the main process")
+    p.add_argument("--workers", type=int,
+                   help="decoding processes per rank; 0 decodes in the main process (default: the rank's share "
+                   "of the CPU cores minus one, at most 8, at least 1 with one rank per machine)")
     p.add_argument("--threads", type=int,
-                   help="torch threads for encoding on the CPU (default: CPU cores minus --workers, at least 1)")
+                   help="torch threads for encoding on the CPU (default: the rank's share of the CPU cores minus "
+                   "--workers, at least 1)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per tokenizer batch")
     p.add_argument("--decode-timeout", type=float, default=600.0,
                    help="seconds a worker may spend on one file before it is rejected (default 600)")
@@ -101,11 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staging-dir", help="with --out s3://...: local working folder (default: under "
                    "~/.cache/af_train); it holds about one chunk of shards at a time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    ranks = p.add_argument_group("several ranks (as af-train: the DeepSpeed launcher; torchrun and srun work too)")
+    add_launcher_arguments(ranks)
+    ranks.add_argument("--wait-hours", type=float, default=72.0,
+                       help="how long a rank that has finished its part waits for the others (default 72)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     return p
 
 
 def _validate_args(args: argparse.Namespace) -> None:
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise SystemExit("af-prepare: error: --workers must be >= 0")
     if args.threads is not None and args.threads < 1:
         raise SystemExit("af-prepare: error: --threads must be >= 1")
@@ -154,23 +173,103 @@ def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
+def _launch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """Start the DeepSpeed launcher for ``python -m af_train.prepare`` with the arguments that are not its own."""
+    launcher_parser = argparse.ArgumentParser(prog="af-prepare", add_help=False)
+    add_launcher_arguments(launcher_parser)
+    launcher_args, rest = launcher_parser.parse_known_args(argv)
+    check_launcher_arguments(parser, launcher_args)
+    command = launcher_command(launcher_args, "af_train.prepare", rest)
+    print("af-prepare:", " ".join(command), flush=True)
+    return subprocess.call(command)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        placement = distributed.launch_placement()
+    except ValueError as exc:
+        parser.error(str(exc))
+    if wants_launcher(args):
+        if placement.launcher != "none":
+            parser.error(f"--hostfile, --num_gpus and --num_cpu_ranks start a launcher; this process already runs "
+                         f"under one ({placement.launcher}, rank {placement.rank} of {placement.world_size}): "
+                         "leave them out")
+        _validate_args(args)
+        return _launch(parser, argv)
     _validate_args(args)
     import torch
 
+    # The rank's share of the machine: N local ranks x all cores each would oversubscribe it N times.
+    cores = max(1, (os.cpu_count() or 1) // placement.local_world_size)
+    if args.workers is None:
+        args.workers = min(8, max(1 if placement.local_world_size == 1 else 0, cores - 1))
+    if args.device is None and placement.world_size > 1 and torch.cuda.is_available():
+        args.device = f"cuda:{placement.local_rank % torch.cuda.device_count()}"  # each rank its own GPU
     # Oversubscribed CPUs (encoder threads + decoding workers + anything else) make torch's
     # intra-op threads spin against each other: 10x slower encoding was seen on a busy 2-core box.
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - args.workers))
+    torch.set_num_threads(args.threads or max(1, cores - args.workers))
     try:
-        return _run(args)
+        distributed.init_from_environment(placement, args.wait_hours * 3600)
+    except ValueError as exc:
+        print(f"af-prepare: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, placement)
     finally:
         torch.set_num_threads(threads_before)
+        distributed.shutdown()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _establish_outputs(args, remote_out, dirs, fingerprint, shown) -> dict[str, str]:
+    """Check or create each split's resume state (rank 0 only with several ranks); raises ``PrepareRefused``
+    (object storage) or ``SystemExit`` (the folder's refusals)."""
+    from af_train.remote import RemoteError
+
+    try:
+        if remote_out:
+            remote_out.check()
+            for d in dirs.values():
+                remote_out.pull(d, args.overwrite)
+        states = {split: prepare_split_dir(d, fingerprint, args.overwrite, shown[split]) for split, d in dirs.items()}
+        if remote_out:
+            for split, d in dirs.items():
+                if states[split] != "complete":
+                    remote_out.push_state(d)
+    except RemoteError as exc:
+        raise PrepareRefused(f"af-prepare: error: {exc}") from None
+    return states
+
+
+def _establish_outputs_for_all_ranks(*args) -> dict[str, str]:
+    """``_establish_outputs`` on rank 0 of several: a refusal becomes an exception every rank raises."""
+    try:
+        return _establish_outputs(*args)
+    except SystemExit as exc:  # prepare_split_dir's refusals (another preparation's folder, other settings)
+        raise PrepareRefused(str(exc.code)) from None
+
+
+def _wait_for_all_ranks(rank: int, world: int, own_code: int, timings: dict) -> int:
+    """Collective, after each rank's part: the worst exit code of the other ranks (0 when all finished);
+    rank 0 logs the whole job's rate, or which ranks did not finish."""
+    statuses = distributed.gather_objects({"rank": rank, "code": own_code, **timings})
+    failed = [s for s in statuses if s["code"] != 0]
+    if rank == 0 and failed:
+        print(f"af-prepare: error: rank(s) {', '.join(str(s['rank']) for s in failed)} did not finish their part; "
+              "committed chunks are kept; rerun the same command to continue", file=sys.stderr)
+    elif rank == 0:
+        clips, slowest = sum(s["clips"] for s in statuses), max(s["elapsed_s"] for s in statuses)
+        log.info("all %d ranks: %d clips in %.1f s (%.2f clips/s)", world, clips, slowest, clips / max(slowest, 1e-9))
+    return max((s["code"] for s in failed if s["rank"] != rank), default=0)
+
+
+def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None = None) -> int:
+    placement = placement or distributed.LaunchPlacement(0, 1, 0, 1, "none")
+    rank, world = placement.rank, placement.world_size
     try:
         source = load_source(args)
     except LabelFileError as exc:
@@ -209,25 +308,28 @@ def _run(args: argparse.Namespace) -> int:
     remote_out = None
     if is_remote(args.out):
         staging = Path(args.staging_dir) if args.staging_dir else RemoteOutput.default_staging(args.out)
+        if world > 1:  # each rank stages its own chunks (nodes may share a home folder)
+            staging = staging / f"rank-{rank:05d}"
         remote_out = RemoteOutput(args.out, staging)
         logging.getLogger("botocore").setLevel(logging.WARNING)  # not one line per credential lookup
         log.info("writing to %s through the staging folder %s", args.out, staging)
     out = remote_out.staging if remote_out else Path(args.out)
     dirs = split_dirs(out, list(plans), source.split_folders)
     shown = {split: remote_out.remote_for(d).url if remote_out else str(d) for split, d in dirs.items()}
-    log.info("%s: %s → %s (%s)", args.format, source.description, args.out, tokenizer)
+    log.info("%s: %s → %s (%s)%s", args.format, source.description, args.out, tokenizer,
+             f" [rank {rank} of {world}]" if world > 1 else "")
     try:
-        if remote_out:
-            remote_out.check()
-            for d in dirs.values():
-                remote_out.pull(d, args.overwrite)
-        states = {split: prepare_split_dir(d, fingerprint, args.overwrite, shown[split]) for split, d in dirs.items()}
-        if remote_out:
-            for split, d in dirs.items():
-                if states[split] != "complete":
-                    remote_out.push_state(d)
-    except RemoteError as exc:
-        print(f"af-prepare: error: {exc}", file=sys.stderr)
+        if world == 1:
+            states = _establish_outputs(args, remote_out, dirs, fingerprint, shown)
+        else:  # rank 0 checks and creates the resume state, then every rank starts from it
+            states = distributed.broadcast_from_rank0(distributed.result_or_exception(
+                _establish_outputs_for_all_ranks, args, remote_out, dirs, fingerprint, shown) if rank == 0 else None)
+            if rank != 0 and remote_out:
+                for split, d in dirs.items():  # this rank's staging folder follows the bucket
+                    remote_out.pull(d, overwrite=False)
+                    prepare_split_dir(d, fingerprint, False, shown[split])
+    except PrepareRefused as exc:
+        print(exc, file=sys.stderr)
         return 2
 
     manifest_base = {
@@ -238,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
         "labels": source.vocabulary,
         "multi_label": source.multi_label,
         "source_format": args.format,
-        "extra": {"source": source.description,
+        "extra": {"source": source.description, "part_rule": PART_RULE,
                   "prepare": {k: v for k, v in fingerprint.items() if k not in ("codec", "tokenizer")}},
     }
 
@@ -254,6 +356,9 @@ def _run(args: argparse.Namespace) -> int:
             continue
         committed = committed_chunks(dirs[split])
         for k, chunk in enumerate(chunks):
+            if not owns_chunk(k, rank, world):  # another rank's part
+                total -= len(chunk)
+                continue
             chunk_tasks[(split, k)] = chunk
             if k in committed:
                 done_before += len(chunk)
@@ -268,7 +373,10 @@ def _run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=done_before, unit="clip", desc="preparing", disable=args.quiet, smoothing=0.1)
+    bar = tqdm(total=total, initial=done_before, unit="clip", desc="preparing" if world == 1 else f"rank {rank}",
+               disable=args.quiet or rank != 0, smoothing=0.1)
+    provenance = {"rank": rank, "world_size": world, "host": socket.gethostname()}
+    timings = {"decode_s": 0.0, "tokenize_s": 0.0, "write_s": 0.0, "clips": 0}
     start = time.monotonic()
     audio_seconds = 0.0
     rejected = 0
@@ -279,14 +387,20 @@ def _run(args: argparse.Namespace) -> int:
     writer: ChunkWriter | None = None
     interrupted = finished = False
     upload_error: RemoteError | None = None
+    waited_from = time.perf_counter()
+    cpu_from = time.process_time()
     try:
         for (split, k, task), outcome in ordered_map(
             functools.partial(decode_item, settings), iter(work), pool,
             max_in_flight=max(4, 4 * max(args.workers, 1)), timeout=args.decode_timeout,
         ):
+            timings["decode_s"] += time.perf_counter() - waited_from  # decoding, or waiting for the workers
+            timings["clips"] += 1
             if writer is None or (writer.split, writer.k) != (split, k):
+                opened_at = time.perf_counter()
                 writer = ChunkWriter(dirs[split], split, k, chunk_tasks[(split, k)], tokenizer, frames,
-                                     args.batch_size)
+                                     args.batch_size, provenance)
+                timings["write_s"] += time.perf_counter() - opened_at
             audio_seconds += writer.add(task, outcome)
             if first_at is None:
                 first_at, first_seconds = time.monotonic(), audio_seconds
@@ -300,6 +414,8 @@ def _run(args: argparse.Namespace) -> int:
                     log.warning("warning: %s (%s)", message, reason)
             if writer.remaining == 0:
                 writer.commit()
+                timings["tokenize_s"] += writer.encode_seconds
+                timings["write_s"] += writer.write_seconds
                 writer = None
                 if remote_out:
                     remote_out.push_chunk(dirs[split] / chunk_name(k))
@@ -308,6 +424,7 @@ def _run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{_rate(audio_seconds - first_seconds, first_at):.1f}x realtime, {rejected} rejected",
                                 refresh=False)
             bar.update(1)
+            waited_from = time.perf_counter()
         finished = True
     except KeyboardInterrupt:
         interrupted = True
@@ -320,6 +437,22 @@ def _run(args: argparse.Namespace) -> int:
             pool.join()
         if writer is not None:
             writer.abandon()
+    elapsed = time.monotonic() - start
+    timings["elapsed_s"] = elapsed
+    timings["cpu_s"] = time.process_time() - cpu_from  # this process's CPU time in the loop (not its workers')
+    # the rate after the first clip: start-up (imports, workers, the tokenizer's first batch) is not throughput
+    timings["after_first_s"] = time.monotonic() - first_at if first_at is not None else 0.0
+    log.info("%s", part_summary(rank, world, timings))
+    others_failed = 0
+    if world > 1:  # every rank waits here for the slowest part; then rank 0 alone merges
+        own = 130 if interrupted else 1 if upload_error is not None else 0
+        others_failed = _wait_for_all_ranks(rank, world, own, timings)
+        if rank != 0 and not (own or others_failed):
+            return 0
+        if remote_out and not (own or others_failed):  # the other ranks' chunks: their bookkeeping from the bucket
+            for split, d in dirs.items():
+                if states[split] != "complete":
+                    remote_out.pull(d, overwrite=False)
     if interrupted:
         print("\ninterrupted: committed chunks are kept; rerun the same command to continue", file=sys.stderr)
         return 130
@@ -327,8 +460,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"af-prepare: error: {upload_error}\ncommitted chunks are kept; rerun the same command to continue",
               file=sys.stderr)
         return 1
+    if others_failed:
+        return others_failed
 
-    elapsed = time.monotonic() - start
     exit_code = 0
     import torch
 
@@ -344,7 +478,13 @@ def _run(args: argparse.Namespace) -> int:
             manifest = Manifest.load(dirs[split])
             note = " (already complete)"
         else:
-            manifest = finalize_split(dirs[split], split, tasks, planned_rejects, num_chunks, manifest_base)
+            try:
+                manifest = finalize_split(dirs[split], split, tasks, planned_rejects, num_chunks, manifest_base,
+                                          check_shards=remote_out is None)
+            except DamagedChunk as exc:
+                print(f"af-prepare: error: damaged output: {exc}\nits commit was taken back: rerun the same command "
+                      "to redo that chunk", file=sys.stderr)
+                return 1
             note = ""
             if remote_out:
                 try:

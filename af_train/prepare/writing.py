@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ class ChunkWriter:
     """Collects one chunk's clips, encodes them in batches and commits the chunk atomically."""
 
     def __init__(self, split_dir: Path, split: str, k: int, tasks: list[Task], tokenizer: Tokenizer, frames: int,
-                 batch_size: int):
+                 batch_size: int, provenance: dict | None = None):
         from streaming import MDSWriter
 
         self.final = split_dir / chunk_name(k)
@@ -124,6 +125,8 @@ class ChunkWriter:
         self.rejects: list[Reject] = []
         self.written_ids: list[str] = []
         self.seconds = 0.0
+        self.provenance = provenance or {}  # who wrote the chunk (rank, world size, host): recorded in chunk.json
+        self.encode_seconds = self.write_seconds = 0.0  # where the time goes (tokenizer vs MDS writing)
 
     def add(self, task: Task, outcome: tuple[str, Any]) -> float:
         """Take one decoded clip (or its rejection); returns the seconds of real audio it holds (0 if refused)."""
@@ -147,7 +150,10 @@ class ChunkWriter:
         clips = np.stack([s for _, s, _ in self.batch])
         if len(clips) < self.batch_size:
             clips = np.concatenate([clips, np.zeros((self.batch_size - len(clips), clips.shape[1]), clips.dtype)])
+        started = time.perf_counter()
         codes = self.tokenizer.encode_batch(clips)[: len(self.batch)]
+        encoded_at = time.perf_counter()
+        self.encode_seconds += encoded_at - started
         if tuple(codes.shape[1:]) != (self.tokenizer.num_rows, self.frames):
             raise RuntimeError(f"tokenizer returned codes shaped {tuple(codes.shape[1:])}, expected "
                                f"({self.tokenizer.num_rows}, {self.frames})")
@@ -165,10 +171,12 @@ class ChunkWriter:
             encoded += valid / self.tokenizer.sample_rate
         self.seconds += encoded
         self.batch = []
+        self.write_seconds += time.perf_counter() - encoded_at
         return encoded
 
     def commit(self) -> dict:
         assert self.remaining == 0 and not self.batch
+        started = time.perf_counter()
         self.writer.finish()
         if not self.written_ids:  # nothing accepted: no shards, only the bookkeeping
             for f in self.tmp.iterdir():
@@ -178,14 +186,82 @@ class ChunkWriter:
                 f.write(json.dumps({"order": r.order, **r.record()}) + "\n")
         info = {"chunk": self.k, "written": len(self.written_ids), "rejected": len(self.rejects)}
         info["seconds"] = self.seconds
+        info.update(self.provenance)
         atomic_write(self.tmp / CHUNK_DONE, json.dumps(info))
         if self.final.exists():  # a leftover from an earlier attempt that never got its marker
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)  # the commit point
+        self.write_seconds += time.perf_counter() - started
         return info
 
     def abandon(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class DamagedChunk(RuntimeError):
+    """A committed chunk whose shard is missing or not the size its index records (truncated, overwritten)."""
+
+
+def check_chunk_shards(chunk: Path) -> None:
+    """Raise ``DamagedChunk`` naming the shard, the chunk and the rank that wrote it when a shard file the
+    chunk's index lists is absent or of another size. Sizes only (cheap); readers check hashes."""
+    index = chunk / "index.json"
+    if not index.is_file():
+        return
+    for shard in json.loads(index.read_text(encoding="utf-8"))["shards"]:
+        for key in ("raw_data", "zip_data"):
+            entry = shard.get(key)
+            if not entry:
+                continue
+            path = chunk / entry["basename"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != entry["bytes"]:
+                info = json.loads((chunk / CHUNK_DONE).read_text(encoding="utf-8"))
+                writer = f"rank {info['rank']} of {info['world_size']} on {info.get('host', '?')}" \
+                    if "rank" in info else "a single process"
+                found = "missing" if size is None else f"{size} bytes"
+                raise DamagedChunk(f"{path}: {found}, its index records {entry['bytes']} bytes (chunk {chunk.name}, "
+                                   f"written by {writer})")
+
+
+def decommit_chunk(chunk: Path) -> None:
+    """Take back a chunk's commit (its marker), so that the next run redoes exactly this chunk."""
+    (chunk / CHUNK_DONE).unlink(missing_ok=True)
+
+
+def parts_provenance(chunk_infos: list[dict]) -> list[dict]:
+    """The manifest's ``extra.parts``: per (rank, world size, host) that committed chunks, which chunks
+    and what they hold. A single-process run is one part of rank 0 of 1."""
+    parts: dict[tuple, dict] = {}
+    for info in chunk_infos:
+        key = (info.get("rank", 0), info.get("world_size", 1), info.get("host"))
+        part = parts.setdefault(key, {"rank": key[0], "world_size": key[1], "host": key[2], "chunks": [],
+                                      "written": 0, "rejected": 0, "seconds": 0.0})
+        part["chunks"].append(info["chunk"])
+        part["written"] += info["written"]
+        part["rejected"] += info["rejected"]
+        part["seconds"] = round(part["seconds"] + info["seconds"], 3)
+    return [parts[k] for k in sorted(parts, key=lambda k: (k[1], k[0], str(k[2])))]
+
+
+def merge_chunk_indices(split_dir: Path, chunks: list[Path]) -> None:
+    """``index.json`` of the split: streaming's ``merge_index`` over the chunks' indices, in chunk order."""
+    indices = [str(c / "index.json") for c in chunks if (c / "index.json").is_file()]
+    (split_dir / "index.json").unlink(missing_ok=True)  # merge_index moves its result in and refuses to overwrite
+    if not indices:  # nothing accepted: an index with no shards (merge_index writes none)
+        atomic_write(split_dir / "index.json", json.dumps({"version": 2, "shards": []}))
+        return
+    import logging
+
+    from streaming.base.util import merge_index
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # merge_index logs a root-level warning about its temporary folder
+    try:
+        merge_index(indices, str(split_dir), keep_local=True)
+    finally:
+        root.setLevel(level)
 
 
 def finalize_split(
@@ -195,33 +271,38 @@ def finalize_split(
     planned_rejects: list[Reject],
     num_chunks: int,
     manifest_base: dict,
+    check_shards: bool = True,
 ) -> Manifest:
-    """Merge chunk indices, write the rejects log, then the manifest (last, atomically)."""
-    shards, rejects, written, seconds = [], [], 0, 0.0
-    for k in range(num_chunks):
-        chunk = split_dir / chunk_name(k)
+    """Check every chunk's shards, merge the chunk indices, write the rejects log, then the manifest (last,
+    atomically). A damaged chunk loses its commit (a rerun redoes it) and raises ``DamagedChunk``.
+    ``check_shards=False`` where the shards are not local (uploaded to object storage)."""
+    chunks = [split_dir / chunk_name(k) for k in range(num_chunks)]
+    if check_shards:
+        for chunk in chunks:
+            try:
+                check_chunk_shards(chunk)
+            except DamagedChunk:
+                decommit_chunk(chunk)
+                raise
+    rejects, written, seconds, infos = [], 0, 0.0, []
+    for chunk in chunks:
         info = json.loads((chunk / CHUNK_DONE).read_text(encoding="utf-8"))
+        infos.append(info)
         written += info["written"]
         seconds += info["seconds"]
-        index = chunk / "index.json"
-        if index.is_file():
-            for shard in json.loads(index.read_text(encoding="utf-8"))["shards"]:
-                for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
-                    if shard.get(key):
-                        shard[key]["basename"] = f"{chunk.name}/{shard[key]['basename']}"
-                shards.append(shard)
         with open(chunk / REJECTS_NAME, encoding="utf-8") as f:
             rejects += [json.loads(line) for line in f if line.strip()]
+    merge_chunk_indices(split_dir, chunks)
     rejects += [{"order": r.order, **r.record()} for r in planned_rejects]
     rejects.sort(key=lambda r: r["order"])
-    atomic_write(split_dir / "index.json", json.dumps({"version": 2, "shards": shards}))
     atomic_write(
         split_dir / REJECTS_NAME,
         "".join(json.dumps({k: v for k, v in r.items() if k != "order"}) + "\n" for r in rejects),
     )
     counts = Counter(r["reason"] for r in rejects)
+    base = {**manifest_base, "extra": {**manifest_base.get("extra", {}), "parts": parts_provenance(infos)}}
     manifest = Manifest(
-        **manifest_base,
+        **base,
         split=split,
         written=written,
         rejected=dict(sorted(counts.items())),
