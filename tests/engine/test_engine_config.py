@@ -18,6 +18,7 @@ from af_train.config import OptimConfig, Recipe, RecipeError
 from af_train.ds_config import build_ds_config, plan_batch
 from af_train.optim_groups import optimizer_groups
 from af_train.run_logging import (
+    PEAK_FLOPS,
     RunLogger,
     encoder_forward_flops_per_token,
     peak_flops_per_device,
@@ -221,14 +222,31 @@ def test_metrics_log_truncates_steps_after_the_resume_point(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3] and records[0]["val/mAP"] is None
 
 
-def test_flops_and_peak_table():
-    # BERT-base-like encoder: 12 x (4 H^2 + 2 H I) matmul weights ~ 85M -> ~170 MFLOP/token forward + attention
-    flops = encoder_forward_flops_per_token(768, 12, 3072, seq_len=752)
-    assert flops == pytest.approx(12 * 2 * (4 * 768**2 + 2 * 768 * 3072 + 2 * 752 * 768))
+def test_peak_table_gives_each_gpu_its_own_row(monkeypatch):
+    """Every row is reached by the GPU it names (a shorter key listed first would catch L40S as L40,
+    A10G as A10), and known GPUs, named as torch reports them, get NVIDIA's datasheet dense peaks
+    (bf16 tensor core, fp32 without TF32) in FLOP/s."""
+    gpu = torch.device("cuda", 0)
+
+    def peak_of(name: str, precision: str) -> float | None:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        return peak_flops_per_device(gpu, precision, None)[0]
+
+    for key, half, fp32 in PEAK_FLOPS:
+        assert (peak_of(f"NVIDIA {key}", "bf16"), peak_of(f"NVIDIA {key}", "fp32")) == (half, fp32), key
+    datasheet = {"NVIDIA H100 80GB HBM3": (989.4e12, 66.9e12), "NVIDIA H100 PCIe": (756.5e12, 51.2e12),
+                 "NVIDIA A100-SXM4-80GB": (312e12, 19.5e12), "NVIDIA L40S": (362.1e12, 91.6e12),
+                 "NVIDIA L40": (181.0e12, 90.5e12), "NVIDIA L4": (121.0e12, 30.3e12),
+                 "NVIDIA A10": (125.0e12, 31.2e12), "Tesla V100-SXM2-16GB": (125e12, 15.7e12),
+                 "Tesla T4": (65e12, 8.1e12)}
+    for name, (half, fp32) in datasheet.items():
+        assert peak_of(name, "bf16") == pytest.approx(half, rel=1e-3), name
+        assert peak_of(name, "fp32") == pytest.approx(fp32, rel=1e-3), name
+    assert peak_of("NVIDIA GeForce GTX 1080", "bf16") is None
+    assert "'NVIDIA GeForce GTX 1080' is not in the peak FLOP/s table" in peak_flops_per_device(gpu, "bf16", None)[1]
+    assert peak_flops_per_device(gpu, "bf16", 2e14) == (2e14, "peak 2e+14 FLOP/s per device from train.peak_flops")
     peak, note = peak_flops_per_device(torch.device("cpu"), "bf16", None)
-    assert peak is None and "cpu" in note
-    peak, note = peak_flops_per_device(torch.device("cpu"), "bf16", 1e12)
-    assert peak == 1e12 and "train.peak_flops" in note
+    assert peak is None and "device is cpu" in note
 
 
 def test_training_flops_count_real_tokens_masked_head_and_frozen_rows():
