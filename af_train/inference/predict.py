@@ -34,7 +34,7 @@ import numpy as np
 
 from af_train.inference.cli_common import Failures, add_model_arguments, build_tagger, find_audio, progress
 
-log = logging.getLogger("af_train.predict")
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
 
