@@ -121,7 +121,7 @@ def random_codec():
 
 @pytest.fixture
 def single_torch_thread():
-    """Use in codec-heavy tests (autouse in tests/codec and the prepare tests)."""
+    """Use in codec-heavy tests (autouse in tests/tokenizers, tests/prepare and tests/inference)."""
     with torch_threads(1):
         yield
 

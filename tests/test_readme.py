@@ -218,6 +218,23 @@ def test_readme_keeps_its_sections():
         "demo results table missing"
 
 
+# tests/ folders that are not a package: the engine layer's modules, and tests gathered by what they need
+NOT_PACKAGES = {"engine": "the engine layer's modules", "s3": "a local S3 server", "kernels_cuda": "a CUDA GPU"}
+
+
+def test_tests_mirror_the_packages_as_the_layout_says():
+    layout = readme().split("## Layout")[1]
+    assert "| `tests/` | mirrors the packages: `tests/<package>/`" in layout
+    packages = {p.parent.name for p in (REPO / "af_train").glob("*/__init__.py")} | {"kernels", "tools"}
+    missing = sorted(name for name in packages if not list((REPO / "tests" / name).glob("test_*.py")))
+    assert not missing, f"packages without a tests/<package>/ folder of tests: {missing}"
+    folders = {p.parent.name for p in (REPO / "tests").glob("*/test_*.py")}
+    strays = sorted(folders - packages - set(NOT_PACKAGES))
+    assert not strays, f"tests/ folders that mirror no package: {strays} (move their tests to tests/<package>/)"
+    for name, why in NOT_PACKAGES.items():
+        assert f"`tests/{name}/`" in layout, f"the README's layout does not say what tests/{name}/ holds ({why})"
+
+
 def test_demo_block_is_what_the_demo_runs(capsys):
     from af_train_tools import demo
 

@@ -110,24 +110,9 @@ def benchmark_codec(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def write_synthetic_shards(out: Path, num_clips: int, frames: int, num_classes: int) -> None:
-    """``num_clips`` full-length clips of random codes (4 rows x ``frames``), 1-3 of ``num_classes`` labels each."""
-    from streaming import MDSWriter
-
-    from af_train.shards import CodecInfo, Manifest, shard_columns
-
-    rng = np.random.default_rng(0)
-    with MDSWriter(out=str(out), columns=shard_columns(4, frames), size_limit=1 << 24) as writer:
-        for i in range(num_clips):
-            labels = np.sort(rng.choice(num_classes, size=int(rng.integers(1, 4)), replace=False)).astype(np.int32)
-            writer.write({"id": f"clip{i:06d}", "codes": rng.integers(0, 1024, (4, frames), dtype=np.int16),
-                          "length": np.int32(frames), "labels": labels})
-    Manifest(codec=CodecInfo(weights="benchmark random codes"), clip_seconds=frames / 75.0, frames=frames,
-             labels=[f"class{c}" for c in range(num_classes)], multi_label=True, source_format="csv",
-             written=num_clips).save(out)
-
-
 def benchmark_loader(args: argparse.Namespace) -> list[dict]:
+    from af_train_tools.synthetic_shards import write_random_shards
+
     from af_train.config import DataConfig
     from af_train.data.loader import build_dataloader
 
@@ -135,7 +120,8 @@ def benchmark_loader(args: argparse.Namespace) -> list[dict]:
     rows = []
     try:
         frames = int(round(args.clip_seconds * 75))
-        write_synthetic_shards(work / "train", args.clips, frames, num_classes=527)
+        write_random_shards(work / "train", args.clips, frames=frames, num_classes=527, size_limit=1 << 24,
+                            weights="benchmark random codes")
         cfg = DataConfig(train=str(work / "train"), max_length=frames + 2, code_rows=list(args.code_rows))
         for workers in args.workers:
             loader = build_dataloader(cfg, "train", args.batch_size, mask=True, seed=0, num_workers=workers)

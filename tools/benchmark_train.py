@@ -230,10 +230,11 @@ def run_step(impl: Impl, cuda: bool, round_index: int, timed: bool) -> None:
 def write_benchmark_data(root: Path, impls: list[str], clips: int, frames: int) -> dict[str, Path]:
     """One identical copy of the synthetic shards per implementation (streaming refuses two live
     datasets on one local directory in a process)."""
-    from af_train_tools.benchmark_data import write_synthetic_shards
+    from af_train_tools.synthetic_shards import write_random_shards
 
     first = root / "shards" / impls[0]
-    write_synthetic_shards(first, clips, frames, num_classes=NUM_CLASSES)
+    write_random_shards(first, clips, frames=frames, num_classes=NUM_CLASSES, size_limit=1 << 24,
+                        weights="benchmark random codes")
     paths = {impls[0]: first}
     for name in impls[1:]:
         paths[name] = root / "shards" / name

@@ -44,7 +44,7 @@ from af_train.inference.cli_common import (
     read_csv_list,
 )
 
-log = logging.getLogger("af_train.embed")
+log = logging.getLogger(__name__)
 
 STATE_NAME = "embed_state.json"
 PARTS = "parts"

@@ -46,7 +46,7 @@ from af_train.inference.cli_common import (
     progress,
 )
 
-log = logging.getLogger("af_train.predict")
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
 

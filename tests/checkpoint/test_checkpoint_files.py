@@ -31,6 +31,8 @@ from af_train.checkpoint.files import (
     tag_for,
     verify,
 )
+from af_train.checkpoint.manager import CheckpointManager
+from af_train.config import Recipe
 from af_train.ema import EMA
 
 FILES = {"mp_rank_00_model_states.pt": b"model states " * 50, "af_state/rank_00000.pt": b"rank zero state",
@@ -149,3 +151,46 @@ def test_consolidated_weights_carry_the_weight_average_from_rank_zero(tmp_path):
 def test_a_missing_rank_file_says_why(tmp_path):
     with pytest.raises(CheckpointError, match="rank_00003.pt is missing: the checkpoint was saved with fewer ranks"):
         load_rank_state(tmp_path, 3)
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    path = root / tag_for(step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (path / META).write_text(json.dumps({"step": step}))
+        (path / MARKER).write_text("complete\n")
+    return path
+
+
+def test_latest_and_resume_resolution_skip_incomplete_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert resolve_resume("auto", tmp_path) is None
+    _fake_checkpoint(root, 10)
+    _fake_checkpoint(root, 20)
+    _fake_checkpoint(root, 30, complete=False)  # a crash mid-save
+    (root / LATEST).write_text("step_00000030\n")  # even a stale pointer is not trusted blindly
+    assert resolve_resume("auto", tmp_path) == root / "step_00000020"
+    assert resolve_resume(str(root / "step_00000010"), tmp_path) == root / "step_00000010"
+    assert resolve_resume(str(tmp_path), tmp_path / "other") == root / "step_00000020"
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        resolve_resume(str(root / "step_00000030"), tmp_path)
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        resolve_resume("none", tmp_path)
+    with pytest.raises(CheckpointError, match="no such file"):
+        resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+def test_retention_keeps_last_k_and_the_best(tmp_path):
+    root = tmp_path / "checkpoints"
+    manager = CheckpointManager(Recipe.from_dict({"train": {"keep_last": 2, "best_mode": "max"}}), tmp_path, rank=0,
+                                world_size=1)
+    for step in (10, 20, 30):
+        _fake_checkpoint(root, step)
+    manager.mark_best(10, "val/mAP", 0.7)
+    _fake_checkpoint(root, 25, complete=False)  # older than the newest complete one: garbage
+    _fake_checkpoint(root, 40)
+    prune(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000010", "step_00000030", "step_00000040"]
+    assert manager.is_better(0.8) and not manager.is_better(0.6)
+    assert not CheckpointManager(Recipe.from_dict({"train": {"best_mode": "min"}}), tmp_path, 0, 1).is_better(0.8)

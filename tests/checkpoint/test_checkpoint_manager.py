@@ -132,3 +132,14 @@ def test_resuming_a_run_of_another_world_size_keeps_its_global_batch(tmp_path):
     zero2 = CheckpointManager(Recipe.from_dict({"train": {"zero_stage": 2}}), tmp_path, 0, 1)
     with pytest.raises(CheckpointError, match="saved with ZeRO stage 0.*Resume with train.zero_stage=0"):
         zero2.check_compatible(meta, meta_path.parent)
+
+
+def test_resuming_across_zero3_boundary_is_refused(tmp_path):
+    zero3 = CheckpointManager(Recipe.from_dict({"train": {"zero_stage": 3}}), tmp_path, rank=0, world_size=2)
+    meta = {"zero_stage": 2, "world_size": 2, "global_batch": 8, "recipe_hash": zero3.recipe.hash()}
+    with pytest.raises(CheckpointError, match="Crossing between ZeRO-1/2 and ZeRO-3"):
+        zero3.check_compatible(meta, Path("ckpt"))
+    zero1 = CheckpointManager(Recipe.from_dict({"train": {"zero_stage": 1}}), tmp_path, rank=0, world_size=2)
+    assert zero1.check_compatible(meta, Path("ckpt")) == (False, None)  # 2 -> 1: same layout
+    zero1.world_size = 4
+    assert zero1.check_compatible(meta, Path("ckpt")) == (True, 8)

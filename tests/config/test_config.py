@@ -129,6 +129,32 @@ def test_missing_file_and_bad_yaml(tmp_path):
         Recipe.load(write(tmp_path, "train: [unclosed\n"))
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_load(path):
-    Recipe.load(path)
+def written_values(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{dotted key: value}`` of every leaf of a YAML mapping, as PyYAML read it."""
+    leaves: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            leaves.update(written_values(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+SHIPPED = sorted(RECIPES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipe_holds_what_its_file_says_and_has_its_own_run_dir(path):
+    """Every value a shipped recipe writes reaches the loaded recipe (none dropped or replaced by a default),
+    and no other shipped recipe writes into its run directory (``--resume auto`` would resume the wrong run)."""
+    loaded = Recipe.load(path).to_dict()
+    for key, value in written_values(yaml.safe_load(path.read_text(encoding="utf-8"))).items():
+        section, *rest = key.split(".")
+        held = loaded[section]
+        for part in rest:
+            held = held[part]
+        expected = float(value) if isinstance(held, float) and isinstance(value, (str, int)) else value
+        assert held == expected, f"{path.name}: {key} is {value!r} in the file but {held!r} once loaded"
+    run_dir = loaded["train"]["run_dir"]
+    others = [other.name for other in SHIPPED if other != path and Recipe.load(other).train.run_dir == run_dir]
+    assert not others, f"{path.name} and {others} all write into {run_dir}"

@@ -9,7 +9,7 @@ from multiprocessing import shared_memory
 
 import pytest
 import torch
-from data_shards import write_shards
+from af_train_tools.synthetic_shards import write_random_shards
 
 from af_train.config import DataConfig, Recipe
 from af_train.data.dataset import DataError, load_manifest, setup_distributed_env
@@ -123,7 +123,7 @@ def test_single_label_class_indices_and_bad_label_counts(single_label_shards, tm
         assert int(sample["labels"]) == int(stored[clip_id]["labels"][0])
 
     bad = tmp_path / "bad"
-    write_shards(bad, 4, frames=10, num_classes=3, multi_label=False, labels_per_clip=[[0], [1], [1, 2], [0]])
+    write_random_shards(bad, 4, frames=10, num_classes=3, multi_label=False, labels_per_clip=[[0], [1], [1, 2], [0]])
     loaders.append(loader := build_dataloader(DataConfig(val=str(bad), max_length=16), "val", 4, mask=False, seed=0))
     with pytest.raises(DataError, match="clip 'clip00002' has 2 labels"):
         next(iter(loader))

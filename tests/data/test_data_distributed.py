@@ -11,8 +11,8 @@ import socket
 
 import pytest
 import torch
+from af_train_tools.synthetic_shards import write_random_shards
 from data_rank_worker import run_rank
-from data_shards import write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def _assert_same_batches(actual: list[dict], expected: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     shard_dir = tmp_path_factory.mktemp("dist_shards")
-    write_shards(shard_dir, NUM_CLIPS, frames=20, num_classes=5, seed=5, size_limit=1 << 12)
+    write_random_shards(shard_dir, NUM_CLIPS, frames=20, num_classes=5, seed=5, size_limit=1 << 12)
     out = tmp_path_factory.mktemp("dist_2ranks")
     ranks = _launch(2, shard_dir, out, PER_RANK_BATCH, resume_after=RESUME_AFTER)
     return shard_dir, ranks

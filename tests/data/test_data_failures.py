@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from data_shards import write_shards
+from af_train_tools.synthetic_shards import write_random_shards
 from streaming.base.dataset import _Iterator
 
 from af_train.data import dataset as dataset_module
@@ -50,7 +50,7 @@ def _run_bounded(fn, seconds: float):
 @pytest.mark.parametrize("thread_name", ["_prepare_thread", "_ready_thread"])
 def test_a_download_thread_that_dies_still_reports_its_exit(tmp_path, thread_name):
     shards = tmp_path / "shards"
-    write_shards(shards, 9, frames=20, num_classes=3, seed=11)
+    write_random_shards(shards, 9, frames=20, num_classes=3, seed=11)
     ds = _dataset(shards)
     try:
         ds._event = threading.Event()
@@ -69,7 +69,7 @@ def test_a_download_thread_that_dies_still_reports_its_exit(tmp_path, thread_nam
 
 def test_close_gives_up_on_threads_that_never_stop(tmp_path, monkeypatch, caplog):
     shards = tmp_path / "shards"
-    write_shards(shards, 9, frames=20, num_classes=3, seed=12)
+    write_random_shards(shards, 9, frames=20, num_classes=3, seed=12)
     ds = _dataset(shards)
     ds._iterator = _Iterator(np.arange(ds.size, dtype=np.int64))  # an epoch whose threads never report
     monkeypatch.setattr(dataset_module, "THREAD_EXIT_TIMEOUT_S", 0.3)
@@ -85,7 +85,7 @@ def test_corrupt_remote_shard_fails_cleanly_whichever_thread_meets_it(tmp_path, 
     import xxhash
 
     remote = tmp_path / "remote"  # streaming copies from a plain directory as from a bucket
-    stored = write_shards(remote, 40, frames=20, num_classes=3, seed=13, size_limit=1 << 10)
+    stored = write_random_shards(remote, 40, frames=20, num_classes=3, seed=13, size_limit=1 << 10)
     index = json.loads((remote / "index.json").read_text())
     for shard in index["shards"]:
         shard["raw_data"]["hashes"] = {"xxh64": xxhash.xxh64((remote / shard["raw_data"]["basename"]).read_bytes())

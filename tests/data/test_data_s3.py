@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from data_shards import write_shards
+from af_train_tools.synthetic_shards import write_random_shards
 
 from af_train.config import DataConfig
 from af_train.data.dataset import load_manifest
@@ -31,7 +31,7 @@ def s3_bucket(monkeypatch):
 
 
 def test_remote_s3_split_streams_every_clip_through_the_cache(s3_bucket, tmp_path, loaders):
-    stored = write_shards(tmp_path / "shards", 30, frames=20, num_classes=4, seed=9)
+    stored = write_random_shards(tmp_path / "shards", 30, frames=20, num_classes=4, seed=9)
     for path in (tmp_path / "shards").iterdir():
         s3_bucket.upload_file(str(path), "audio", f"as20k/train/{path.name}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_shards import write_shards
+from af_train_tools.synthetic_shards import write_random_shards
 
 from af_train.config import DataConfig, RecipeError, StreamConfig
 from af_train.data.balance import measure_epoch, prepare_buckets
@@ -42,8 +42,8 @@ def test_finetune_masking_corrupts_the_training_split_only(single_label_shards, 
 
 def test_mixture_follows_the_proportions(tmp_path, loaders):
     # two data sets with the same vocabulary, told apart by their only label
-    write_shards(tmp_path / "a", 60, num_classes=2, multi_label=False, labels_per_clip=[[0]] * 60, frames=40)
-    write_shards(tmp_path / "b", 60, num_classes=2, multi_label=False, labels_per_clip=[[1]] * 60, frames=40)
+    write_random_shards(tmp_path / "a", 60, num_classes=2, multi_label=False, labels_per_clip=[[0]] * 60, frames=40)
+    write_random_shards(tmp_path / "b", 60, num_classes=2, multi_label=False, labels_per_clip=[[1]] * 60, frames=40)
     cfg = _config(train=[StreamConfig(path=str(tmp_path / "a"), proportion=3.0),
                          StreamConfig(path=str(tmp_path / "b"), proportion=1.0)])
     counts = np.zeros(2)
@@ -59,8 +59,8 @@ def test_mixture_follows_the_proportions(tmp_path, loaders):
 
 
 def test_mixture_vocabularies_must_agree_for_finetuning_only(tmp_path, loaders):
-    write_shards(tmp_path / "a", 12, num_classes=3, multi_label=True, frames=40)
-    write_shards(tmp_path / "b", 12, num_classes=4, multi_label=True, frames=40)
+    write_random_shards(tmp_path / "a", 12, num_classes=3, multi_label=True, frames=40)
+    write_random_shards(tmp_path / "b", 12, num_classes=4, multi_label=True, frames=40)
     cfg = _config(train=[StreamConfig(path=str(tmp_path / "a")), StreamConfig(path=str(tmp_path / "b"))])
     with pytest.raises(DataError, match="different label vocabularies.*3 vs 4 classes"):
         build_dataloader(cfg, "train", 4, mask=False, seed=0)
@@ -101,7 +101,7 @@ def test_balanced_sampling_reaches_the_target_class_frequencies(tmp_path, multi_
     labels = [[c] for c, n in enumerate(sizes) for _ in range(n)]
     if multi_label:  # a quarter of the clips also carry a frequent class
         labels = [sorted({clip[0], 0}) if rng.random() < 0.25 else clip for clip in labels]
-    write_shards(tmp_path / "train", len(labels), num_classes=4, multi_label=multi_label, labels_per_clip=labels,
+    write_random_shards(tmp_path / "train", len(labels), num_classes=4, multi_label=multi_label, labels_per_clip=labels,
                  frames=20)
     directory, plan = prepare_buckets(str(tmp_path / "train"), str(tmp_path / "cache"), 8, power)
     assert plan["power"] == power
@@ -120,7 +120,8 @@ def test_balanced_sampling_reaches_the_target_class_frequencies(tmp_path, multi_
 
 def test_balance_power_keeps_its_own_buckets_and_refuses_a_mismatch(tmp_path):
     labels = [[c] for c, n in enumerate([40, 10]) for _ in range(n)]
-    write_shards(tmp_path / "train", len(labels), num_classes=2, multi_label=False, labels_per_clip=labels, frames=20)
+    write_random_shards(tmp_path / "train", len(labels), num_classes=2, multi_label=False, labels_per_clip=labels,
+                        frames=20)
     full, plan_full = prepare_buckets(str(tmp_path / "train"), str(tmp_path / "cache"), 4)
     root, plan_root = prepare_buckets(str(tmp_path / "train"), str(tmp_path / "cache"), 4, 0.5)
     assert full != root and plan_full["power"] == 1.0 and plan_root["power"] == 0.5

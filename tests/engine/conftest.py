@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from af_train_tools.synthetic_shards import write_patterned_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_helpers import USED_PORTS, release_shm  # noqa: E402
-from engine_synthetic import write_dataset  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -21,4 +21,4 @@ def _clean_shm():
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("engine_data"))
+    return write_patterned_dataset(tmp_path_factory.mktemp("engine_data"))

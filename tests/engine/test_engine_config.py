@@ -1,23 +1,19 @@
 """The engine's pure parts: DeepSpeed config from the recipe, batch plans, lr schedule, parameter groups,
-checkpoint bookkeeping, log truncation, the launcher command and recipe files. No processes started."""
+log truncation, the launcher command and recipe files. No processes started."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from engine_helpers import REPO, TINY
 
-from af_train.checkpoint.files import LATEST, MARKER, META, CheckpointError, prune, resolve_resume, tag_for
-from af_train.checkpoint.manager import CheckpointManager
-from af_train.checkpoint.state import rng_state, set_rng_state
 from af_train.config import OptimConfig, Recipe, RecipeError
 from af_train.ds_config import build_ds_config, plan_batch
 from af_train.optim_groups import optimizer_groups
 from af_train.run_logging import (
+    PEAK_FLOPS,
     RunLogger,
     encoder_forward_flops_per_token,
     peak_flops_per_device,
@@ -147,68 +143,6 @@ def test_no_weight_decay_for_norms_biases_and_frozen_parameters():
         optimizer_groups(module.frozen, 0.1)
 
 
-def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    path = root / tag_for(step)
-    path.mkdir(parents=True)
-    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    if complete:
-        (path / META).write_text(json.dumps({"step": step}))
-        (path / MARKER).write_text("complete\n")
-    return path
-
-
-def test_latest_and_resume_resolution_skip_incomplete_checkpoints(tmp_path):
-    root = tmp_path / "checkpoints"
-    assert resolve_resume("auto", tmp_path) is None
-    _fake_checkpoint(root, 10)
-    _fake_checkpoint(root, 20)
-    _fake_checkpoint(root, 30, complete=False)  # a crash mid-save
-    (root / LATEST).write_text("step_00000030\n")  # even a stale pointer is not trusted blindly
-    assert resolve_resume("auto", tmp_path) == root / "step_00000020"
-    assert resolve_resume(str(root / "step_00000010"), tmp_path) == root / "step_00000010"
-    assert resolve_resume(str(tmp_path), tmp_path / "other") == root / "step_00000020"
-    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
-        resolve_resume(str(root / "step_00000030"), tmp_path)
-    with pytest.raises(CheckpointError, match="already holds checkpoints"):
-        resolve_resume("none", tmp_path)
-    with pytest.raises(CheckpointError, match="no such file"):
-        resolve_resume(str(tmp_path / "missing"), tmp_path)
-
-
-def test_retention_keeps_last_k_and_the_best(tmp_path):
-    root = tmp_path / "checkpoints"
-    manager = CheckpointManager(recipe("train.keep_last=2", "train.best_mode=max"), tmp_path, rank=0, world_size=1)
-    for step in (10, 20, 30):
-        _fake_checkpoint(root, step)
-    manager.mark_best(10, "val/mAP", 0.7)
-    _fake_checkpoint(root, 25, complete=False)  # older than the newest complete one: garbage
-    _fake_checkpoint(root, 40)
-    prune(root, keep_last=2)
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000010", "step_00000030", "step_00000040"]
-    assert manager.is_better(0.8) and not manager.is_better(0.6)
-    assert not CheckpointManager(recipe("train.best_mode=min"), tmp_path, 0, 1).is_better(0.8)
-
-
-def test_rng_state_round_trip():
-    state = rng_state()
-    expected = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
-    torch.rand(5)
-    set_rng_state(state)
-    again = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
-    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
-
-
-def test_resuming_across_zero3_boundary_is_refused(tmp_path):
-    zero3 = CheckpointManager(recipe("train.zero_stage=3"), tmp_path, rank=0, world_size=2)
-    meta = {"zero_stage": 2, "world_size": 2, "global_batch": 8, "recipe_hash": zero3.recipe.hash()}
-    with pytest.raises(CheckpointError, match="Crossing between ZeRO-1/2 and ZeRO-3"):
-        zero3.check_compatible(meta, Path("ckpt"))
-    zero1 = CheckpointManager(recipe("train.zero_stage=1"), tmp_path, rank=0, world_size=2)
-    assert zero1.check_compatible(meta, Path("ckpt")) == (False, None)  # 2 -> 1: same layout
-    zero1.world_size = 4
-    assert zero1.check_compatible(meta, Path("ckpt")) == (True, 8)
-
-
 def test_metrics_log_truncates_steps_after_the_resume_point(tmp_path):
     logger = RunLogger(tmp_path, enabled=True, resume_step=None)
     for step in range(1, 6):
@@ -221,14 +155,31 @@ def test_metrics_log_truncates_steps_after_the_resume_point(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3] and records[0]["val/mAP"] is None
 
 
-def test_flops_and_peak_table():
-    # BERT-base-like encoder: 12 x (4 H^2 + 2 H I) matmul weights ~ 85M -> ~170 MFLOP/token forward + attention
-    flops = encoder_forward_flops_per_token(768, 12, 3072, seq_len=752)
-    assert flops == pytest.approx(12 * 2 * (4 * 768**2 + 2 * 768 * 3072 + 2 * 752 * 768))
+def test_peak_table_gives_each_gpu_its_own_row(monkeypatch):
+    """Every row is reached by the GPU it names (a shorter key listed first would catch L40S as L40,
+    A10G as A10), and known GPUs, named as torch reports them, get NVIDIA's datasheet dense peaks
+    (bf16 tensor core, fp32 without TF32) in FLOP/s."""
+    gpu = torch.device("cuda", 0)
+
+    def peak_of(name: str, precision: str) -> float | None:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        return peak_flops_per_device(gpu, precision, None)[0]
+
+    for key, half, fp32 in PEAK_FLOPS:
+        assert (peak_of(f"NVIDIA {key}", "bf16"), peak_of(f"NVIDIA {key}", "fp32")) == (half, fp32), key
+    datasheet = {"NVIDIA H100 80GB HBM3": (989.4e12, 66.9e12), "NVIDIA H100 PCIe": (756.5e12, 51.2e12),
+                 "NVIDIA A100-SXM4-80GB": (312e12, 19.5e12), "NVIDIA L40S": (362.1e12, 91.6e12),
+                 "NVIDIA L40": (181.0e12, 90.5e12), "NVIDIA L4": (121.0e12, 30.3e12),
+                 "NVIDIA A10": (125.0e12, 31.2e12), "Tesla V100-SXM2-16GB": (125e12, 15.7e12),
+                 "Tesla T4": (65e12, 8.1e12)}
+    for name, (half, fp32) in datasheet.items():
+        assert peak_of(name, "bf16") == pytest.approx(half, rel=1e-3), name
+        assert peak_of(name, "fp32") == pytest.approx(fp32, rel=1e-3), name
+    assert peak_of("NVIDIA GeForce GTX 1080", "bf16") is None
+    assert "'NVIDIA GeForce GTX 1080' is not in the peak FLOP/s table" in peak_flops_per_device(gpu, "bf16", None)[1]
+    assert peak_flops_per_device(gpu, "bf16", 2e14) == (2e14, "peak 2e+14 FLOP/s per device from train.peak_flops")
     peak, note = peak_flops_per_device(torch.device("cpu"), "bf16", None)
-    assert peak is None and "cpu" in note
-    peak, note = peak_flops_per_device(torch.device("cpu"), "bf16", 1e12)
-    assert peak == 1e12 and "train.peak_flops" in note
+    assert peak is None and "device is cpu" in note
 
 
 def test_training_flops_count_real_tokens_masked_head_and_frozen_rows():

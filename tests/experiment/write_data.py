@@ -9,8 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from engine_synthetic import write_split  # noqa: E402
+from af_train_tools.synthetic_shards import write_patterned_split
 
 SIZES = {"train": 96, "val": 32, "test": 48}
 
@@ -18,8 +17,9 @@ SIZES = {"train": 96, "val": 32, "test": 48}
 def main(out: str) -> None:
     root = Path(out)
     for split, count in SIZES.items():
-        write_split(root / split, count, split=split, multi_label=False)
-    write_split(root / "train_shuffled", SIZES["train"], split="train", multi_label=False, shuffle_labels=True)
+        write_patterned_split(root / split, count, split=split, multi_label=False)
+    write_patterned_split(root / "train_shuffled", SIZES["train"], split="train", multi_label=False,
+                          shuffle_labels=True)
 
 
 if __name__ == "__main__":

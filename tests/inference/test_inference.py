@@ -172,7 +172,7 @@ def test_af_predict_reports_bad_files_and_scores_the_good_ones(tiny_run, synthet
     out = tmp_path / "out.jsonl"
     argv = [str(tiny_run), *map(str, paths), str(corrupt), str(tmp_path / "missing.wav"), str(silent),
             "--format", "jsonl", "--out", str(out), "--windows", "--device", "cpu"]
-    with caplog.at_level("INFO", logger="af_train.predict"):
+    with caplog.at_level("INFO", logger="af_train.inference.predict"):
         assert predict.main(argv) == 1
     err = caplog.text
     assert "3 file(s) processed, 3 skipped [missing_file 1, silent 1, unreadable_audio 1]" in err

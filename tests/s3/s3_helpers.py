@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "engine"))  # the launcher helpers and synthetic shards of the engine tests
+sys.path.insert(0, str(HERE.parent / "engine"))  # the launcher helpers of the engine tests
 import engine_helpers  # noqa: E402,F401  (re-exported for the tests here)
-import engine_synthetic  # noqa: E402,F401
 
 SECRET = "af-test-secret-7f3a9c0e5d"  # must never show up in logs, run dirs or checkpoints
 ACCESS_KEY = "AKIAAFTRAINTEST0001"

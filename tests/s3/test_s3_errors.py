@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from af_train_tools.synthetic_shards import write_random_shards
 from s3_helpers import record_hashes, upload_tree
 
 from af_train.config import DataConfig
@@ -16,9 +16,6 @@ from af_train.data.dataset import DataError, load_manifest
 from af_train.data.loader import build_dataloader
 from af_train.remote import RemoteDir, RemoteError
 from af_train.shards import ManifestError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from data_shards import write_shards  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +25,7 @@ def remote_shards(s3, tmp_path):
     """30 clips in ~6 shards with sha1/xxh64 recorded, uploaded to s3://<bucket>/set/train."""
     client, bucket = s3
     local = tmp_path / "local"
-    stored = write_shards(local, 30, frames=20, num_classes=4, seed=3, size_limit=1 << 10)
+    stored = write_random_shards(local, 30, frames=20, num_classes=4, seed=3, size_limit=1 << 10)
     record_hashes(local)
     upload_tree(client, local, bucket, "set/train")
     return client, bucket, local, stored
@@ -135,7 +132,7 @@ def test_restart_reuses_the_cache_unless_the_remote_data_set_changed(remote_shar
 
     # The data set in the bucket is re-prepared: the stale cache is dropped and the new clips are read.
     newer = tmp_path / "newer"
-    new_stored = write_shards(newer, 12, frames=20, num_classes=4, seed=4, size_limit=1 << 10)
+    new_stored = write_random_shards(newer, 12, frames=20, num_classes=4, seed=4, size_limit=1 << 10)
     record_hashes(newer)
     upload_tree(client, newer, bucket, "set/train")
     with caplog.at_level("WARNING", logger="af_train.data.loader"):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from s3_helpers import ACCESS_KEY, SECRET, engine_helpers, engine_synthetic, upload_tree
-from streaming import MDSWriter
+from af_train_tools.synthetic_shards import write_patterned_split
+from s3_helpers import ACCESS_KEY, SECRET, engine_helpers, upload_tree
 
 from af_train.checkpoint import latest_complete, step_of
 from af_train.run_logging import read_metrics
@@ -61,15 +61,12 @@ def launcher(s3, monkeypatch):
         engine_helpers.release_shm(engine_helpers.USED_PORTS.pop())
 
 
-def test_two_ranks_stream_from_s3_with_eviction_kill_and_resume(s3, launcher, tmp_path, monkeypatch):
+def test_two_ranks_stream_from_s3_with_eviction_kill_and_resume(s3, launcher, tmp_path):
     client, bucket = s3
     data = tmp_path / "shards"
-    synthetic = engine_synthetic
     # small shards (eviction needs more shards than the cache holds), hashes recorded as by af-prepare
-    monkeypatch.setattr(synthetic, "MDSWriter", lambda **kw: MDSWriter(**{**kw, "size_limit": SHARD_BYTES,
-                                                                           "hashes": ["sha1", "xxh64"]}))
     for split, count in (("train", 256), ("val", 24)):
-        synthetic.write_split(data / split, count, split=split)
+        write_patterned_split(data / split, count, split=split, size_limit=SHARD_BYTES, hashes=["sha1", "xxh64"])
         upload_tree(client, data / split, bucket, f"sets/synth/{split}")
     shards = json.loads((data / "train" / "index.json").read_text())["shards"]
     assert len(shards) >= 15
