@@ -17,6 +17,7 @@ from af_train.files import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+SEGMENT_SEPARATOR = "#"  # af-prepare --segment: clip k of file FILE is "FILE#k"
 
 
 def shard_columns(codebooks: int, frames: int) -> dict[str, str]:
@@ -27,6 +28,11 @@ def shard_columns(codebooks: int, frames: int) -> dict[str, str]:
         "length": "int32",  # valid frames (the rest of ``codes`` is padding)
         "labels": "ndarray:int32",  # class indices into the manifest's label vocabulary (ragged)
     }
+
+
+def segment_id(file_id: str, k: int) -> str:
+    """The id of clip ``k`` (from 0) of the file ``file_id`` cut by ``af-prepare --segment``."""
+    return f"{file_id}{SEGMENT_SEPARATOR}{k}"
 
 
 class ManifestError(ValueError):
@@ -158,3 +164,19 @@ def legacy_tokenizer_identity(codec: CodecInfo) -> dict[str, Any]:
         "codes": int(codec.codebook_size),
         "weights": codec.weights,
     }
+
+
+def segment_of(clip_id: str, manifest: Manifest) -> tuple[str, int, float] | None:
+    """(file id, k, start in seconds) of a clip of a split prepared with ``--segment``; None otherwise.
+
+    Clip k starts k × ``extra.prepare.segment.hop_seconds`` into its file (to the nearest sample of the
+    file's own rate).
+    """
+    segment = (manifest.extra or {}).get("prepare", {}).get("segment")
+    if not segment:
+        return None
+    file_id, sep, k = clip_id.rpartition(SEGMENT_SEPARATOR)
+    if not sep or not k.isdigit():
+        raise ManifestError(f"clip id {clip_id!r} is not FILE{SEGMENT_SEPARATOR}k, but its split was prepared "
+                            "with --segment")
+    return file_id, int(k), int(k) * float(segment["hop_seconds"])

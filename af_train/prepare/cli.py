@@ -17,6 +17,12 @@ redoes the partial one, so every accepted clip ends up in the shards exactly onc
 (missing, unreadable, silent, shorter than ``--min-seconds``, unknown label, ...) is logged with its
 reason and counted.
 
+Long recordings: by default a file gives one clip, its first ``--clip-seconds``. ``--segment`` cuts
+every file into consecutive clips ``FILE#k`` starting every ``--segment-hop`` seconds (default: the clip
+length), each with the file's labels; a last clip with less than ``--min-seconds`` of audio is refused
+as ``short_remainder``. Only the headers are read while planning and each clip is decoded on its own
+(seek + read), so memory does not grow with the file's length.
+
 Object storage: ``--out s3://bucket/prefix`` (endpoint and credentials from the AWS environment,
 ``S3_ENDPOINT_URL`` for MinIO/Ceph) works the same way in a local staging folder and uploads each
 committed chunk, then the merged index and the manifest last; the bucket is the resume state
@@ -33,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -41,13 +49,14 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from af_train import distributed
 from af_train.files import output_problem, sha256_files
 from af_train.launcher import add_launcher_arguments, check_launcher_arguments, launcher_command, wants_launcher
 from af_train.prepare.decoding import DecodeSettings, decode_item, ordered_map, start_pool
 from af_train.prepare.parts import PART_RULE, PrepareRefused, owns_chunk, part_summary
-from af_train.prepare.planning import Task, plan_splits
+from af_train.prepare.planning import Task, plan_splits, segment_tasks
 from af_train.prepare.remote_output import RemoteOutput
 from af_train.prepare.sources import (
     DEFAULT_CLIP_SECONDS,
@@ -108,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, help="clips per committed chunk (the resume unit)")
     p.add_argument("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS,
                    help=f"reject files with less audio than this (reason too_short; default {DEFAULT_MIN_SECONDS})")
+    p.add_argument("--segment", action="store_true",
+                   help="cut every file into consecutive clips FILE#k of --clip-seconds (long recordings) "
+                   "instead of keeping its first clip only")
+    p.add_argument("--segment-hop", type=float, metavar="SECONDS",
+                   help="--segment: seconds between clip starts (default: the clip length; smaller overlaps)")
     p.add_argument("--silence-threshold-db", type=float, default=audio_io.DEFAULT_SILENCE_DBFS,
                    help="reject clips whose peak is below this level in dBFS (default -80)")
     p.add_argument("--keep-silent", action="store_true", help="keep all-silent clips")
@@ -138,6 +152,12 @@ def _validate_args(args: argparse.Namespace) -> None:
     if args.min_seconds > clip_seconds:
         raise SystemExit(f"af-prepare: error: --min-seconds {args.min_seconds:g} is longer than the clip "
                          f"({clip_seconds:g} s, --clip-seconds)")
+    if args.segment_hop is not None:
+        if not args.segment:
+            raise SystemExit("af-prepare: error: --segment-hop applies only with --segment")
+        if not 0 < args.segment_hop <= clip_seconds:
+            raise SystemExit(f"af-prepare: error: --segment-hop {args.segment_hop:g} must be > 0 and at most the "
+                             f"clip ({clip_seconds:g} s, --clip-seconds): a longer hop never reads the audio between")
     if not Path(args.input).exists():
         raise SystemExit(f"af-prepare: error: --input {args.input} does not exist")
     from af_train.remote import is_remote
@@ -160,6 +180,25 @@ def build_tokenizer(args: argparse.Namespace) -> Tokenizer:
     from af_train.tokenizers import load_tokenizer
 
     return load_tokenizer(args.tokenizer, device=args.device)
+
+
+def _segment_plans(plans: dict, clip_seconds: float, hop_seconds: float,
+                   min_seconds: float) -> tuple[dict, dict[str, Any]]:
+    """--segment: every split's files → their clips, and the record for the fingerprint and manifest.
+
+    ``plan_sha256`` hashes every clip (id, file, start): a rerun over files whose lengths changed plans
+    other clips and chunk boundaries, so it is refused instead of resumed into duplicates.
+    """
+    count = sum(len(tasks) for tasks, _ in plans.values())
+    log.info("--segment: reading the headers of %d files", count)
+    segmented, digest = {}, hashlib.sha256()
+    for split, (tasks, rejects) in plans.items():
+        clips, dropped = segment_tasks(tasks, clip_seconds=clip_seconds, hop_seconds=hop_seconds,
+                                       min_seconds=min_seconds)
+        segmented[split] = (clips, rejects + dropped)
+        for t in clips:
+            digest.update(json.dumps([split, t.id, t.path, t.start_frame]).encode() + b"\n")
+    return segmented, {"hop_seconds": hop_seconds, "plan_sha256": digest.hexdigest()[:16]}
 
 
 def _rate(seconds_of_audio: float, since: float | None) -> float:
@@ -277,6 +316,9 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
         return 2
     clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[args.format]
     plans = plan_splits(source)
+    segment = None
+    if args.segment:
+        plans, segment = _segment_plans(plans, clip_seconds, args.segment_hop or clip_seconds, args.min_seconds)
 
     try:
         tokenizer = build_tokenizer(args)
@@ -303,6 +345,8 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
         "val_fold": args.val_fold if args.format == "esc50" else None,
         "test_fold": args.test_fold if args.format == "esc50" else None,
     }
+    if segment is not None:  # only then: without --segment the state and manifest stay as they were
+        fingerprint["segment"] = segment
     from af_train.remote import RemoteError, is_remote
 
     remote_out = None

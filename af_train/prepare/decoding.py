@@ -36,7 +36,8 @@ def decode(settings: DecodeSettings, task: Task) -> tuple[str, Any]:
     ``warnings``: (reason, message) pairs of a file that is used but looks wrong (``Clip.warnings``)."""
     try:
         clip = audio_io.load_clip(task.path, sample_rate=settings.sample_rate, clip_seconds=settings.clip_seconds,
-                                  silence_dbfs=settings.silence_dbfs, min_seconds=settings.min_seconds)
+                                  silence_dbfs=settings.silence_dbfs, min_seconds=settings.min_seconds,
+                                  start_frame=task.start_frame)
     except audio_io.AudioRejected as exc:
         return "reject", (exc.reason, exc.message)
     except Exception as exc:  # noqa: BLE001 - a broken file must not stop the run; it is logged

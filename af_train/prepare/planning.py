@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from af_train.prepare.sources import Source
+from af_train.shards import segment_id
+from af_train.tokenizers import audio_io
 
 # Reasons decided while planning (from the label file); audio reasons live in af_train.tokenizers.audio_io.
 UNKNOWN_LABEL = "unknown_label"
 NO_LABELS = "no_labels"
 MULTIPLE_LABELS = "multiple_labels"
 DUPLICATE_ID = "duplicate_id"
+SHORT_REMAINDER = "short_remainder"  # --segment: the end of a file, shorter than --min-seconds
 
 
 @dataclass
@@ -23,6 +26,7 @@ class Task:
     id: str
     path: str
     labels: list[int]
+    start_frame: int = 0  # --segment: where the clip starts in the file, in frames at the file's own rate
 
 
 @dataclass
@@ -69,3 +73,35 @@ def plan_splits(source: Source) -> dict[str, tuple[list[Task], list[Reject]]]:
             tasks.append(Task(order, e.id, path, labels))
         plans[split] = (tasks, rejects)
     return plans
+
+
+def segment_tasks(
+    tasks: list[Task], *, clip_seconds: float, hop_seconds: float, min_seconds: float
+) -> tuple[list[Task], list[Reject]]:
+    """``af-prepare --segment``: every file becomes its consecutive clips ``FILE#k`` (labels inherited).
+
+    Only each file's header is read here (its length decides the clips, see
+    ``audio_io.segment_starts``); the clips are decoded one by one later. A file that cannot be read is
+    rejected once under its own id; a trailing clip with less than ``min_seconds`` of audio is rejected
+    as ``short_remainder`` (a whole file that short stays ``too_short``, as without --segment).
+    Deterministic for unchanged files, which chunked writing and resume rely on.
+    """
+    out: list[Task] = []
+    rejects: list[Reject] = []
+    for task in tasks:
+        try:
+            info = audio_io.probe(task.path)
+        except audio_io.AudioRejected as exc:
+            rejects.append(Reject(task.order, task.id, task.path, exc.reason, exc.message))
+            continue
+        starts = audio_io.segment_starts(info.frames, info.sample_rate, clip_seconds, hop_seconds)
+        for k, start in enumerate(starts):
+            clip_id = segment_id(task.id, k)
+            remaining = (info.frames - start) / info.sample_rate
+            if k > 0 and remaining < min_seconds:
+                rejects.append(Reject(task.order, clip_id, task.path, SHORT_REMAINDER,
+                                      f"{task.path}: the last {remaining:.3f} s from {start / info.sample_rate:.3f} s "
+                                      f"are shorter than --min-seconds {min_seconds:g}"))
+                continue
+            out.append(Task(task.order, clip_id, task.path, task.labels, start_frame=start))
+    return out, rejects

@@ -7,6 +7,10 @@ cropped or zero-padded to ``clip_samples`` and the number of real (unpadded) sam
 padding can be masked later. Problems a data set really contains (missing, corrupt, empty, silent,
 non-finite files, or files shorter than a minimum duration) raise :class:`AudioRejected` with a short
 machine-readable ``reason``.
+
+Long files are read a clip at a time: :func:`probe` reads only the header, :func:`segment_starts` cuts
+the file's length into consecutive clips, and :func:`load_clip` with ``start_frame`` seeks to one of
+them and decodes just that clip. Memory therefore depends on the clip length, never on the file's.
 """
 
 from __future__ import annotations
@@ -41,6 +45,52 @@ class AudioRejected(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file's header says: its length in frames at its own sample rate, and its channels."""
+
+    frames: int
+    sample_rate: int
+    channels: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def probe(path: str | Path) -> AudioInfo:
+    """Read only the header of ``path``; AudioRejected for a missing, unreadable or empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioRejected(MISSING_FILE, f"no such file: {path}")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError, EOFError) as exc:
+        raise AudioRejected(UNREADABLE, f"cannot decode {path}: {exc}") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise AudioRejected(ZERO_LENGTH, f"{path} holds no samples")
+    return AudioInfo(frames=int(info.frames), sample_rate=int(info.samplerate), channels=int(info.channels))
+
+
+def segment_starts(frames: int, sample_rate: int, clip_seconds: float, hop_seconds: float) -> list[int]:
+    """Start frame (at the file's ``sample_rate``) of every clip of a file of ``frames`` frames.
+
+    Clip k starts at k × ``hop_seconds``, rounded to the nearest frame (no drift over a long file). The
+    last clip is the first one that reaches the end of the file, so every sample is read once the hop is
+    at most the clip; a file no longer than one clip is one clip starting at 0. The inference windows
+    (``af_train.inference.windows``) follow the same rule.
+    """
+    if not clip_seconds > 0 or not hop_seconds > 0:
+        raise ValueError(f"clip ({clip_seconds}) and hop ({hop_seconds}) must be > 0 seconds")
+    clip_frames = clip_seconds * sample_rate
+    starts = []
+    while True:
+        start = int(round(len(starts) * hop_seconds * sample_rate))
+        starts.append(start)
+        if start + clip_frames >= frames:
+            return starts
 
 
 @dataclass
@@ -114,10 +164,12 @@ def load_clip(
     clip_seconds: float,
     silence_dbfs: float | None = DEFAULT_SILENCE_DBFS,
     min_seconds: float = 0.0,
+    start_frame: int = 0,
 ) -> Clip:
     """Decode ``path`` into a :class:`Clip` of ``clip_seconds`` at ``sample_rate`` (mono).
 
-    Only the first ``clip_seconds`` of a long file are read. ``silence_dbfs=None`` keeps silent
+    Only the ``clip_seconds`` from ``start_frame`` (a frame at the file's own rate, see
+    :func:`segment_starts`) are decoded: the file is never read whole. ``silence_dbfs=None`` keeps silent
     clips. Raises :class:`AudioRejected` for missing, unreadable, empty, non-finite or silent audio, and
     for audio shorter than ``min_seconds`` (a header-only or one-sample file would otherwise become a
     clip of one valid frame).
@@ -129,6 +181,8 @@ def load_clip(
         with sf.SoundFile(str(path)) as f:
             source_rate, channels, total_frames = f.samplerate, f.channels, f.frames
             wanted = math.ceil(clip_seconds * source_rate) + 1
+            if start_frame:
+                f.seek(start_frame)
             data = f.read(frames=wanted, dtype="float32", always_2d=True)  # [frames, channels]
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError, EOFError) as exc:
         raise AudioRejected(UNREADABLE, f"cannot decode {path}: {exc}") from None
