@@ -1,7 +1,8 @@
 """af-probe: what a (pretrained) encoder's frozen embeddings know about a labelled data set.
 
     af-probe MODEL DATA --out DIR [--kind knn|linear|both] [--layer N | --layers all|0,2,..]
-             [--random-init [SEED]] [--max-clips N] [--shuffle-labels] [--checkpoint C | --weights W]
+             [--random-init [SEED] | --with-random-init [SEED]] [--max-clips N] [--shuffle-labels]
+             [--checkpoint C | --weights W]
 
 MODEL: a run directory (pretraining or fine-tuning; the checkpoint selected on validation unless
 --checkpoint/--weights say otherwise), a model.pt (with --manifest when its recipe's shards are not
@@ -16,8 +17,10 @@ baselines on the same clips: the label prior, a bag of codes (logistic regressio
 all rows and the model's row alone) and chance.
 
 Controls: ``--random-init [SEED]`` probes an encoder of the same configuration with random weights
-(what the architecture gives without training); ``--shuffle-labels`` permutes the train and val labels
-(a probe that reads labels, not audio, lands at chance).
+(what the architecture gives without training) instead of MODEL; ``--with-random-init [SEED]`` probes
+both on the same clips and adds the paired bootstrap interval of (MODEL − random init) per probe and
+layer; ``--shuffle-labels`` permutes the train and val labels (a probe that reads labels, not audio,
+lands at chance).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from af_train.probe import (
     fit_probe,
     load_probe_data,
     metrics_with_intervals,
+    paired_difference,
 )
 
 log = logging.getLogger(__name__)
@@ -69,8 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", help="a checkpoint directory of the run (default: the one selected on val)")
     weights.add_argument("--weights", help="a module weights file of the run (e.g. RUN/final/model.pt)")
-    parser.add_argument("--random-init", type=int, nargs="?", const=0, metavar="SEED",
-                        help="control: an encoder of MODEL's configuration with random weights (seed, default 0)")
+    control = parser.add_mutually_exclusive_group()
+    control.add_argument("--random-init", type=int, nargs="?", const=0, metavar="SEED",
+                         help="control: probe an encoder of MODEL's configuration with random weights instead "
+                              "(seed, default 0)")
+    control.add_argument("--with-random-init", type=int, nargs="?", const=0, metavar="SEED",
+                         help="probe MODEL and a random-init encoder of its configuration (seed, default 0) and "
+                              "report the paired difference")
     parser.add_argument("--manifest", help="shard directory (or manifest.json) MODEL was trained on, when its recipe "
                                            "names shards that are not here")
     parser.add_argument("--max-clips", type=int, help="at most this many clips per split (a seeded subset; "
@@ -173,6 +182,33 @@ def table(results: list[ProbeResult], base: dict[str, Any], single: bool) -> str
     return "\n".join(lines) + "\n"
 
 
+def comparison_table(results: list[ProbeResult], controls: list[ProbeResult], differences: list[dict[str, Any]],
+                     single: bool) -> str:
+    """Markdown: per probe and layer, the random-init control and the paired difference trained − random init."""
+    metric = "accuracy" if single else "mAP"
+    head = ["probe", "layer", f"test {metric}", f"random init test {metric}", "difference [95% CI, paired]"]
+    rows = [[r.kind, str(r.layer), f"{r.test[metric]['value']:.3f}", _interval(c.test[metric]),
+             f"{d[metric]['value']:+.3f} [{d[metric]['low']:+.3f}, {d[metric]['high']:+.3f}]"]
+            for r, c, d in zip(results, controls, differences)]
+    widths = [max(len(str(x)) for x in column) for column in zip(head, *rows)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def probe_all(encoder: torch.nn.Module, data: ProbeData, framing: Framing, layers: list[int], kinds: list[str],
+              args: argparse.Namespace) -> list[ProbeResult]:
+    """Every kind on every layer of ``encoder``'s embeddings of ``data``."""
+    device = torch.device(args.device)
+    encoder = encoder.to(device)
+    features = {split: embed_clips(encoder, clips, framing, layers, batch_size=args.batch_size, device=device)
+                for split, clips in data.splits.items()}
+    return [fit_probe(kind, *((features[s][layer], data.targets(s)) for s in ("train", "val", "test")),
+                      single_label=not data.multi_label, layer=layer, rounds=args.bootstrap_rounds, seed=args.seed)
+            for kind in kinds for layer in layers]
+
+
 def shuffle_labels(data: ProbeData, seed: int) -> None:
     """Control: permute the label lists of the train and val clips (test keeps its true labels)."""
     rng = np.random.default_rng([seed, 1])
@@ -205,18 +241,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shuffle_labels(data, args.seed)
     framing = Framing(card.code_row, card.max_length, card.add_boa, card.add_eoa, card.dynamic_padding,
                       card.codebook_size)
-    device = torch.device(args.device)
-    encoder = encoder.to(device)
-    features = {split: embed_clips(encoder, clips, framing, layers, batch_size=args.batch_size, device=device)
-                for split, clips in data.splits.items()}
-    embedded = time.perf_counter()
     single = not data.multi_label
     kinds = list(KINDS) if args.kind == "both" else [args.kind]
-    results = []
-    for kind in kinds:
-        for layer in layers:
-            results.append(fit_probe(kind, *((features[s][layer], data.targets(s)) for s in ("train", "val", "test")),
-                                     single_label=single, layer=layer, rounds=args.bootstrap_rounds, seed=args.seed))
+    results = probe_all(encoder, data, framing, layers, kinds, args)
+    controls, differences = [], []
+    if args.with_random_init is not None:
+        controls = probe_all(random_like(encoder, args.with_random_init), data, framing, layers, kinds, args)
+        targets = data.targets("test")
+        differences = [paired_difference(r.test_scores, c.test_scores, targets, single, args.bootstrap_rounds,
+                                         args.seed) for r, c in zip(results, controls)]
+    probed = time.perf_counter()
     base = baselines(data, card.code_row, args.bootstrap_rounds, args.seed)
     payload = {
         "format": FORMAT,
@@ -229,9 +263,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bootstrap": {"rounds": args.bootstrap_rounds, "seed": args.seed, "confidence": 0.95, "over": "test clips"},
         "probes": [r.to_json() for r in results],
         "baselines": base,
-        "seconds": {"embedding": embedded - started, "total": time.perf_counter() - started},
+        "seconds": {"probes": probed - started, "total": time.perf_counter() - started},
     }
     text = table(results, base, single)
+    if controls:
+        payload["random_init_control"] = {
+            "seed": args.with_random_init,
+            "probes": [dict(c.to_json(), difference=d) for c, d in zip(controls, differences)],
+        }
+        text += ("\nThe same probes on a random-init encoder of the same configuration (seed "
+                 f"{args.with_random_init}), same clips; difference = trained − random init:\n\n"
+                 + comparison_table(results, controls, differences, single))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / JSON_NAME, json.dumps(payload, indent=2) + "\n")
     heading = (f"af-probe: {loaded.source} ({weights}) on {args.data}: {payload['clips']} clips"

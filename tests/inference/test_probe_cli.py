@@ -79,6 +79,16 @@ def test_random_init_control_and_max_clips(encoder_file, probe_data, tmp_path):
                    "--max-clips", "12")
     assert result["weights"] == "random init (seed 3)"
     assert result["clips"] == {"train": 12, "val": 12, "test": 12} and result["max_clips"] == 12
+    both = probe(encoder_file, probe_data, tmp_path / "both", "--kind", "knn", "--with-random-init", "3",
+                 "--max-clips", "12")
+    assert both["weights"] == "trained" and both["random_init_control"]["seed"] == 3
+    control = both["random_init_control"]["probes"][0]
+    assert control["test"] == result["probes"][0]["test"]  # the same random encoder, the same clips
+    difference = control["difference"]["accuracy"]
+    trained = both["probes"][0]["test"]["accuracy"]["value"]
+    assert difference["value"] == pytest.approx(trained - control["test"]["accuracy"]["value"])
+    assert difference["low"] <= difference["value"] <= difference["high"]
+    assert "difference = trained − random init" in (tmp_path / "both" / "probe.md").read_text()
 
 
 def test_af_probe_refuses_what_it_cannot_use(encoder_file, probe_data, tmp_path, capsys):
