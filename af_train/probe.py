@@ -277,11 +277,12 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, query_x: np.ndarray, ks
     return out
 
 
-def linear_scores(train_x: np.ndarray, train_y: np.ndarray, eval_xs: list[np.ndarray], c: float,
-                  single_label: bool) -> list[np.ndarray]:
-    """Logistic regression with inverse regularisation ``c`` fitted on (``train_x``, bool ``train_y`` [N, C]):
-    decision scores [N_i, C] of each of ``eval_xs`` (a class the training rows never show scores -1e9 in
-    single-label data)."""
+def linear_scores(train_x: np.ndarray, train_y: np.ndarray, eval_xs: list[np.ndarray], cs: list[float],
+                  single_label: bool) -> list[list[np.ndarray]]:
+    """Logistic regression fitted on (``train_x``, bool ``train_y`` [N, C]) for each inverse regularisation in
+    ``cs``: per C, the decision scores [N_i, C] of each of ``eval_xs`` (a class the training rows never show
+    scores -1e9 in single-label data). Single-label fits run along ``cs`` in order, each starting from the
+    previous solution (scikit-learn's warm start: the same optimum, fewer iterations)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
@@ -289,28 +290,34 @@ def linear_scores(train_x: np.ndarray, train_y: np.ndarray, eval_xs: list[np.nda
     train_x = np.asarray(train_x, dtype=np.float64)
     mean, std = train_x.mean(axis=0), train_x.std(axis=0)
     std = np.where(std > 0, std, 1.0)
+    inputs = (train_x - mean) / std
     num_classes = train_y.shape[1]
-    model = LogisticRegression(C=c, max_iter=LINEAR_MAX_ITER)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a loose fit at a large C scores worse on val
-        warnings.filterwarnings("ignore", message="Label not .* is present in all training examples")
-        if single_label:
-            model.fit((train_x - mean) / std, train_y.argmax(axis=1))
-        else:
-            model = OneVsRestClassifier(model).fit((train_x - mean) / std, train_y.astype(np.int64))
+    single = LogisticRegression(max_iter=LINEAR_MAX_ITER, warm_start=True)
     out = []
-    for x in eval_xs:
-        decision = model.decision_function((np.asarray(x, dtype=np.float64) - mean) / std)
-        if not single_label:
-            out.append(np.asarray(decision, dtype=np.float64).reshape(len(x), num_classes))
-            continue
-        scores = np.full((len(x), num_classes), -1e9)
-        seen = model.classes_.astype(np.int64)
-        if len(seen) == 2:  # scikit-learn's binary case: one column, the second class's logit
-            decision = np.stack([-decision, decision], axis=1) / 2.0
-        scores[:, seen] = decision
-        out.append(scores)
+    for c in cs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # a loose fit at a large C scores worse on val
+            warnings.filterwarnings("ignore", message="Label not .* is present in all training examples")
+            if single_label:
+                model = single.set_params(C=c).fit(inputs, train_y.argmax(axis=1))
+            else:
+                model = OneVsRestClassifier(LogisticRegression(C=c, max_iter=LINEAR_MAX_ITER)).fit(
+                    inputs, train_y.astype(np.int64))
+        out.append([_decision(model, (np.asarray(x, dtype=np.float64) - mean) / std, num_classes, single_label)
+                    for x in eval_xs])
     return out
+
+
+def _decision(model: Any, x: np.ndarray, num_classes: int, single_label: bool) -> np.ndarray:
+    decision = model.decision_function(x)
+    if not single_label:
+        return np.asarray(decision, dtype=np.float64).reshape(len(x), num_classes)
+    scores = np.full((len(x), num_classes), -1e9)
+    seen = model.classes_.astype(np.int64)
+    if len(seen) == 2:  # scikit-learn's binary case: one column, the second class's logit
+        decision = np.stack([-decision, decision], axis=1) / 2.0
+    scores[:, seen] = decision
+    return scores
 
 
 @dataclass
@@ -354,7 +361,7 @@ def fit_probe(kind: str, train: tuple[np.ndarray, np.ndarray], val: tuple[np.nda
         name = "k"
     else:
         candidates = [float(c) for c in (settings or LINEAR_C)]
-        per_setting = [(c, linear_scores(train_x, train_y, evals, c, single_label)) for c in candidates]
+        per_setting = list(zip(candidates, linear_scores(train_x, train_y, evals, candidates, single_label)))
         name = "C"
     table = []
     for value, (val_scores, *_) in per_setting:
