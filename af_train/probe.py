@@ -31,20 +31,23 @@ tie can then flip a clip (1 / clips of the split in accuracy).
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from af_train.data.clips import Clips, read_clips
 from af_train.data.collate import Collator
 from af_train.metrics import bootstrap_interval, mean_average_precision, top1_accuracy
 from af_train.model.heads import masked_mean_pool
 from af_train.objectives import row_type_ids
 from af_train.tokens import SpecialTokens, frame_rows
+
+if TYPE_CHECKING:
+    from af_train.data.clips import Clips
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,8 @@ def probe_subset(clips: Clips, max_clips: int | None, seed: int = 0) -> Clips:
 def load_probe_data(root: str | Path, splits: tuple[str, ...] = ("train", "val", "test"),
                     max_clips: int | None = None, seed: int = 0) -> ProbeData:
     """``root/<split>`` for each split (local shard directories), checked against each other (see module doc)."""
+    from af_train.data.clips import read_clips
+
     root = Path(root)
     missing = [s for s in splits if not (root / s).is_dir()]
     if missing:
@@ -374,3 +379,83 @@ def fit_probe(kind: str, train: tuple[np.ndarray, np.ndarray], val: tuple[np.nda
         result.test_scores = scores[1]
         result.test = metrics_with_intervals(scores[1], test[1], single_label, rounds, seed)
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The probe during training (train.probe)
+# --------------------------------------------------------------------------------------------------
+
+
+class Prober:
+    """``train.probe``: the probe of the encoder's frozen embeddings during training (``run`` is collective).
+
+    Reads the probe data set's train and val splits once, never its test split, cut to
+    ``max_clips`` clips per split the way ``af-probe --max-clips`` cuts them (seed 0). A probe: every
+    rank embeds its share of the clips (clip i on rank i mod world size; the shares padded to one
+    length, so every rank runs the same forward passes, as ZeRO-3 needs), the shares are gathered,
+    rank 0 fits the probe on train and chooses its setting on val (``fit_probe``), and every rank gets
+    the metrics: ``probe/accuracy`` (single-label data) and ``probe/mAP`` of the val clips at the
+    chosen setting, ``probe/k`` or ``probe/C``, ``probe/seconds`` (this probe, rank 0's wall time)
+    and ``probe/time_share`` (all probes so far / wall time since the Prober was built).
+    """
+
+    def __init__(self, cfg: Any, data_config: Any, manifest: Any, num_layers: int, device: torch.device,
+                 default_every: int = 0) -> None:
+        from af_train import distributed
+        from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
+
+        self.cfg, self.device = cfg, device
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.every = cfg.every if cfg.every is not None else default_every
+        try:
+            self.data = load_probe_data(cfg.dataset, splits=("train", "val"), max_clips=cfg.max_clips)
+            check_same_tokenizer(manifest.tokenizer, self.data.tokenizer, "the training shards",
+                                 f"train.probe.dataset '{cfg.dataset}'")
+            self.layer = check_layers([num_layers if cfg.layer is None else cfg.layer], num_layers)[0]
+        except TokenizerError as exc:
+            raise ProbeError(f"train.probe: {exc}") from None
+        except ProbeError as exc:
+            raise ProbeError(f"train.probe: {exc}") from None
+        self.framing = Framing.of_recipe(data_config, data_config.code_rows[0], manifest.codec.codebook_size)
+        self.started, self.seconds = time.perf_counter(), 0.0
+
+    def due(self, step: int) -> bool:
+        """A periodic probe at this step (``every``; 0: none between the first and the last)."""
+        return bool(self.every) and step % self.every == 0
+
+    def _embed(self, encoder: torch.nn.Module, clips: Clips) -> np.ndarray:
+        from af_train.distributed import gather_objects
+
+        share = list(range(self.rank, len(clips), self.world_size))
+        per_rank = -(-len(clips) // self.world_size)
+        padded = share + [share[0] if share else 0] * (per_rank - len(share))
+        pooled = embed_clips(encoder, clips.subset(padded), self.framing, [self.layer],
+                             batch_size=self.cfg.batch_size, device=self.device)[self.layer][:len(share)]
+        rows = np.zeros((len(clips), pooled.shape[1]), dtype=np.float32)
+        for indices, part in gather_objects((share, pooled)):
+            rows[indices] = part
+        return rows
+
+    def run(self, encoder: torch.nn.Module, step: int) -> dict[str, float]:
+        """Collective: the probe of ``encoder``'s current weights (see the class doc)."""
+        from af_train.distributed import broadcast_from_rank0, result_or_exception
+
+        started = time.perf_counter()
+        features = {split: self._embed(encoder, clips) for split, clips in self.data.splits.items()}
+
+        def fit() -> dict[str, float]:
+            result = fit_probe(self.cfg.kind, *((features[s], self.data.targets(s)) for s in ("train", "val")),
+                               single_label=not self.data.multi_label, layer=self.layer)
+            return {**{f"probe/{k}": v for k, v in result.val.items()},
+                    **{f"probe/{k}": float(v) for k, v in result.setting.items()}}
+
+        metrics = broadcast_from_rank0(result_or_exception(fit) if self.rank == 0 else None)
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        share = self.seconds / max(time.perf_counter() - self.started, 1e-9)
+        if self.rank == 0:
+            shown = ", ".join(f"{k[len('probe/'):]} {v:.4g}" for k, v in metrics.items())
+            log.info("step %d probe (%s, layer %d, %d + %d clips): %s; %.2f s, probes so far %.1f s = %.1f%% of "
+                     "the wall time", step, self.cfg.kind, self.layer, len(self.data.splits["train"]),
+                     len(self.data.splits["val"]), shown, seconds, self.seconds, 100 * share)
+        return {**metrics, "probe/seconds": seconds, "probe/time_share": share}

@@ -11,12 +11,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from af_train import remote as remote_io
-from af_train.data.dataset import DataError, load_manifest
-from af_train.shards import Manifest
+if TYPE_CHECKING:
+    from af_train.shards import Manifest
 
 
 @dataclass
@@ -43,6 +43,9 @@ def read_clips(directory: str | os.PathLike) -> Clips:
     Raises ``DataError`` naming the directory when it is remote, missing, or holds a clip id twice.
     """
     from streaming import LocalDataset
+
+    from af_train import remote as remote_io
+    from af_train.data.dataset import DataError, load_manifest
 
     if remote_io.is_remote(str(directory)):
         raise DataError(f"'{directory}' is remote; this reads a local shard directory (copy it here first)")
