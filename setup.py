@@ -60,7 +60,7 @@ setup(
             "af-kernel-compile-report=af_train_tools.kernel_compile_report:console_main",
             "af-benchmark-data=af_train_tools.benchmark_data:main",
             "af-benchmark-train=af_train_tools.benchmark_train:main",
-            "af-export-hf=af_train_tools.export_hf:main",
+            "af-export-hf=af_train.inference.export_hf:main",
             "af-train=af_train.train:launch_main",
             "af-evaluate=af_train.evaluate:main",
             "af-predict=af_train.inference.predict:main",

@@ -289,7 +289,7 @@ def test_quick_start_rerun_reuses_every_stage(smoke_demo):
 
 def test_readme_export_commands_on_the_demo_output(smoke_demo, tmp_path):
     root, _, _ = smoke_demo
-    from af_train_tools import export_hf
+    from af_train.inference import export_hf
 
     commands = [c for c in bash_commands(readme()) if c.startswith("af-export-hf")]
     assert len(commands) == 2

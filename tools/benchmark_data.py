@@ -129,7 +129,7 @@ def write_synthetic_shards(out: Path, num_clips: int, frames: int, num_classes: 
 
 def benchmark_loader(args: argparse.Namespace) -> list[dict]:
     from af_train.config import DataConfig
-    from af_train.data import build_dataloader
+    from af_train.data.loader import build_dataloader
 
     work = Path(tempfile.mkdtemp(prefix="af_bench_data_"))
     rows = []

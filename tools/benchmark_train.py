@@ -347,7 +347,7 @@ def build_hf_module(recipe: Any, mode: str) -> torch.nn.Module:
 
 def build_hf(name: str, recipe: Any, mode: str, device: Any, ds_config: dict[str, Any]) -> Impl:
     """Hugging Face RoFormer in a DeepSpeed engine made by the Trainer's own engine factory."""
-    from af_train.data import build_dataloader
+    from af_train.data.loader import build_dataloader
     from af_train.evaluate import move_batch
     from af_train.runtime import initialize_engine
 

@@ -69,7 +69,7 @@ def baseline_metrics(scored: dict[str, Any]) -> dict[str, float]:
 
 def test_baselines(shards: str | Path) -> dict[str, Any]:
     """Label prior and bag of codes on ``shards/test``, both fitted on ``shards/train``: metrics and chance."""
-    from af_train.data import load_manifest
+    from af_train.data.dataset import load_manifest
 
     shards = Path(shards)
     num_classes = load_manifest(shards / "train").num_classes
@@ -119,7 +119,8 @@ def score_run(run_dir: str | Path, checkpoint: str | Path, split: str = "test", 
     """
     import torch
 
-    from af_train.data import build_dataloader, load_manifest
+    from af_train.data.dataset import load_manifest
+    from af_train.data.loader import build_dataloader
     from af_train.data.mixing import first_train_source
     from af_train.evaluate import evaluation_module, evaluation_recipe
 

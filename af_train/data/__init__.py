@@ -10,31 +10,26 @@ Batches (dicts) from ``build_dataloader``:
   built with ``mask=True``; every row is masked independently);
 - ``labels``: FloatTensor [B, C] multi-hot for multi-label data sets, LongTensor [B] otherwise.
 Token ids are in ``af_train.tokens`` (the contract beside ``af_train.shards``).
+
+This package module stays light (no mosaicml-streaming, which pulls in transformers, scipy and
+torchvision): inference imports the collator through it. The loader (``build_dataloader``,
+``build_dataset``, ``check_split_tokenizers``, ``split_source``) is in ``af_train.data.loader``, the
+streaming dataset (``AudioCodeDataset``, ``DataError``, ``load_manifest``, local or remote) in
+``af_train.data.dataset``. Code that must not pay for streaming reads a local manifest with
+``af_train.shards.Manifest.load`` (inference does).
 """
 
 from af_train.data.collate import Collator
-from af_train.data.dataset import AudioCodeDataset, DataError, check_rows, load_manifest, setup_distributed_env
-from af_train.data.loader import build_collator, build_dataloader, build_dataset, check_split_tokenizers, split_source
 from af_train.data.masking import IGNORE_INDEX, MaskingConfig, mask_codes, masking_generator
 from af_train.data.shm import clean_stale_streaming_shm
 from af_train.tokens import SpecialTokens
 
 __all__ = [
     "IGNORE_INDEX",
-    "AudioCodeDataset",
     "Collator",
-    "DataError",
     "MaskingConfig",
     "SpecialTokens",
-    "build_collator",
-    "build_dataloader",
-    "build_dataset",
-    "check_rows",
-    "check_split_tokenizers",
     "clean_stale_streaming_shm",
-    "load_manifest",
     "mask_codes",
     "masking_generator",
-    "setup_distributed_env",
-    "split_source",
 ]

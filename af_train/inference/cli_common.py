@@ -1,4 +1,8 @@
-"""What af-predict and af-embed share: the model arguments, finding audio files, the failure summary."""
+"""What af-predict and af-embed share: the model arguments, finding audio files, the failure summary.
+
+Nothing here imports torch at module level: ``--help`` and argument errors are answered before the
+model stack is imported (torch alone costs about two CPU-seconds).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,6 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-
-import torch
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".opus", ".w64", ".caf"}
 
@@ -30,7 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encode-batch-size", type=int,
                         help="clips per tokenizer batch (default: af-prepare's, so that codes equal the training "
                              "shards' bit for bit; partial batches are zero-padded to it)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # None: AudioTagger picks cuda when available, else cpu (resolved after parsing, so no torch import here)
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import torch
 
 from af_train.evaluate import THRESHOLDS_NAME
 from af_train.model import RoFormerEncoder
+from af_train.shards import Manifest, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,6 @@ def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     its encoder, no classifier). ``manifest``: the training shards (or their manifest.json) when they
     are no longer where the run's recipe says."""
     from af_train.checkpoint import BEST, consolidated_state, latest_complete, read_best, read_meta
-    from af_train.data import load_manifest
     from af_train.evaluate import EvaluationError, evaluation_module
     from af_train.model.checkpoint import CheckpointError, read_checkpoint
 
@@ -216,7 +216,7 @@ def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
         thresholds_file = Path(weights).parent / THRESHOLDS_NAME
         trained_on = payload.get("tokenizer")
     shards = manifest or next((s for s in (recipe.data.train, recipe.data.val, recipe.data.test) if s), None)
-    manifest = _manifest(load_manifest, shards, f"the training shards named in {run_dir / 'config.yaml'}")
+    manifest = _manifest(shards, f"the training shards named in {run_dir / 'config.yaml'}")
     _check_trained_on(trained_on, manifest, source, shards)
     objectives_log = logging.getLogger("af_train.objectives")
     level = objectives_log.level
@@ -241,29 +241,29 @@ def _check_trained_on(trained_on: dict[str, Any] | None, manifest: Any, source: 
             from None
 
 
-def _manifest(load_manifest: Any, where: str | Path | None, what: str) -> Any:
-    from af_train.data import DataError
-    from af_train.shards import ManifestError
-
+def _manifest(where: str | Path | None, what: str) -> Manifest:
+    """The manifest of a local shard directory (or of its manifest.json), read without the data layer
+    (whose streaming import costs seconds)."""
     if where is None:
         raise InferenceError(f"no shard directory to read the label vocabulary and tokenizer from ({what})")
     path = Path(where)
     if path.suffix == ".json":
         path = path.parent
+    fix = (f"Inference reads the label vocabulary and the tokenizer identity from the manifest.json of {what}; "
+           "give that shard directory (--manifest DIR)")
+    if not path.is_dir():
+        raise InferenceError(f"shard directory '{path}' does not exist; write one with af-prepare (or fix data.train / "
+                             f"data.val / data.test in the recipe). {fix}")
     try:
-        return load_manifest(str(path))
-    except (DataError, ManifestError) as exc:
-        raise InferenceError(
-            f"{exc}. Inference reads the label vocabulary and the tokenizer identity from the manifest.json of "
-            f"{what}; give that shard directory (--manifest DIR)"
-        ) from None
+        return Manifest.load(path)
+    except ManifestError as exc:
+        raise InferenceError(f"{exc}. {fix}") from None
 
 
 def load_from_weights(weights: str | Path, manifest: str | Path | None = None) -> LoadedModel:
     """Consolidated module weights (``final/model.pt``) and the manifest of the shards it was trained on
     (default: the training shards its recipe names)."""
     from af_train.config import DataConfig, build_dataclass
-    from af_train.data import load_manifest
     from af_train.model import MODULE_FORMAT, ClassificationHead, load_encoder, read_checkpoint
     from af_train.model.checkpoint import CheckpointError, check_and_load_state
 
@@ -276,7 +276,7 @@ def load_from_weights(weights: str | Path, manifest: str | Path | None = None) -
     data = build_dataclass(DataConfig, recipe.get("data", {}), str(weights), "data")
     if manifest is None:
         manifest = next((s for s in (data.train, data.val, data.test) if s), None)
-    shards = _manifest(load_manifest, manifest, f"the shards {weights} was trained on")
+    shards = _manifest(manifest, f"the shards {weights} was trained on")
     _check_trained_on(payload.get("tokenizer"), shards, str(weights), manifest)
     classifier = None
     if payload["format"] == MODULE_FORMAT:

@@ -149,7 +149,7 @@ def import_roformer(model_dir: str | Path) -> RoFormerEncoder:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"'{model_dir}' is not a Hugging Face model directory (no config.json); "
-            "write one with af_train.model.hf.export_roformer or tools/export_hf.py"
+            "write one with af_train.model.hf.export_roformer or af-export-hf"
         )
     hf_cfg = RoFormerConfig.from_pretrained(model_dir)
     config = _config_from_hf(hf_cfg, str(model_dir))

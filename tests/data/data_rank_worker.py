@@ -38,7 +38,7 @@ def run_rank(
     import torch.distributed as dist
 
     from af_train.config import DataConfig
-    from af_train.data import build_dataloader
+    from af_train.data.loader import build_dataloader
 
     if world_size > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)

@@ -12,7 +12,8 @@ import torch
 from data_shards import write_shards
 
 from af_train.config import DataConfig, Recipe
-from af_train.data import DataError, build_dataloader, load_manifest, setup_distributed_env
+from af_train.data.dataset import DataError, load_manifest, setup_distributed_env
+from af_train.data.loader import build_dataloader
 from af_train.data.shm import clean_stale_streaming_shm
 from af_train.shards import ManifestError
 from af_train.tokens import SpecialTokens

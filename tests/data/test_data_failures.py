@@ -18,9 +18,8 @@ import pytest
 from data_shards import write_shards
 from streaming.base.dataset import _Iterator
 
-from af_train.data import DataError, load_manifest
 from af_train.data import dataset as dataset_module
-from af_train.data.dataset import AudioCodeDataset
+from af_train.data.dataset import AudioCodeDataset, DataError, load_manifest
 
 
 def _dataset(local, *, remote=None, **kwargs) -> AudioCodeDataset:

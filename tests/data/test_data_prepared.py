@@ -7,7 +7,8 @@ import torch
 from streaming.base.local import LocalDataset
 
 from af_train.config import DataConfig
-from af_train.data import build_dataloader, load_manifest
+from af_train.data.dataset import load_manifest
+from af_train.data.loader import build_dataloader
 from af_train.tokens import SpecialTokens
 
 pytestmark = pytest.mark.slow

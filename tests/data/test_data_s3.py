@@ -6,7 +6,8 @@ import pytest
 from data_shards import write_shards
 
 from af_train.config import DataConfig
-from af_train.data import build_dataloader, load_manifest
+from af_train.data.dataset import load_manifest
+from af_train.data.loader import build_dataloader
 from af_train.shards import ManifestError
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import pytest
 from data_shards import write_shards
 
 from af_train.config import DataConfig, RecipeError, StreamConfig
-from af_train.data import build_dataloader
 from af_train.data.balance import measure_epoch, prepare_buckets
 from af_train.data.dataset import DataError
+from af_train.data.loader import build_dataloader
 from af_train.tokens import SpecialTokens
 
 

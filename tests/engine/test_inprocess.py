@@ -250,7 +250,7 @@ def _copy_split_as_other_tokenizer(src: Path, dst: Path) -> Path:
 
 
 def test_tokenizer_identity_is_recorded_and_mixing_tokenizers_is_refused(one_rank, data_root, tmp_path):
-    from af_train.data import DataError
+    from af_train.data.dataset import DataError
     from af_train.model.checkpoint import CheckpointError
     from af_train.shards import Manifest
 

@@ -28,7 +28,8 @@ def multi_hot(names: list[list[str]], vocabulary: list[str]) -> np.ndarray:
 def evaluation_logits(run_dir: Path, checkpoint: Path, shards: Path, split: str = "test") -> dict[str, np.ndarray]:
     """Clip id -> logits, as af-evaluate computes them on prepared shards (the training-time path)."""
     from af_train.checkpoint import consolidated_state
-    from af_train.data import build_dataloader, load_manifest
+    from af_train.data.dataset import load_manifest
+    from af_train.data.loader import build_dataloader
     from af_train.evaluate import evaluation_module, evaluation_recipe
 
     recipe = evaluation_recipe(run_dir, [f"data.{split}={shards}"])

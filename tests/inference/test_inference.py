@@ -26,7 +26,7 @@ def tagger(tiny_run) -> AudioTagger:
 @pytest.fixture(scope="module")
 def hf_export(tiny_run, tmp_path_factory) -> Path:
     """The af-export-hf directory of the checkpoint the run tested (selected on validation)."""
-    from af_train_tools import export_hf
+    from af_train.inference import export_hf
 
     out = tmp_path_factory.mktemp("hf") / "model"
     selected = json.loads((tiny_run / "final" / "metrics.json").read_text())["test_checkpoint"]

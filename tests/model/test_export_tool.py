@@ -1,4 +1,4 @@
-"""tools/export_hf.py: a fine-tuned module exports to a Hugging Face dir + classifier side file."""
+"""af_train.inference.export_hf (af-export-hf): a fine-tuned module exports to a Hugging Face dir + classifier."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from af_train.config import Recipe
+from af_train.inference.export_hf import main
 from af_train.model import save_encoder, save_module_weights
 from af_train.model.hf import import_roformer
 from af_train.objectives import build_training_module
 from af_train.shards import CodecInfo, Manifest
-from tools.export_hf import main
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -12,7 +12,8 @@ import pytest
 from s3_helpers import record_hashes, upload_tree
 
 from af_train.config import DataConfig
-from af_train.data import DataError, build_dataloader, load_manifest
+from af_train.data.dataset import DataError, load_manifest
+from af_train.data.loader import build_dataloader
 from af_train.remote import RemoteDir, RemoteError
 from af_train.shards import ManifestError
 

@@ -34,8 +34,7 @@ def script_tools() -> list[Path]:
 
 def test_known_tools_are_discovered():
     names = {p.stem for p in script_tools()}
-    assert {"prepare_dataset", "make_synthetic_audio", "export_hf", "benchmark_kernels", "plot_run",
-            "demo"} <= names
+    assert {"prepare_dataset", "make_synthetic_audio", "benchmark_kernels", "plot_run", "demo"} <= names
     scripts = {name for name, _, _ in console_scripts()}
     assert {"af-train", "af-evaluate", "af-prepare", "af-fit-tokenizer", "af-synth-audio", "af-export-hf", "af-predict",
             "af-embed"} <= scripts

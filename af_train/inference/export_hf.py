@@ -1,6 +1,7 @@
 """Export an af_train checkpoint to a Hugging Face RoFormer directory.
 
     af-export-hf CHECKPOINT OUT_DIR [--manifest SHARD_DIR_OR_JSON] [--with-mlm-head] [--overwrite]
+    (or python3 -m af_train.inference.export_hf ...)
 
 CHECKPOINT is an encoder checkpoint (``af_train.encoder/1``, written by pretraining) or module
 weights (``af_train.module/1``, written at the end of any run). OUT_DIR receives:
@@ -18,6 +19,9 @@ weights (``af_train.module/1``, written at the end of any run). OUT_DIR receives
 - ``af_train_export.json``: provenance (source file, format, code row, recipe).
 
 Frozen FT2 row encoders are not exported: inference uses the trainable row only.
+
+The reader of this directory is ``af_train.inference.model.load_from_hf`` (beside this writer); the
+model stack is imported inside the functions, so that ``--help`` answers without torch.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("af_train.export_hf")
+log = logging.getLogger(__name__)
 
 TOKEN_CONVENTIONS = {
     "codes": "EnCodec 24 kHz codes 0..1023 of one codebook row (3 kbps: rows 0..3, 75 frames/s)",
