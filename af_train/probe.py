@@ -436,12 +436,17 @@ class Prober:
             rows[indices] = part
         return rows
 
+    def features(self, encoder: torch.nn.Module) -> dict[str, np.ndarray]:
+        """Collective: ``{split: float32 [clips, hidden]}``, the pooled features of every probe clip, in the
+        split's order, on every rank."""
+        return {split: self._embed(encoder, clips) for split, clips in self.data.splits.items()}
+
     def run(self, encoder: torch.nn.Module, step: int) -> dict[str, float]:
         """Collective: the probe of ``encoder``'s current weights (see the class doc)."""
         from af_train.distributed import broadcast_from_rank0, result_or_exception
 
         started = time.perf_counter()
-        features = {split: self._embed(encoder, clips) for split, clips in self.data.splits.items()}
+        features = self.features(encoder)
 
         def fit() -> dict[str, float]:
             result = fit_probe(self.cfg.kind, *((features[s], self.data.targets(s)) for s in ("train", "val")),
