@@ -38,6 +38,7 @@ setup(
         "safetensors",
         "faiss-cpu",  # k-means of the mel-rvq tokenizer (af-fit-tokenizer)
         "scipy",
+        "scikit-learn",  # af-probe and train.probe: logistic-regression probes
         "espeakng-loader",  # af-synth-speech: the eSpeak NG library and voices in a wheel
     ],
     extras_require={
@@ -45,7 +46,6 @@ setup(
             "pytest",
             "pytest-timeout",
             "ruff",
-            "scikit-learn",
             "moto[server]",
         ],
     },
@@ -66,6 +66,7 @@ setup(
             "af-predict=af_train.inference.predict:main",
             "af-embed=af_train.inference.embed:main",
             "af-experiment=af_train.experiment.cli:main",
+            "af-probe=af_train.inference.probe:main",
         ],
     },
 )

@@ -4,9 +4,10 @@ One ``Trainer`` per process (rank). It builds its parts from the recipe: the pro
 engine (``runtime``, ``ds_config``), the data loaders, the training module (``objectives``), a
 ``CheckpointManager`` (``checkpoint``: resume, save, consolidated weights; it also saves the weight
 average, ``ema``), an ``Evaluator`` (``evaluate``: periodic validation, best-checkpoint selection,
-test scoring) and the run log (``run_logging``). ``fit()``
+test scoring), with ``train.probe`` a ``Prober`` (``probe``: a frozen-embedding probe of the encoder)
+and the run log (``run_logging``). ``fit()``
 loops: draw ``grad_accum`` micro batches, run ``train_step`` (forward, backward and DeepSpeed's step
-per micro batch; the optimizer steps at the accumulation boundary), log, evaluate, checkpoint.
+per micro batch; the optimizer steps at the accumulation boundary), log, probe, evaluate, checkpoint.
 
 Non-finite losses: a micro batch whose loss is NaN/inf is back-propagated as NaN on purpose, so the
 reduced gradient is non-finite on every rank and DeepSpeed's overflow check skips the optimizer step
@@ -84,6 +85,13 @@ class Trainer:
         self.frozen_params = sum(p.numel() for p in module.parameters() if not p.requires_grad)
         self.flops_per_token = run_logging.training_flops_per_token(
             recipe, module.encoder.config, recipe.data.max_length, module.encoder.config.vocab_size)
+        self.prober = None
+        if cfg.probe.dataset is not None:  # reads and checks its data set before DeepSpeed starts
+            from af_train.probe import Prober
+
+            self.prober = Prober(cfg.probe, recipe.data, self.manifest, module.encoder.config.num_hidden_layers,
+                                 self.device, default_every=cfg.eval_every)
+        self._probed: tuple[int, dict[str, float]] | None = None  # the last probe: (step, metrics)
         self.engine, self.optimizer, self.lr_scheduler = runtime.initialize_engine(recipe, module, self.ds_config)
         self.ema = EMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay else None
         seed_everything(cfg.seed + 1000 * self.rank + 1)
@@ -156,6 +164,8 @@ class Trainer:
         bar = run_logging.progress_bar(self.rank == 0, cfg.max_steps, p.step)
         window, stopped_by = run_logging.MetricWindow(), None
         try:
+            if self.prober is not None and p.step == 0:  # the curve starts at the initial weights
+                self._probe(0)
             while p.step < cfg.max_steps:
                 started = time.perf_counter()
                 result = self.train_step([self._next_micro_batch() for _ in range(self.plan.grad_accum)])
@@ -176,7 +186,10 @@ class Trainer:
                 if p.consecutive_nonfinite >= cfg.max_nonfinite_steps or result.stop_requested:
                     stopped_by = "nonfinite" if p.consecutive_nonfinite >= cfg.max_nonfinite_steps else "signal"
                     break
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                evaluating = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.max_steps
+                if self._probe_due(step, evaluating):
+                    self._probe(step)
+                if evaluating:
                     self._evaluate("val", step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps \
                         and self.checkpoints.last_saved_step != step:
@@ -200,14 +213,34 @@ class Trainer:
             self.logger.flush()
             self.sample_ids.flush()
 
+    def _probe_due(self, step: int, evaluating: bool) -> bool:
+        """A probe after this step: every ``train.probe.every`` steps, at the last step, and at each
+        evaluation when it selects checkpoints (``train.best_metric: probe/...``)."""
+        if self.prober is None:
+            return False
+        selects = (self.recipe.train.best_metric or "").startswith("probe/")
+        return self.prober.due(step) or step == self.recipe.train.max_steps or (selects and evaluating)
+
+    def _probe(self, step: int) -> dict[str, float]:
+        """Collective: the probe of the encoder as evaluated (the weight average with ``train.ema_decay``)."""
+        module = self.engine.module
+        with self.ema.applied(module) if self.ema is not None else contextlib.nullcontext():
+            metrics = self.prober.run(module.encoder, step)
+        self._probed = (step, metrics)
+        self.logger.log({"step": step, **metrics})
+        return metrics
+
     def _evaluate(self, split: str, step: int) -> dict[str, float]:
         module = self.engine.module
+        # the probe of this step (its own val split) may select the checkpoint
+        probed = self._probed[1] if self._probed is not None and self._probed[0] == step else None
         if self.ema is None:
-            metrics = self.evaluator.evaluate_and_select(split, step, module, self.progress, self.save)
+            metrics = self.evaluator.evaluate_and_select(split, step, module, self.progress, self.save, probed)
         else:  # the average is evaluated (and selects checkpoints); the raw weights are logged beside it
             raw = raw_metric_names(self.evaluator.evaluate(split, module))
             with self.ema.applied(module):
-                metrics = {**self.evaluator.evaluate_and_select(split, step, module, self.progress, self.save), **raw}
+                metrics = {**self.evaluator.evaluate_and_select(split, step, module, self.progress, self.save,
+                                                                probed), **raw}
         self.logger.log({"step": step, **metrics})
         return metrics
 

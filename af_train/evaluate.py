@@ -166,10 +166,11 @@ class Evaluator:
         atomic_write(directory / THRESHOLDS_NAME, json.dumps(payload, indent=2) + "\n")
 
     def evaluate_and_select(self, split: str, step: int, module: torch.nn.Module, progress: Any,
-                            save: Any) -> dict[str, float]:
+                            save: Any, probe: dict[str, float] | None = None) -> dict[str, float]:
         """Evaluate (logged as text; the caller records the metrics), and when ``train.best_metric`` on
         this split improved: ``save()`` the step (unless already saved) and record it as the best in
-        ``progress`` and the checkpoints."""
+        ``progress`` and the checkpoints. ``probe``: this step's ``train.probe`` metrics (measured on the
+        probe data set's val split), which a ``probe/`` best metric selects on with the val split."""
         from af_train.config import RecipeError
 
         metrics = self.evaluate(split, module)
@@ -177,11 +178,12 @@ class Evaluator:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if not k.endswith("eval_seconds"))
             log.info("step %d %s", step, shown)
         best = self.recipe.train.best_metric
-        if best and best.startswith(f"{split}/"):
-            if best not in metrics:
+        if best and (best.startswith(f"{split}/") or (split == "val" and best.startswith("probe/"))):
+            measured = {**metrics, **(probe or {})}
+            if best not in measured:
                 raise RecipeError(f"train.best_metric={best!r} is not measured; {split} metrics are "
-                                  f"{', '.join(sorted(metrics))}")
-            value = metrics[best]
+                                  f"{', '.join(sorted(measured))}")
+            value = measured[best]
             checkpoints = self.checkpoints
             if broadcast_from_rank0(checkpoints.is_better(value) if self.rank == 0 else None):
                 if checkpoints.last_saved_step != step:

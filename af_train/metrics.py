@@ -7,11 +7,14 @@
 - ``d_prime``: √2 · Φ⁻¹(AUC), the sensitivity index AudioSet papers report next to mAP.
 - ``classification_metrics``: mAP (macro AP over classes with at least one positive), macro ROC-AUC
   (classes with positives and negatives), d′ of the macro AUC, and top-1 accuracy for single-label sets.
+- ``bootstrap_interval``: a percentile bootstrap over clips of any statistic (one model's accuracy or
+  mAP, or the difference of two models scored on the same resampled clips).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from statistics import NormalDist
 
 import numpy as np
@@ -113,7 +116,7 @@ def classification_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str,
     valid_auc = [a for a in aucs if not math.isnan(a)]
     macro_auc = float(np.mean(valid_auc)) if valid_auc else float("nan")
     result = {
-        "mAP": float(np.mean(valid_ap)) if valid_ap else float("nan"),
+        "mAP": _mean_or_nan(valid_ap),
         "auc": macro_auc,
         "d_prime": d_prime(macro_auc),
         "classes_with_positives": float(len(valid_ap)),
@@ -281,3 +284,52 @@ def percentile_interval(replicates: np.ndarray, confidence: float = 0.95) -> tup
     tail = 50.0 * (1.0 - confidence)
     low, high = np.nanpercentile(np.asarray(replicates, dtype=np.float64), [tail, 100.0 - tail])
     return float(low), float(high)
+
+
+def _mean_or_nan(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """mAP alone (``classification_metrics``' definition, without the AUCs): the mean AP over the classes
+    of ``targets`` (multi-hot [N, C] or class indices [N]) that have at least one positive; NaN if none."""
+    scores = np.asarray(scores, dtype=np.float64)
+    multi_hot = _as_multi_hot(targets, scores.shape[1])
+    aps = [average_precision(multi_hot[:, c], scores[:, c]) for c in range(scores.shape[1])]
+    return _mean_or_nan([a for a in aps if not math.isnan(a)])
+
+
+def top1_accuracy(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Share of rows whose highest score is the target class (class indices [N]; ties: the lowest index)."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    return float(np.mean(scores.argmax(axis=1) == targets)) if scores.shape[0] else float("nan")
+
+
+def bootstrap_interval(statistic: Callable[[np.ndarray], float], num_samples: int, *, rounds: int = 1000,
+                       seed: int = 0, confidence: float = 0.95) -> dict[str, float]:
+    """Percentile bootstrap over ``num_samples`` samples (clips) of ``statistic(indices) -> float``.
+
+    ``statistic`` receives an int64 array of sample indices (a resample has repeats) and scores the
+    rows it names, e.g. ``lambda i: top1_accuracy(scores[i], labels[i])``; for a paired comparison of
+    two models it scores both on the same indices and returns the difference. Round r draws
+    ``numpy.random.default_rng(seed).integers(0, n, n)`` as the r-th call, so calls with the same
+    ``seed`` and ``num_samples`` see the same resamples (accuracy and mAP intervals of one model, or
+    several models, are then computed on identical resampled test sets).
+
+    Returns ``value`` (the statistic on all samples, in order), ``low`` and ``high`` (the
+    (1 - confidence) / 2 and (1 + confidence) / 2 percentiles over the resamples; resamples where
+    the statistic is NaN, e.g. no positive of any class, are left out), ``rounds`` and ``confidence``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"bootstrap_interval needs at least one sample, got {num_samples}")
+    if rounds < 1 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"bootstrap_interval needs rounds >= 1 and 0 < confidence < 1, got {rounds}, {confidence}")
+    rng = np.random.default_rng(seed)
+    values = np.asarray([statistic(rng.integers(0, num_samples, num_samples)) for _ in range(rounds)], dtype=float)
+    tail = round(50.0 * (1.0 - confidence), 10)  # percent in each tail: 2.5 exactly for 0.95
+    if np.all(np.isnan(values)):
+        low = high = float("nan")
+    else:
+        low, high = (float(v) for v in np.nanpercentile(values, [tail, 100.0 - tail]))
+    return {"value": float(statistic(np.arange(num_samples))), "low": low, "high": high, "rounds": float(rounds),
+            "confidence": confidence}

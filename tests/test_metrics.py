@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from af_train.metrics import average_precision, classification_metrics, d_prime, roc_auc
+from af_train.metrics import (
+    average_precision,
+    bootstrap_interval,
+    classification_metrics,
+    d_prime,
+    mean_average_precision,
+    roc_auc,
+    top1_accuracy,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -70,3 +78,31 @@ def test_edge_cases_and_errors():
         classification_metrics(np.zeros((2, 3)), np.array([0, 3]))
     with pytest.raises(ValueError, match="differ in shape"):
         classification_metrics(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+def test_bootstrap_interval_of_a_proportion_matches_the_normal_approximation():
+    rng = np.random.default_rng(11)
+    hits = rng.random(400) < 0.3
+    interval = bootstrap_interval(lambda i: float(hits[i].mean()), hits.size, rounds=2000, seed=5)
+    p = hits.mean()
+    half_width = 1.96 * math.sqrt(p * (1 - p) / hits.size)  # the textbook 95 % interval of a proportion
+    assert interval["value"] == p
+    assert interval["low"] == pytest.approx(p - half_width, abs=0.005)
+    assert interval["high"] == pytest.approx(p + half_width, abs=0.005)
+    # the same seed gives the same resamples: a paired difference of a statistic with itself is exactly 0
+    same = bootstrap_interval(lambda i: float(hits[i].mean() - hits[i].mean()), hits.size, rounds=50, seed=5)
+    assert same["low"] == same["high"] == same["value"] == 0.0
+    again = bootstrap_interval(lambda i: float(hits[i].mean()), hits.size, rounds=2000, seed=5)
+    assert again == interval
+    with pytest.raises(ValueError, match="at least one sample"):
+        bootstrap_interval(lambda i: 0.0, 0)
+
+
+def test_map_and_accuracy_helpers_agree_with_classification_metrics():
+    rng = np.random.default_rng(12)
+    scores = rng.normal(size=(50, 4))
+    labels = rng.integers(0, 4, 50)
+    full = classification_metrics(scores, labels)
+    assert mean_average_precision(scores, labels) == full["mAP"]
+    assert top1_accuracy(scores, labels) == full["accuracy"]
+    assert top1_accuracy(scores, labels) == pytest.approx(np.mean(scores.argmax(1) == labels))

@@ -16,12 +16,14 @@ Stages (each one is a command you can also run by hand; ``--plan`` prints them):
                    histograms), the bars a sequence model has to clear.
 5. ``pretrain_rowR`` af-train: MLM pretraining of the tiny RoFormer on code row R through the DeepSpeed
                    launcher (all GPUs when present, else ``--num-cpu-ranks`` CPU processes): row 0 for
-                   fine-tuning, the other rows as FT2's frozen encoders.
+                   fine-tuning, the other rows as FT2's frozen encoders. ``train.probe`` scores the
+                   encoder's frozen embeddings (kNN on the labelled train/val clips) every tenth of the run.
 6. ``ft1``, ``ft2`` af-train: fine-tuning from the row-0 encoder (FT1: classification; FT2: + MPC
                    against the frozen row encoders); the checkpoint is selected on val/mAP.
 7. ``evaluate_ft1``, ``evaluate_ft2`` af-evaluate on the held-out test speakers with the selected
                    checkpoint, plus per-class AP and the label-prior baseline (cross-checked).
-8. ``plots``       tools/plot_run.py: loss curves, validation mAP, per-class AP (PNG) in every run.
+8. ``plots``       tools/plot_run.py: loss curves (with the probe curve of pretraining), validation mAP,
+                   per-class AP (PNG) in every run.
 
 Then a results table (``OUT/results.md``, ``OUT/results.json``): test accuracy and mAP of FT1 and FT2
 against chance, the label prior and the bag of codes. TensorBoard logs are in every run directory
@@ -205,6 +207,8 @@ def build_plan(out: Path, data: Path, s: Settings, ranks: list[str], tokenizer: 
             ["af-train", *ranks, "--recipe", _rel(pretrain_recipe), *no_test, f"data.code_rows=[{row}]",
              f"train.run_dir={run}",
              f"train.max_steps={s.pretrain_steps}", f"train.eval_every={every}", f"train.save_every={every}",
+             # the probe curve: kNN on frozen embeddings of the labelled train/val clips (never test)
+             f"train.probe.dataset={shards}", f"train.probe.every={max(1, s.pretrain_steps // 10)}",
              f"optim.warmup_steps={max(1, s.pretrain_steps // 20)}", *batch],
             outputs=[run / "final" / "model.pt"], owned=[run], depends=["prepare"], files=[pretrain_recipe]))
     row0 = out / "pretrain_row0" / "final" / "model.pt"

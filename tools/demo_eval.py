@@ -2,12 +2,9 @@
 
 ``af-evaluate`` gives the official aggregate numbers; this module keeps the per-clip scores so the demo
 can also report AP per class, two baselines and a paired bootstrap of the difference between two
-models. Its mAP is checked against ``af-evaluate``'s by ``tools/demo.py``. The baselines:
-
-- label prior: every clip scored with the training-set class frequencies (AP of a class is then its
-  prevalence in the split): what a model that ignores the audio gets;
-- bag of codes: a linear classifier (L2-regularised logistic regression) on each clip's histogram of
-  codes, per code row, ignoring their order: what the tokens carry without any sequence model.
+models. Its mAP is checked against ``af-evaluate``'s by ``tools/demo.py``. The baselines (label prior,
+bag of codes) and the bootstrap are the package's (``af_train.baselines``, ``af_train.metrics``), which
+``af-probe`` reports too.
 """
 
 from __future__ import annotations
@@ -22,7 +19,8 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script (the demo's baselines stage): make af_train importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from af_train.metrics import average_precision, classification_metrics  # noqa: E402
+from af_train.baselines import fit_bag_of_codes, label_prior_scores, multi_hot_lists  # noqa: E402
+from af_train.metrics import average_precision, bootstrap_interval, classification_metrics  # noqa: E402
 
 
 def multi_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -42,38 +40,12 @@ def per_class_ap(scores: np.ndarray, targets: np.ndarray) -> list[float]:
     return [average_precision(targets[:, c], scores[:, c]) for c in range(scores.shape[1])]
 
 
-def label_prior_scores(train_targets: np.ndarray, num_clips: int) -> np.ndarray:
-    """Every clip gets the training-set frequency of each class: the baseline that ignores the audio."""
-    prior = train_targets.astype(np.float64).mean(axis=0)
-    return np.tile(prior, (num_clips, 1))
-
-
 def read_split_codes(directory: str | Path) -> tuple[list[str], list[np.ndarray], list[list[int]], int]:
     """Every clip of a local shard directory: ids, codes [rows, valid frames], label indices, codebook size."""
-    from streaming import LocalDataset
+    from af_train.data.clips import read_clips
 
-    from af_train.data.dataset import load_manifest
-
-    manifest = load_manifest(directory)
-    dataset = LocalDataset(local=str(directory))
-    ids, codes, labels = [], [], []
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        ids.append(str(sample["id"]))
-        codes.append(np.asarray(sample["codes"])[:, : int(sample["length"])])
-        labels.append([int(v) for v in np.asarray(sample["labels"]).tolist()])
-    return ids, codes, labels, manifest.codec.codebook_size
-
-
-def code_histograms(codes: list[np.ndarray], codebook_size: int) -> np.ndarray:
-    """[N, rows * codebook_size]: each row's code counts over the clip's valid frames, divided by its length."""
-    rows = codes[0].shape[0]
-    features = np.zeros((len(codes), rows * codebook_size), dtype=np.float32)
-    for i, clip in enumerate(codes):
-        for row in range(rows):
-            counts = np.bincount(clip[row].astype(np.int64), minlength=codebook_size)[:codebook_size]
-            features[i, row * codebook_size: (row + 1) * codebook_size] = counts / max(1, clip.shape[1])
-    return features
+    clips = read_clips(directory)
+    return clips.ids, clips.codes, clips.labels, clips.manifest.codec.codebook_size
 
 
 def bag_of_codes_scores(train_dir: str | Path, eval_dir: str | Path, num_classes: int) -> dict[str, Any]:
@@ -87,51 +59,6 @@ def bag_of_codes_scores(train_dir: str | Path, eval_dir: str | Path, num_classes
     order = np.argsort(ids, kind="stable")
     return {"ids": [ids[i] for i in order], "scores": scores[order],
             "targets": multi_hot_lists(eval_labels, num_classes)[order], "single_label": single}
-
-
-def fit_bag_of_codes(train_codes: list[np.ndarray], train_labels: list[list[int]], eval_codes: list[np.ndarray],
-                     codebook_size: int, num_classes: int, l2: float = 1e-3, steps: int = 200,
-                     ) -> tuple[np.ndarray, bool]:
-    """Logistic regression on code histograms: (scores [N_eval, C] float64, single_label).
-
-    Softmax over the classes when every training clip has one label, one sigmoid per class otherwise;
-    full-batch L-BFGS from zero weights on standardised features (deterministic).
-    """
-    import torch
-
-    x_train = torch.from_numpy(code_histograms(train_codes, codebook_size)).double()
-    x_eval = torch.from_numpy(code_histograms(eval_codes, codebook_size)).double()
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
-    y_train = torch.from_numpy(multi_hot_lists(train_labels, num_classes)).double()
-    single = all(len(labels) == 1 for labels in train_labels)
-    weight = torch.zeros(x_train.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def loss_fn() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = x_train @ weight + bias
-        if single:
-            loss = torch.nn.functional.cross_entropy(logits, y_train.argmax(1))
-        else:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y_train)
-        loss = loss + l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(loss_fn)
-    with torch.no_grad():
-        logits = x_eval @ weight + bias
-        scores = logits.softmax(1) if single else logits.sigmoid()
-    return scores.numpy(), single
-
-
-def multi_hot_lists(labels: list[list[int]], num_classes: int) -> np.ndarray:
-    out = np.zeros((len(labels), num_classes), dtype=bool)
-    for i, clip in enumerate(labels):
-        out[i, clip] = True
-    return out
 
 
 def baseline_metrics(scored: dict[str, Any]) -> dict[str, float]:
@@ -158,18 +85,14 @@ def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, targets: np.nda
     """mAP(b) − mAP(a) on resampled clips (the same resample for both): mean and 95 % interval."""
     if not (scores_a.shape == scores_b.shape == targets.shape):
         raise ValueError(f"shapes differ: {scores_a.shape}, {scores_b.shape}, {targets.shape}")
-    rng = np.random.default_rng(seed)
-    n = targets.shape[0]
-    diffs = []
-    for _ in range(rounds):
-        pick = rng.integers(0, n, n)
+
+    def difference(pick: np.ndarray) -> float:
         a = np.nanmean(per_class_ap(scores_a[pick], targets[pick]) or [np.nan])
         b = np.nanmean(per_class_ap(scores_b[pick], targets[pick]) or [np.nan])
-        diffs.append(b - a)
-    diffs_arr = np.asarray(diffs)
-    full = float(np.nanmean(per_class_ap(scores_b, targets)) - np.nanmean(per_class_ap(scores_a, targets)))
-    return {"mean": full, "low": float(np.nanpercentile(diffs_arr, 2.5)),
-            "high": float(np.nanpercentile(diffs_arr, 97.5)), "rounds": float(rounds)}
+        return float(b - a)
+
+    interval = bootstrap_interval(difference, targets.shape[0], rounds=rounds, seed=seed)
+    return {"mean": interval["value"], "low": interval["low"], "high": interval["high"], "rounds": interval["rounds"]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 For every RUN_DIR, PNGs go to ``RUN_DIR/plots/``:
 
 - ``loss.png``: training loss and its terms (mlm_loss, cls_loss, mpc_loss, ...) per logged step,
-  validation loss as markers;
+  validation loss as markers, and on a second axis the frozen-embedding probe's accuracy (mAP for
+  multi-label data) when the run has ``train.probe`` (``probe/accuracy`` in metrics.jsonl);
 - ``val_metrics.png``: validation metrics over steps (mAP/AUC for fine-tuning, MLM accuracy for
   pretraining), test metrics of the run's end as stars;
 - ``training.png``: learning rate, gradient norm and throughput;
@@ -14,7 +15,8 @@ For every RUN_DIR, PNGs go to ``RUN_DIR/plots/``:
   run has a ``per_class_ap.json`` (written by ``tools/demo.py``).
 
 With ``--compare OUT_DIR`` and several runs, ``OUT_DIR/compare_val.png`` overlays their validation
-curves (e.g. FT1 against FT2) and ``OUT_DIR/compare_loss.png`` their training losses.
+curves (e.g. FT1 against FT2), ``OUT_DIR/compare_loss.png`` their training losses and
+``OUT_DIR/compare_probe.png`` their probe curves.
 Lines of ``metrics.jsonl`` that are not valid JSON (a run killed mid-write) are skipped and counted.
 """
 
@@ -31,7 +33,8 @@ from typing import Any
 PER_CLASS_FILE = "per_class_ap.json"
 # Metrics that are bookkeeping, not something to look at over time.
 _NOT_PLOTTED = {"step", "samples", "tokens", "epoch", "skipped_steps", "nonfinite_steps", "memory_gb",
-                "classes_with_positives", "classes_in_auc", "num_samples", "eval_seconds", "masked_tokens"}
+                "classes_with_positives", "classes_in_auc", "num_samples", "eval_seconds", "masked_tokens",
+                "seconds"}
 _VAL_PREFERRED = ("mAP", "auc", "accuracy", "mlm_accuracy")
 
 
@@ -149,8 +152,24 @@ def plot_loss(metrics: RunMetrics, path: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.set_title(f"{metrics.name}: loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    probe = probe_series(metrics)
+    if probe is not None:
+        name, (steps, values) = probe
+        right = ax.twinx()
+        line, = right.plot(steps, values, marker="s", color="tab:green", lw=1.4, ms=4,
+                           label=f"probe {name} (val clips of train.probe.dataset)")
+        right.set_ylabel(f"probe {name}")
+        handles, labels = handles + [line], labels + [line.get_label()]
+    ax.legend(handles, labels, fontsize=8)
     return _save(fig, path)
+
+
+def probe_series(metrics: RunMetrics) -> tuple[str, tuple[list[int], list[float]]] | None:
+    """(name, series) of the run's probe: accuracy, else mAP (multi-label data); None without a probe."""
+    probe = metrics.evals.get("probe", {})
+    name = next((n for n in ("accuracy", "mAP") if n in probe), None)
+    return None if name is None else (name, probe[name])
 
 
 def _eval_metric_names(metrics: RunMetrics) -> list[str]:
@@ -267,6 +286,17 @@ def plot_comparison(run_dirs: list[str | Path], out_dir: str | Path) -> list[Pat
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         written.append(_save(fig, out / "compare_val.png"))
+    probes = [(run, probe_series(run)) for run in runs]
+    if any(series is not None for _, series in probes):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for run, series in probes:
+            if series is not None:
+                ax.plot(*series[1], marker="s", ms=4, label=f"{run.name} ({series[0]})")
+        ax.set_xlabel("optimizer step")
+        ax.set_title("frozen-embedding probe on the probe set's val clips")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out / "compare_probe.png"))
     if any("loss" in r.train for r in runs):
         fig, ax = plt.subplots(figsize=(7, 4))
         for run in runs:

@@ -13,12 +13,13 @@ from af_train.config.schema import (
     ModelConfig,
     ObjectiveConfig,
     OptimConfig,
+    ProbeConfig,
     Recipe,
     StreamConfig,
     TrainConfig,
 )
 
 __all__ = [
-    "DataConfig", "MixupConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "Recipe", "RecipeError",
-    "StreamConfig", "TrainConfig", "apply_overrides", "build_dataclass", "parse_override", "to_plain",
+    "DataConfig", "MixupConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "ProbeConfig", "Recipe",
+    "RecipeError", "StreamConfig", "TrainConfig", "apply_overrides", "build_dataclass", "parse_override", "to_plain",
 ]

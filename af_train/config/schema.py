@@ -213,6 +213,26 @@ class OptimConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """``train.probe``: a frozen-embedding probe of the encoder during training (``af_train.probe.Prober``):
+    fitted on ``dataset``/train, its setting chosen on ``dataset``/val (never test), every ``every`` steps,
+    before the first step of a fresh run and at the last. Off while ``dataset`` is null."""
+
+    dataset: str | None = None  # prepared data set with train/ and val/ (local shard directories)
+    every: int | None = None  # steps between probes; null: train.eval_every; 0: only the first and last step
+    max_clips: int | None = 256  # per split: a seeded subset (af-probe --max-clips picks the same); null: all
+    kind: Literal["knn", "linear"] = "knn"
+    layer: int | None = None  # hidden state: 0 = embeddings, negative counts from the end; null: the last layer
+    batch_size: int = 64  # clips per encoder batch
+
+    def validate(self) -> None:
+        _require(self.every is None or self.every >= 0, f"train.probe.every must be >= 0, got {self.every}")
+        _require(self.max_clips is None or self.max_clips >= 2,
+                 f"train.probe.max_clips must be >= 2 (or null: every clip), got {self.max_clips}")
+        _require(self.batch_size >= 1, f"train.probe.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -237,6 +257,7 @@ class TrainConfig:
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; default: from the device table
     record_sample_ids: bool = False  # write the clip ids of every batch to run_dir/sample_ids/ (debugging)
     ema_decay: float | None = None  # EMA of the trainable weights (e.g. 0.999): evaluated and in final/model.pt
+    probe: ProbeConfig = field(default_factory=lambda: ProbeConfig())  # frozen-embedding probe (off by default)
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -261,9 +282,13 @@ class TrainConfig:
                      f"{self.grad_accum_steps} = {per_rank} (global = micro x accumulation x world size)")
         if self.best_metric is not None:
             split = self.best_metric.split("/", 1)[0]
-            _require("/" in self.best_metric and split in ("val", "test"),
-                     f"train.best_metric must name a split and a metric, e.g. 'val/mAP' or 'val/loss', "
-                     f"got {self.best_metric!r}")
+            _require("/" in self.best_metric and split in ("val", "test", "probe"),
+                     f"train.best_metric must name a split and a metric, e.g. 'val/mAP' or 'val/loss' (or "
+                     f"'probe/accuracy' with train.probe), got {self.best_metric!r}")
+            _require(split != "probe" or self.probe.dataset is not None,
+                     f"train.best_metric={self.best_metric!r} needs train.probe.dataset (the probe's data set)")
+            _require(split != "probe" or self.best_mode == "max",
+                     f"train.best_metric={self.best_metric!r} is a score (higher is better): set train.best_mode=max")
             _require(split != "test" or self.allow_test_selection,
                      f"train.best_metric={self.best_metric!r} selects checkpoints on the test split, which "
                      "leaks test data into model selection; use a val/ metric, or set "
@@ -300,7 +325,7 @@ class Recipe:
                      "masks with data.mask_rate")
             _require(self.objective.mixup.prob == 0.0, "objective.mixup applies to ft1/ft2 (it mixes class targets)")
         best = self.train.best_metric
-        if best is not None:
+        if best is not None and not best.startswith("probe/"):  # probe/: the probe's own val split
             split = best.split("/", 1)[0]
             _require(getattr(self.data, split, None) is not None or self.data.remote is not None,
                      f"train.best_metric={best!r} needs data.{split} (the shards it is measured on)")

@@ -147,8 +147,24 @@ class LoadedModel:
     source: str  # what was loaded, for messages and outputs
 
 
-def _heads_from_module(module: torch.nn.Module) -> tuple[RoFormerEncoder, torch.nn.Module | None, int]:
-    return module.encoder, getattr(module, "classifier", None), int(module.code_row)
+def _heads_from_module(module: torch.nn.Module, code_rows: list[int]) -> tuple[RoFormerEncoder, torch.nn.Module | None,
+                                                                               int]:
+    """(encoder, classifier or None, the code row it reads: the first of a joint-row pretraining's rows)."""
+    code_row = module.code_row if module.code_row is not None else code_rows[0]
+    return module.encoder, getattr(module, "classifier", None), int(code_row)
+
+
+def _run_recipe(run_dir: Path) -> Any:
+    """An MLM pretraining run's recipe as trained (inference uses its encoder), else ``evaluation_recipe``."""
+    from af_train.config import Recipe
+    from af_train.evaluate import evaluation_recipe
+
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        recipe = Recipe.load(config, ["objective.init_checkpoint=null"])
+        if recipe.objective.mode == "pretrain":
+            return recipe
+    return evaluation_recipe(run_dir)
 
 
 def _read_thresholds(path: Path, labels: list[str] | None) -> list[float] | None:
@@ -188,7 +204,8 @@ def _selected_weights(run_dir: Path) -> tuple[Path | None, Path | None]:
 
 def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
                   weights: str | Path | None = None, manifest: str | Path | None = None) -> LoadedModel:
-    """A fine-tuned run's model: the checkpoint selected on validation unless told otherwise.
+    """A run's model: the checkpoint selected on validation unless told otherwise (a pretraining run:
+    its encoder, no classifier).
     ``manifest``: the training shards (or their manifest.json) when they are no longer where the
     run's recipe says; its class list must be the model's own.
 
@@ -196,11 +213,11 @@ def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
     ``weights_only=True``, or consolidated from a checkpoint's DeepSpeed files with an allow-list
     (``af_train.checkpoint.consolidated_state``), after checking the sizes and hashes recorded at save."""
     from af_train.checkpoint import CheckpointError, consolidated_state, read_meta
-    from af_train.evaluate import EvaluationError, evaluation_module, evaluation_recipe
+    from af_train.evaluate import EvaluationError, evaluation_module
 
     run_dir = Path(run_dir)
     try:
-        recipe = evaluation_recipe(run_dir)
+        recipe = _run_recipe(run_dir)
     except EvaluationError as exc:
         raise InferenceError(str(exc)) from None
     if checkpoint is None and weights is None:
@@ -231,7 +248,7 @@ def load_from_run(run_dir: str | Path, checkpoint: str | Path | None = None,
         module = evaluation_module(recipe, manifest, state, source).eval()
     finally:
         objectives_log.setLevel(level)
-    encoder, classifier, code_row = _heads_from_module(module)
+    encoder, classifier, code_row = _heads_from_module(module, recipe.data.code_rows)
     card = ModelCard.build(manifest, recipe.data, code_row, _read_thresholds(thresholds_file, list(manifest.labels)))
     return LoadedModel(encoder, classifier, card, source)
 

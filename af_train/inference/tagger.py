@@ -309,7 +309,8 @@ class AudioTagger:
             if layer == self.num_layers:
                 last = chosen = self.encoder(ids, mask, types)
             else:
-                chosen, last = self._hidden_states(ids, mask, types, layer, need_last=want_scores)
+                states = self.encoder(ids, mask, types, output_hidden_states=True)
+                chosen, last = states[layer], states[-1]
             if want_scores:
                 out["logits"].extend(self.classifier(masked_mean_pool(last, mask)).float().cpu())
             if want_hidden:
@@ -319,20 +320,6 @@ class AudioTagger:
                     n = int(mask[j].sum()) - skip - int(self._eoa is not None)
                     out["frames"].append(chosen[j, skip:skip + n].float().cpu())
         return out
-
-    def _hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None, layer: int,
-                       need_last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden state after ``layer`` layers, last hidden state if needed), the encoder's forward step by step."""
-        encoder = self.encoder
-        cos, sin = encoder.rotary_tables(ids.shape[1], ids.device)
-        hidden = encoder.embeddings(ids, types)
-        chosen = hidden if layer == 0 else None
-        stop = self.num_layers if need_last else layer
-        for index, block in enumerate(encoder.encoder.layer[:stop], start=1):
-            hidden = block(hidden, cos, sin, mask)
-            if index == layer:
-                chosen = hidden
-        return chosen, hidden if need_last else None
 
     def _fill(self, result: FileResult, num_samples: int, starts: list[int], valid: list[int],
               outputs: dict[str, list[Any]], want_embedding: bool, want_frames: bool, how: str) -> None:

@@ -230,8 +230,13 @@ class RoFormerEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         embedding_mix: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """``embedding_mix``: applied to the embedding layer's output (mixup, ``af_train.augment``)."""
+        output_hidden_states: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """``embedding_mix``: applied to the embedding layer's output (mixup, ``af_train.augment``).
+
+        ``output_hidden_states``: return every hidden state instead of the last, as a list of
+        ``num_hidden_layers + 1`` tensors [B, T, hidden]: the embedding layer's output (0), then each
+        layer's (frozen-embedding probes and ``af-embed --layer`` read them)."""
         if input_ids.dim() != 2:
             raise ValueError(f"RoFormerEncoder expects input_ids [batch, seq], got shape {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape
@@ -253,12 +258,15 @@ class RoFormerEncoder(nn.Module):
         if embedding_mix is not None:
             hidden = embedding_mix(hidden)
         use_checkpoint = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        states = [hidden] if output_hidden_states else None
         for layer in self.encoder.layer:
             if use_checkpoint:
                 hidden = checkpoint(layer, hidden, cos, sin, attention_mask, use_reentrant=False)
             else:
                 hidden = layer(hidden, cos, sin, attention_mask)
-        return hidden
+            if states is not None:
+                states.append(hidden)
+        return states if states is not None else hidden
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

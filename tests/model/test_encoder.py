@@ -112,6 +112,23 @@ def test_export_matches_hf_model_with_padding(tmp_path, row_embedding):
         assert (encoder(ids, mask, types)[real] - theirs[real]).abs().max() > 1e-3
 
 
+def test_every_hidden_state_matches_hf(tmp_path):
+    encoder = RoFormerEncoder(_tiny()).eval()
+    _randomise(encoder, seed=3)
+    export_roformer(encoder, tmp_path / "hf")
+    hf = RoFormerModel.from_pretrained(tmp_path / "hf").eval()
+    ids, mask = _batch(2, 24, seed=4, lengths=[24, 11])
+    with torch.no_grad():
+        ours = encoder(ids, mask, output_hidden_states=True)
+        theirs = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        last = encoder(ids, mask)
+    assert len(ours) == len(theirs) == encoder.config.num_hidden_layers + 1  # embeddings, then every layer
+    real = mask.bool()
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        assert (a[real] - b[real]).abs().max() < 2e-5, f"hidden state {index}"
+    assert torch.equal(ours[-1], last)
+
+
 def test_hf_model_imports_and_matches(tmp_path):
     hf_config = RoFormerConfig(
         vocab_size=TOKENS.vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,

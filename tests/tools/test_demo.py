@@ -266,17 +266,12 @@ def random_problem(rng: np.random.Generator, n: int = 60, c: int = 5) -> tuple[n
     return scores, targets
 
 
-def test_per_class_ap_and_label_prior_match_scikit_learn():
+def test_per_class_ap_matches_scikit_learn():
     rng = np.random.default_rng()
     scores, targets = random_problem(rng)
     ours = demo_eval.per_class_ap(scores, targets)
     reference = [average_precision_score(targets[:, c], scores[:, c]) for c in range(scores.shape[1])]
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-12)
-    train = rng.random((200, scores.shape[1])) < 0.4
-    prior = demo_eval.label_prior_scores(train, scores.shape[0])
-    np.testing.assert_allclose(prior[0], train.mean(axis=0))
-    # constant scores rank nothing: the AP of a class is its prevalence
-    np.testing.assert_allclose(demo_eval.per_class_ap(prior, targets), targets.mean(axis=0), atol=1e-12)
     assert demo_eval.multi_hot(np.array([2, 0]), 3).tolist() == [[False, False, True], [True, False, False]]
     with pytest.raises(ValueError, match="classes"):
         demo_eval.multi_hot(np.zeros((2, 4)), 3)
@@ -402,37 +397,3 @@ def test_ctrl_c_is_passed_to_the_running_command_and_logged(tmp_path):
     assert st.read_marker(tmp_path, "slow")["status"] == "running"  # the next run resumes it
 
 
-def _codes_of_class(rng: np.random.Generator, label: int, num_classes: int, codebook: int = 64) -> np.ndarray:
-    """Two code rows; each class draws row 0 mostly from its own band of codes (row 1: pure noise)."""
-    frames = int(rng.integers(20, 40))
-    own = rng.integers(label * codebook // num_classes, (label + 1) * codebook // num_classes, frames)
-    noise = rng.integers(0, codebook, frames)
-    row0 = np.where(rng.random(frames) < 0.3, own, noise)
-    return np.stack([row0, rng.integers(0, codebook, frames)]).astype(np.int16)
-
-
-def test_bag_of_codes_learns_informative_codes_and_matches_scikit_learn():
-    from sklearn.linear_model import LogisticRegression
-
-    rng = np.random.default_rng(0)  # seeded: an unseeded draw made the accuracy bar flaky (0.79 once)
-    classes = 4
-    train_labels = [[int(c)] for c in rng.integers(0, classes, 200)]
-    eval_labels = [[int(c)] for c in rng.integers(0, classes, 100)]
-    train = [_codes_of_class(rng, y[0], classes) for y in train_labels]
-    held_out = [_codes_of_class(rng, y[0], classes) for y in eval_labels]
-    scores, single = demo_eval.fit_bag_of_codes(train, train_labels, held_out, 64, classes)
-    truth = np.array([y[0] for y in eval_labels])
-    assert single and scores.shape == (100, classes)
-    np.testing.assert_allclose(scores.sum(1), 1.0)
-    accuracy = float(np.mean(scores.argmax(1) == truth))
-    assert accuracy > 0.8
-    # a peer: scikit-learn's logistic regression on the same standardised histograms agrees on most clips
-    x_train, x_eval = demo_eval.code_histograms(train, 64), demo_eval.code_histograms(held_out, 64)
-    mean, std = x_train.mean(0), x_train.std(0, ddof=1) + 1e-6
-    peer = LogisticRegression(C=1 / (2 * 1e-3 * len(train)), max_iter=2000)
-    peer.fit((x_train - mean) / std, [y[0] for y in train_labels])
-    assert np.mean(peer.predict((x_eval - mean) / std) == scores.argmax(1)) > 0.9
-    # shuffled training labels: the codes no longer say anything, accuracy falls towards chance
-    shuffled = [train_labels[i] for i in rng.permutation(len(train_labels))]
-    scores, _ = demo_eval.fit_bag_of_codes(train, shuffled, held_out, 64, classes)
-    assert float(np.mean(scores.argmax(1) == truth)) < 0.5

@@ -87,6 +87,30 @@ def test_pretraining_run_plots_mlm_accuracy_and_comparison(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare_loss.png", "compare_val.png"]
 
 
+def test_probe_curve_is_drawn_with_the_losses_and_compared(tmp_path):
+    rng = np.random.default_rng()
+    records = fake_records(rng, pretrain=True)
+    probe = {0: 0.12, 10: 0.18, 20: 0.25, 30: 0.31, 40: 0.33}
+    records += [{"step": s, "probe/accuracy": v, "probe/mAP": v + 0.02, "probe/seconds": 0.4, "probe/k": 10}
+                for s, v in probe.items()]
+    run = write_run(tmp_path / "pretrain_row0", records)
+    metrics = plot_run.load_run(run)
+    assert plot_run.probe_series(metrics) == ("accuracy", (list(probe), list(probe.values())))
+    assert "seconds" not in metrics.evals["probe"]  # bookkeeping, not a curve
+    assert plot_run.probe_series(plot_run.load_run(write_run(tmp_path / "plain", fake_records(rng)))) is None
+    plain_loss = tmp_path / "plain_loss.png"
+    no_probe = write_run(tmp_path / "without" / "pretrain_row0",  # same name: same title
+                         [r for r in records if not any(k.startswith("probe/") for k in r)])
+    plot_run.plot_loss(plot_run.load_run(no_probe), plain_loss)
+    with_probe = plot_run.plot_loss(metrics, tmp_path / "loss.png")
+    import matplotlib.image
+
+    # the probe's axis and legend entry make the figure differ from the same losses without a probe
+    assert not np.array_equal(matplotlib.image.imread(with_probe), matplotlib.image.imread(plain_loss))
+    assert plot_run.main([str(run), str(no_probe), "--compare", str(tmp_path / "cmp")]) == 0
+    assert "compare_probe.png" in {p.name for p in (tmp_path / "cmp").iterdir()}
+
+
 def test_run_without_evaluations_still_plots_losses(tmp_path):
     records = [r for r in fake_records(np.random.default_rng(), steps=10) if "loss" in r and "step" in r]
     run = write_run(tmp_path / "run", records)
