@@ -67,7 +67,8 @@ class Trainer:
 
         mask = recipe.objective.mode == "pretrain"
         self.train_loader = build_dataloader(recipe.data, "train", self.plan.micro_batch, mask=mask, seed=cfg.seed,
-                                             local_cache=str(self.run_dir / "cache"), finetune_masking=not mask)
+                                             local_cache=str(self.run_dir / "cache"), finetune_masking=not mask,
+                                             global_batch=self.plan.global_batch)
         self.manifest = self.train_loader.dataset.manifest
         check_split_tokenizers(recipe.data, self.manifest)  # val/test codes must come from the same tokenizer
         self.checkpoints.set_tokenizer(self.manifest.tokenizer, point)
