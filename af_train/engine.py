@@ -68,7 +68,8 @@ class Trainer:
 
         mask = recipe.objective.mode == "pretrain"
         self.train_loader = build_dataloader(recipe.data, "train", self.plan.micro_batch, mask=mask, seed=cfg.seed,
-                                             local_cache=str(self.run_dir / "cache"), finetune_masking=not mask)
+                                             local_cache=str(self.run_dir / "cache"), finetune_masking=not mask,
+                                             global_batch=self.plan.global_batch)
         self.manifest = self.train_loader.dataset.manifest
         # val/test: codes from the same tokenizer, and (fine-tuning) classes meaning the same in every split
         warnings = check_splits(recipe.data, self.manifest, same_labels=not mask)

@@ -9,6 +9,9 @@ the samples over nodes, ranks and DataLoader workers and resumes mid-epoch (``st
 and, when masking is on, corrupts each row independently for MLM (``af_train.data.masking``),
 deterministically from (seed, epoch, global sample index). Samples are returned unpadded;
 ``af_train.data.collate.Collator`` pads them into batches.
+
+With ``global_batch`` set (the training split), every epoch is cut to whole global batches, so the
+global batches are the same at any world size, accumulation and resume (``af_train.data.order``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from streaming import StreamingDataset
 
 from af_train import remote as remote_io
 from af_train.data.masking import MaskingConfig, mask_codes, masking_generator
+from af_train.data.order import (
+    global_batch_problem,
+    micro_batch_positions,
+    node_layout_problem,
+    rank_slot,
+    steps_in_epoch,
+)
+from af_train.files import sha256_files
 from af_train.shards import MANIFEST_NAME, Manifest, ManifestError
 from af_train.tokens import SpecialTokens, frame_rows
 
@@ -98,7 +109,10 @@ class AudioCodeDataset(StreamingDataset):
     ``mlm_labels`` [rows, n] (-100 except at the corrupted positions).
 
     Streaming arguments (``local``, ``remote``, ``batch_size``, ``shuffle``, ``num_canonical_nodes``,
-    ``cache_limit``, ...) are passed to ``StreamingDataset`` unchanged.
+    ``cache_limit``, ...) are passed to ``StreamingDataset`` unchanged; ``batch_size`` is the micro batch
+    of one rank. ``global_batch`` (micro batch x accumulation x ranks) cuts every epoch to whole global
+    batches: each rank then reads exactly its micro batches of the epoch's ``(E - s) // global_batch``
+    steps (``af_train.data.order``). None reads every sample (evaluation).
     """
 
     def __init__(
@@ -113,9 +127,11 @@ class AudioCodeDataset(StreamingDataset):
         mask_seed: int = 0,
         mask_targets: bool = True,
         drop_labels: bool = False,
+        global_batch: int | None = None,
         **streaming_kwargs: Any,
     ) -> None:
         check_rows(code_rows, manifest)
+        self._check_layout(global_batch, streaming_kwargs)
         specials = int(add_boa) + int(add_eoa)
         if max_length <= specials:
             raise DataError(f"max_length={max_length} leaves no room for codes next to BOA/EOA")
@@ -131,7 +147,71 @@ class AudioCodeDataset(StreamingDataset):
         self.mask_targets = mask_targets  # False: masking as augmentation (fine-tuning), no MLM targets
         self.drop_labels = drop_labels  # a pretraining mixture of data sets with different vocabularies
         self._epoch_for_masking = 0  # set per epoch in each worker by _resume_incr_epoch
-        super().__init__(**streaming_kwargs)
+        self.global_batch = global_batch
+        # streaming replaces these by a resumed state's; the order record keeps what was asked for
+        self._requested_order = {key: streaming_kwargs.get(key) for key in
+                                 ("num_canonical_nodes", "shuffle_seed", "shuffle_block_size")}
+        self._order_record: dict[str, Any] | None = None  # computed once (it hashes the shard indexes)
+        # "orig": the partition of every layout we accept (streaming's default "relaxed" differs only
+        # where a node count and num_canonical_nodes do not divide one another, which is refused)
+        super().__init__(partition_algo="orig", batching_method="random", **streaming_kwargs)
+
+    @staticmethod
+    def _check_layout(global_batch: int | None, streaming_kwargs: dict[str, Any]) -> None:
+        """Refuse, before any work, a layout whose batches would differ from other layouts'."""
+        from streaming.base.world import World
+
+        world = World.detect()  # what streaming partitions over
+        problem = node_layout_problem(int(streaming_kwargs.get("num_canonical_nodes") or 1), world.num_nodes)
+        if problem is None and global_batch is not None:
+            problem = global_batch_problem(global_batch, int(streaming_kwargs.get("batch_size") or 1),
+                                           world.num_ranks)
+        if problem is not None:
+            raise DataError(problem)
+
+    def order_record(self) -> dict[str, Any]:
+        """What the order of the global batches depends on (besides the code), as plain JSON values: the
+        shards and how many clips each stream gives an epoch, the seeds, the global batch and the
+        canonical nodes -- not the world size, accumulation or micro batch (``af_train.data.order``)."""
+        if self._order_record is not None:
+            return self._order_record
+        import streaming
+
+        indexes = [Path(stream.local, stream.split or "", INDEX_NAME) for stream in self.streams]
+        self._order_record = {
+            # every stream's shard index, in order (streaming has copied each one to its local directory)
+            "shards": sha256_files(index for index in indexes if index.is_file()),
+            "missing_indexes": [str(index) for index in indexes if not index.is_file()],
+            "clips_per_epoch": [int(stream.choose) for stream in self.streams],  # after repeat/choose/proportion
+            "global_batch": self.global_batch,
+            "num_canonical_nodes": self._requested_order["num_canonical_nodes"],
+            "shuffle": bool(self.shuffle),
+            "shuffle_seed": self._requested_order["shuffle_seed"],
+            "shuffle_algo": self.shuffle_algo,
+            "shuffle_block_size": self._requested_order["shuffle_block_size"],
+            "mask_seed": int(self.mask_seed),  # masks are drawn from (seed, epoch, sample)
+            "streaming": streaming.__version__,
+        }
+        return self._order_record
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
+        """This worker's sample ids of the epoch: with a global batch, its micro batches of the epoch's
+        whole global batches, dealt out by slot (``af_train.data.order``)."""
+        if self.global_batch is None:
+            return super()._get_work(epoch, sample_in_epoch)
+        from streaming.base.world import World
+
+        me = self._parallel_worker_world
+        # streaming's node leader lays the epoch out once (as for one rank with one worker) and shares it
+        self._parallel_worker_world = World(num_nodes=1, ranks_per_node=1, workers_per_rank=1, worker=0)
+        try:
+            sequence = super()._get_work(epoch, sample_in_epoch)
+        finally:
+            self._parallel_worker_world = me
+        positions = micro_batch_positions(
+            steps_in_epoch(self.epoch_size, sample_in_epoch, self.global_batch), self.global_batch, self.batch_size,
+            me.num_ranks, rank_slot(me.node, me.rank_of_node, me.num_nodes), me.worker_of_rank, me.workers_per_rank)
+        return sequence[positions.reshape(-1)]
 
     # streaming decides the epoch inside __iter__ (start or resume); remember it for masking.
     def _resume_incr_epoch(self) -> tuple[int, int]:

@@ -15,9 +15,13 @@ Where the shards come from:
 
 Ordering: the training split is shuffled with ``data.shuffle_seed`` over ``data.num_canonical_nodes``
 canonical nodes (explicit, so the global order does not depend on the physical node count); val and
-test are read in order. Resuming: ``loader.state_dict()`` (streaming's, counts samples on all ranks)
-and ``loader.load_state_dict(state)`` before iterating give the same global batches at the same or
-another world size, provided the global batch size is the same.
+test are read in order. Every training epoch is cut to whole global batches (``global_batch``), so
+the global batches of every epoch depend on the data, the seeds, the global batch and
+``data.num_canonical_nodes`` only: the same at any world size, split into ranks x accumulation x micro
+batch in any way, uninterrupted or resumed (``af_train.data.order``). Resuming:
+``loader.state_dict()`` (streaming's, counts samples on all ranks, plus the order record) and
+``loader.load_state_dict(state)`` before iterating; a state whose order record differs is loaded
+with a warning naming what changed.
 
 Note: when a split's size is not a multiple of the world size, streaming repeats a few samples so
 every rank gets the same number; evaluation should count each ``batch["ids"]`` entry once.
@@ -32,6 +36,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Any
 
 from streaming import StreamingDataLoader
 
@@ -41,6 +46,7 @@ from af_train.data.collate import Collator
 from af_train.data.dataset import INDEX_NAME, AudioCodeDataset, DataError, load_manifest, setup_distributed_env
 from af_train.data.masking import MaskingConfig
 from af_train.data.mixing import first_train_source, is_mixture, merge_manifests, stream_weights
+from af_train.data.order import order_changes
 from af_train.data.shm import clean_stale_streaming_shm
 from af_train.distributed import barrier, is_distributed
 from af_train.shards import LabelsMismatch, Manifest, ManifestError, check_same_labels
@@ -241,11 +247,13 @@ def build_dataset(
     local_cache: str | None = None,
     shuffle: bool | None = None,
     finetune_masking: bool = False,
+    global_batch: int | None = None,
 ) -> AudioCodeDataset:
     """The ``AudioCodeDataset`` of one split (see the module docstring for sources and ordering).
 
     ``mask``: MLM masking with targets (pretraining). ``finetune_masking``: the training split of a
     fine-tuning run corrupts ``data.finetune_mask_rate`` of its tokens as augmentation, without targets.
+    ``global_batch``: cut every epoch to whole global batches (training); None reads every sample.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -291,6 +299,7 @@ def build_dataset(
         mask_seed=seed,
         mask_targets=mask,
         drop_labels=drop_labels,
+        global_batch=global_batch,
         **({"streams": streams} if streams is not None else {"local": local, "remote": remote}),
         batch_size=batch_size,
         shuffle=cfg.shuffle and split == "train" if shuffle is None else shuffle,
@@ -375,27 +384,38 @@ def build_dataloader(
     drop_last: bool | None = None,
     shuffle: bool | None = None,
     finetune_masking: bool = False,
-) -> StreamingDataLoader:
+    global_batch: int | None = None,
+) -> TrainingOrderLoader:
     """A DataLoader of per-rank batches (see ``af_train.data`` for the batch format).
 
-    ``batch_size`` is per rank. ``drop_last`` defaults to True for train, False otherwise;
-    ``num_workers`` to ``data.num_workers``; ``shuffle`` to ``data.shuffle`` for train, False otherwise.
-    The loader's ``state_dict()`` / ``load_state_dict()`` checkpoint the position in the epoch.
+    ``batch_size`` is per rank (the micro batch). ``drop_last`` defaults to True for train, False
+    otherwise; with it, every epoch is cut to whole global batches of ``global_batch`` (default: one
+    micro batch per rank, no accumulation), the same clips at any world size (see the module
+    docstring). ``num_workers`` defaults to ``data.num_workers``; ``shuffle`` to ``data.shuffle`` for
+    train, False otherwise. The loader's ``state_dict()`` / ``load_state_dict()`` checkpoint the
+    position in the epoch and what the order depends on.
     """
-    dataset = build_dataset(cfg, split, batch_size, mask=mask, seed=seed, local_cache=local_cache, shuffle=shuffle,
-                            finetune_masking=finetune_masking)
-    workers = cfg.num_workers if num_workers is None else num_workers
     drop_last = split == "train" if drop_last is None else drop_last
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if drop_last and dataset.size < batch_size * world_size:
+    if drop_last and global_batch is None:
+        global_batch = batch_size * world_size
+    dataset = build_dataset(cfg, split, batch_size, mask=mask, seed=seed, local_cache=local_cache, shuffle=shuffle,
+                            finetune_masking=finetune_masking, global_batch=global_batch if drop_last else None)
+    workers = cfg.num_workers if num_workers is None else num_workers
+    if drop_last and dataset.epoch_size < global_batch:
         source = dataset.streams[0].remote or dataset.streams[0].local
         dataset.close()
         raise DataError(
-            f"data.{split} ('{source}') has {dataset.size} clips, fewer than one global batch "
-            f"({batch_size} per rank x {world_size} ranks): every batch would be dropped; use more data "
-            "or a smaller batch"
+            f"data.{split} ('{source}') gives {dataset.epoch_size} clips per epoch, fewer than one global batch "
+            f"of {global_batch} ({batch_size} per rank x {global_batch // (batch_size * world_size)} accumulation "
+            f"steps x {world_size} ranks): every batch would be dropped; use more data or a smaller batch"
         )
-    return StreamingDataLoader(
+    if drop_last:
+        steps, left_out = divmod(dataset.epoch_size, global_batch)
+        logger.info("data.%s: an epoch is %d steps of %d clips; the last %d of its %d clips are left out (other ones "
+                    "each epoch when shuffled), at any world size", split, steps, global_batch, left_out,
+                    dataset.epoch_size)
+    return TrainingOrderLoader(
         dataset,
         batch_size=batch_size,
         collate_fn=build_collator(cfg, dataset.manifest),
@@ -404,3 +424,36 @@ def build_dataloader(
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+class TrainingOrderLoader(StreamingDataLoader):
+    """streaming's loader whose state also records what the order of the batches depends on.
+
+    ``state_dict()`` adds ``order`` (``AudioCodeDataset.order_record``) to streaming's position;
+    ``load_state_dict()`` compares it with this loader's. A difference is loaded anyway, with one
+    warning that names it (the global batches then differ from the saving run's from here on), and
+    the resumed epoch uses this run's seed and canonical nodes, as the epochs after it will.
+    """
+
+    def state_dict(self) -> dict[str, Any] | None:
+        state = super().state_dict()
+        if state is not None:
+            state = {**state, "order": self.dataset.order_record()}
+        return state
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        obj = dict(obj)
+        saved, current = obj.pop("order", None), self.dataset.order_record()
+        if saved is None:
+            logger.warning("the loader state to resume from records no data order (saved before af_train cut epochs "
+                           "to whole global batches): the epochs after this one may be cut differently than the "
+                           "saving run cut them")
+        elif changes := order_changes(saved, current):
+            logger.warning("resuming with another data order than the checkpoint's run: %s; the global batches "
+                           "differ from that run's from here on", "; ".join(changes))
+            # streaming would read the resumed epoch with the saved seed and canonical nodes and the next
+            # ones with ours: use ours throughout
+            obj.update(num_canonical_nodes=current["num_canonical_nodes"], shuffle_seed=current["shuffle_seed"])
+            if obj.get("sample_in_epoch", 0) >= self.dataset.epoch_size:  # fewer clips now: the epoch is over
+                obj.update(epoch=obj["epoch"] + 1, sample_in_epoch=0)
+        super().load_state_dict(obj)

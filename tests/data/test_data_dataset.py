@@ -191,7 +191,7 @@ def test_clear_errors_for_bad_recipes_and_directories(multi_label_shards, tmp_pa
         build_dataloader(DataConfig(train=str(tmp_path / "nowhere")), "train", 2, mask=False, seed=0)
     with pytest.raises(DataError, match="does not exist"):
         load_manifest(tmp_path / "nowhere")
-    with pytest.raises(DataError, match="has 37 clips, fewer than one global batch"):
+    with pytest.raises(DataError, match="gives 37 clips per epoch, fewer than one global batch of 40"):
         build_dataloader(DataConfig(train=str(shard_dir)), "train", 40, mask=False, seed=0)
     no_manifest = tmp_path / "no_manifest"
     shutil.copytree(shard_dir, no_manifest)

@@ -6,13 +6,10 @@ launcher gives (LOCAL_SIZE, not LOCAL_WORLD_SIZE).
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import socket
-
 import pytest
 import torch
 from af_train_tools.synthetic_shards import write_random_shards
-from data_rank_worker import run_rank
+from data_rank_worker import run_rank, spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -22,31 +19,8 @@ RESUME_AFTER = 2  # batches per rank before the checkpoint (of 6 in the epoch)
 TENSOR_KEYS = ("input_ids", "attention_mask", "mlm_labels", "labels")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(world_size, shard_dir, out_dir, batch_size, resume_after=None, resume_state=None):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [
-        ctx.Process(
-            target=run_rank,
-            args=(rank, world_size, port, str(shard_dir), str(out_dir), batch_size, resume_after, resume_state),
-        )
-        for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-    codes = [proc.exitcode for proc in procs]
-    assert codes == [0] * world_size, f"rank processes exited with {codes}"
+    spawn_ranks(run_rank, world_size, str(shard_dir), str(out_dir), batch_size, resume_after, resume_state)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from engine_synthetic import write_split  # noqa: E402
+from af_train_tools.synthetic_shards import write_patterned_split  # noqa: E402
 
 from af_train.inference import probe as probe_cli  # noqa: E402
 
@@ -21,7 +18,7 @@ CLASSES = 4
 def probe_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("probe_data")
     for split, count in (("train", 48), ("val", 16), ("test", 40)):
-        write_split(root / split, count, split=split, multi_label=False, num_classes=CLASSES, frames=24)
+        write_patterned_split(root / split, count, split=split, multi_label=False, num_classes=CLASSES, frames=24)
     return root
 
 
@@ -103,7 +100,7 @@ def test_af_probe_refuses_what_it_cannot_use(encoder_file, probe_data, tmp_path,
     # data written by another tokenizer than the model's
     other = tmp_path / "other_tokenizer"
     for split in ("train", "val", "test"):
-        write_split(other / split, 8, split=split, multi_label=False, codebooks=2)
+        write_patterned_split(other / split, 8, split=split, multi_label=False, codebooks=2)
     assert probe_cli.main([str(encoder_file), str(other), "--manifest", str(probe_data / "train"),
                            "--out", str(tmp_path / "b")]) == 2
     assert "tokenizer" in capsys.readouterr().err

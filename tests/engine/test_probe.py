@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent / "engine"))
-from engine_synthetic import write_split  # noqa: E402
+from af_train_tools.synthetic_shards import write_patterned_split  # noqa: E402
 
 from af_train.probe import (  # noqa: E402
     Framing,
@@ -127,7 +124,7 @@ def test_knn_votes_are_weighted_by_similarity():
 def probe_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("probe_shards")
     for split, count in (("train", 24), ("val", 8), ("test", 8)):
-        write_split(root / split, count, split=split, multi_label=False, num_classes=4, frames=20)
+        write_patterned_split(root / split, count, split=split, multi_label=False, num_classes=4, frames=20)
     return root
 
 
@@ -143,8 +140,8 @@ def test_probe_data_subset_is_seeded_and_in_id_order(probe_shards):
 def test_probe_data_refuses_missing_splits_and_shared_clips(probe_shards, tmp_path):
     with pytest.raises(ProbeError, match="no missing split"):
         load_probe_data(probe_shards, splits=("train", "missing"))
-    write_split(tmp_path / "train", 8, split="train", multi_label=False)
-    write_split(tmp_path / "val", 8, split="train", multi_label=False)  # the same ids as train
+    write_patterned_split(tmp_path / "train", 8, split="train", multi_label=False)
+    write_patterned_split(tmp_path / "val", 8, split="train", multi_label=False)  # the same ids as train
     with pytest.raises(ProbeError, match="share clip id"):
         load_probe_data(tmp_path, splits=("train", "val"))
 
