@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +76,9 @@ def split_source(cfg: DataConfig, split: str) -> tuple[str, str | None]:
     return configured, None
 
 
-def check_split_tokenizers(cfg: DataConfig, train: Manifest) -> None:
-    """Refuse val/test shards made by another tokenizer than the training shards (``train``'s manifest).
-
-    Splits that are not configured, or whose manifest cannot be read yet, are left to
-    ``build_dataset``, which reports them when the split is used.
-    """
+def _evaluation_manifests(cfg: DataConfig) -> Iterator[tuple[str, str, Manifest]]:
+    """(split, source, manifest) of every val/test split that is configured and whose manifest can be read
+    now; the others are left to ``build_dataset``, which reports them when the split is used."""
     for split in SPLITS:
         if split == "train" or (getattr(cfg, split) is None and not (cfg.remote and split == "val")):
             continue
@@ -90,6 +88,12 @@ def check_split_tokenizers(cfg: DataConfig, train: Manifest) -> None:
                         load_manifest(remote, timeout=cfg.download_timeout, retries=cfg.download_retry))
         except (DataError, ManifestError):
             continue
+        yield split, source, manifest
+
+
+def check_split_tokenizers(cfg: DataConfig, train: Manifest) -> None:
+    """Refuse val/test shards made by another tokenizer than the training shards (``train``'s manifest)."""
+    for split, source, manifest in _evaluation_manifests(cfg):
         try:
             check_same_tokenizer(train.tokenizer, manifest.tokenizer, f"data.train ({first_train_source(cfg)})",
                                  f"data.{split} ({source})")
@@ -97,23 +101,30 @@ def check_split_tokenizers(cfg: DataConfig, train: Manifest) -> None:
             raise DataError(str(exc)) from None
 
 
+def check_split_labels(cfg: DataConfig, train: Manifest) -> None:
+    """Refuse val/test shards whose class list differs from the training shards' (names or order): a
+    class index would mean another class there, so selection and test metrics would score permuted
+    classes. Nothing is remapped; the fix is to prepare every split with the same ``--labels`` file."""
+    for split, source, manifest in _evaluation_manifests(cfg):
+        try:
+            check_same_labels(train.labels, manifest.labels, f"data.train ({first_train_source(cfg)})",
+                              f"data.{split} ({source})", "prepare every split with the same --labels vocabulary "
+                              "file (af-prepare), in the same order")
+        except LabelsMismatch as exc:
+            raise DataError(str(exc)) from None
+
+
 def check_split_clip_lengths(cfg: DataConfig, train: Manifest) -> list[str]:
     """The warnings (for the caller to log) when val/test clips are not as long as the training clips: a model
     then selects checkpoints on, and reports, clips of another length than it learned from. Allowed, as it
-    may be meant; unreadable manifests are left to ``build_dataset``."""
-    warnings = []
-    for split in SPLITS[1:]:
-        if getattr(cfg, split) is None or cfg.remote:
-            continue
-        try:
-            manifest = load_manifest(split_source(cfg, split)[0])
-        except (DataError, ManifestError):
-            continue
-        if abs(manifest.clip_seconds - train.clip_seconds) > 1e-6:
-            warnings.append(f"data.{split} holds clips of {manifest.clip_seconds:g} s, data.train clips of "
-                            f"{train.clip_seconds:g} s: the model is evaluated on clips of another length than it "
-                            "learned from; prepare both with the same af-prepare --clip-seconds unless this is meant")
-    return warnings
+    may be meant. Local splits only (a bucket's manifests are read by the checks that refuse)."""
+    if cfg.remote:
+        return []
+    return [f"data.{split} holds clips of {manifest.clip_seconds:g} s, data.train clips of {train.clip_seconds:g} s: "
+            "the model is evaluated on clips of another length than it learned from; prepare both with the same "
+            "af-prepare --clip-seconds unless this is meant"
+            for split, _, manifest in _evaluation_manifests(cfg)
+            if abs(manifest.clip_seconds - train.clip_seconds) > 1e-6]
 
 
 def preflight_splits(cfg: DataConfig, same_labels: bool) -> list[str]:
@@ -138,28 +149,6 @@ def check_splits(cfg: DataConfig, train: Manifest, same_labels: bool) -> list[st
     if same_labels:
         check_split_labels(cfg, train)
     return check_split_clip_lengths(cfg, train)
-
-
-def check_split_labels(cfg: DataConfig, train: Manifest) -> None:
-    """Refuse val/test shards whose class list differs from the training shards' (names or order): a
-    class index would mean another class there, so selection and test metrics would score permuted
-    classes. Nothing is remapped; the fix is to prepare every split with the same ``--labels`` file.
-    Splits not configured or not readable yet are left to ``build_dataset``, as in ``check_split_tokenizers``."""
-    for split in SPLITS:
-        if split == "train" or (getattr(cfg, split) is None and not (cfg.remote and split == "val")):
-            continue
-        source, remote = split_source(cfg, split)
-        try:
-            manifest = (load_manifest(source) if remote is None else
-                        load_manifest(remote, timeout=cfg.download_timeout, retries=cfg.download_retry))
-        except (DataError, ManifestError):
-            continue
-        try:
-            check_same_labels(train.labels, manifest.labels, f"data.train ({first_train_source(cfg)})",
-                              f"data.{split} ({source})", "prepare every split with the same --labels vocabulary "
-                              "file (af-prepare), in the same order")
-        except LabelsMismatch as exc:
-            raise DataError(str(exc)) from None
 
 
 def cache_dir_for(cfg: DataConfig, split: str, remote: str, local_cache: str | None) -> str:
