@@ -75,3 +75,23 @@ def test_af_evaluate_checks_its_out_before_reading_the_run(tmp_path):
     with pytest.raises(SystemExit, match=r"is not a folder"):
         evaluate_main([str(run), "--out", str(tmp_path / "a_file" / "eval.json")])
     assert weights.read_bytes() == b"weights" and notes.read_text() == "the user's"
+
+
+def test_val_shards_with_another_class_order_are_a_one_line_error_before_fine_tuning(prepared_shards, tmp_path,
+                                                                                      capsys, no_launch, monkeypatch):
+    """The same audio and codes, the class list written in another order (another --labels file): every class
+    index means another class in val, so fine-tuning is refused before any rank starts; MLM pretraining,
+    which reads no labels, is not."""
+    from af_train.shards import labels_hash
+
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    labels = json.loads((prepared_shards / "val" / "manifest.json").read_text())["labels"]
+    permuted = labels[1:] + labels[:1]
+    val = _copy_with(prepared_shards / "val", tmp_path / "val", labels=permuted, labels_hash=labels_hash(permuted))
+    assert launch_main(_argv(prepared_shards, val, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("af-train: error: data.train") and "class" in err[0]
+    assert "--labels" in err[0]  # the fix
+    monkeypatch.setattr(subprocess, "call", lambda command: 0)
+    pretrain = [a.replace("tiny_ft1.yaml", "tiny_pretrain.yaml") for a in _argv(prepared_shards, val, tmp_path)]
+    assert launch_main(pretrain) == 0
