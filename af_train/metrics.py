@@ -281,8 +281,11 @@ def bootstrap_runs(scores_by_fold: list[np.ndarray], targets_by_fold: list[np.nd
 
 def percentile_interval(replicates: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """The central ``confidence`` percentile interval of bootstrap replicates (NaN replicates skipped)."""
-    tail = 50.0 * (1.0 - confidence)
-    low, high = np.nanpercentile(np.asarray(replicates, dtype=np.float64), [tail, 100.0 - tail])
+    replicates = np.asarray(replicates, dtype=np.float64)
+    if np.all(np.isnan(replicates)):
+        return float("nan"), float("nan")
+    tail = round(50.0 * (1.0 - confidence), 10)  # percent in each tail: 2.5 exactly for 0.95
+    low, high = np.nanpercentile(replicates, [tail, 100.0 - tail])
     return float(low), float(high)
 
 
@@ -325,11 +328,7 @@ def bootstrap_interval(statistic: Callable[[np.ndarray], float], num_samples: in
     if rounds < 1 or not 0.0 < confidence < 1.0:
         raise ValueError(f"bootstrap_interval needs rounds >= 1 and 0 < confidence < 1, got {rounds}, {confidence}")
     rng = np.random.default_rng(seed)
-    values = np.asarray([statistic(rng.integers(0, num_samples, num_samples)) for _ in range(rounds)], dtype=float)
-    tail = round(50.0 * (1.0 - confidence), 10)  # percent in each tail: 2.5 exactly for 0.95
-    if np.all(np.isnan(values)):
-        low = high = float("nan")
-    else:
-        low, high = (float(v) for v in np.nanpercentile(values, [tail, 100.0 - tail]))
+    values = [statistic(rng.integers(0, num_samples, num_samples)) for _ in range(rounds)]
+    low, high = percentile_interval(np.asarray(values, dtype=float), confidence)
     return {"value": float(statistic(np.arange(num_samples))), "low": low, "high": high, "rounds": float(rounds),
             "confidence": confidence}
