@@ -32,26 +32,18 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from af_train.files import atomic_write
-from af_train.probe import (
-    BOOTSTRAP_ROUNDS,
-    KINDS,
-    Framing,
-    ProbeData,
-    ProbeError,
-    ProbeResult,
-    check_layers,
-    embed_clips,
-    fit_probe,
-    load_probe_data,
-    metrics_with_intervals,
-    paired_difference,
-)
+
+if TYPE_CHECKING:
+    import torch
+
+    from af_train.probe import Framing, ProbeData, ProbeResult
+
+# af_train.probe (and torch) are imported on first use, so that --help and argument errors stay instant
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("model", help="a run directory, a model.pt or an af-export-hf directory")
     parser.add_argument("data", help="prepared data set with train/, val/ and test/ shard directories")
     parser.add_argument("--out", required=True, help="folder for probe.json and probe.md")
-    parser.add_argument("--kind", choices=[*KINDS, "both"], default="both", help="which probes (default both)")
+    parser.add_argument("--kind", choices=["knn", "linear", "both"], default="both",  # af_train.probe.KINDS
+                        help="which probes (default both)")
     layers = parser.add_mutually_exclusive_group()
     layers.add_argument("--layer", type=int, help="hidden state to probe: 0 = embeddings, negative counts from the "
                                                   "end (default: the last layer)")
@@ -87,9 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shuffle-labels", action="store_true",
                         help="control: permute the train and val labels (seeded); the probe should land at chance")
     parser.add_argument("--seed", type=int, default=0, help="subset, shuffle and bootstrap seed (default 0)")
-    parser.add_argument("--bootstrap-rounds", type=int, default=BOOTSTRAP_ROUNDS)
+    parser.add_argument("--bootstrap-rounds", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--batch-size", type=int, default=64, help="clips per encoder batch (default 64)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
     if args.max_clips is not None and args.max_clips < 2:
         parser.error("--max-clips must be >= 2")
@@ -99,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def requested_layers(args: argparse.Namespace, num_layers: int) -> list[int]:
+    from af_train.probe import ProbeError, check_layers
+
     if args.layers is None:
         return check_layers([num_layers if args.layer is None else args.layer], num_layers)
     if args.layers.strip().lower() == "all":
@@ -113,6 +108,8 @@ def requested_layers(args: argparse.Namespace, num_layers: int) -> list[int]:
 
 def random_like(encoder: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A freshly initialised encoder of ``encoder``'s configuration (global RNG state left as it was)."""
+    import torch
+
     from af_train.model import RoFormerEncoder
 
     with torch.random.fork_rng(devices=[]):
@@ -122,6 +119,8 @@ def random_like(encoder: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def _check_outputs(out: Path) -> None:
     """Refuse to replace files af-probe did not write (an earlier probe.json of ours may be replaced)."""
+    from af_train.probe import ProbeError
+
     existing = out / JSON_NAME
     if existing.exists():
         try:
@@ -137,6 +136,7 @@ def _check_outputs(out: Path) -> None:
 def baselines(data: ProbeData, code_row: int, rounds: int, seed: int) -> dict[str, Any]:
     """Label prior, bag of codes (all rows; ``code_row`` alone) on the test clips, fitted on train; chance."""
     from af_train.baselines import fit_bag_of_codes, label_prior_scores
+    from af_train.probe import metrics_with_intervals
 
     single = not data.multi_label
     train, test = data.splits["train"], data.splits["test"]
@@ -200,7 +200,11 @@ def comparison_table(results: list[ProbeResult], controls: list[ProbeResult], di
 def probe_all(encoder: torch.nn.Module, data: ProbeData, framing: Framing, layers: list[int], kinds: list[str],
               args: argparse.Namespace) -> list[ProbeResult]:
     """Every kind on every layer of ``encoder``'s embeddings of ``data``."""
-    device = torch.device(args.device)
+    import torch
+
+    from af_train.probe import embed_clips, fit_probe
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = encoder.to(device)
     features = {split: embed_clips(encoder, clips, framing, layers, batch_size=args.batch_size, device=device)
                 for split, clips in data.splits.items()}
@@ -220,6 +224,7 @@ def shuffle_labels(data: ProbeData, seed: int) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from af_train.inference.cli_common import stdout_to_stderr
     from af_train.inference.model import InferenceError, load_model
+    from af_train.probe import KINDS, Framing, load_probe_data, paired_difference
     from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
 
     started = time.perf_counter()
@@ -288,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from af_train.data.dataset import DataError
     from af_train.inference.model import InferenceError
+    from af_train.probe import ProbeError
     from af_train.shards import ManifestError
 
     try:

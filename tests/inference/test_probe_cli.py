@@ -105,3 +105,14 @@ def test_af_probe_refuses_what_it_cannot_use(encoder_file, probe_data, tmp_path,
                            "--out", str(tmp_path / "b")]) == 2
     assert "tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_light_argument_parser_offers_the_probe_module_s_kinds_and_rounds():
+    """af-probe parses its arguments without importing af_train.probe (torch): its choices and default must
+    still be that module's."""
+    from af_train.probe import BOOTSTRAP_ROUNDS, KINDS
+
+    args = probe_cli.parse_args(["m", "d", "--out", "o"])
+    assert args.bootstrap_rounds == BOOTSTRAP_ROUNDS
+    for kind in (*KINDS, "both"):
+        assert probe_cli.parse_args(["m", "d", "--out", "o", "--kind", kind]).kind == kind

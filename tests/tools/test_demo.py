@@ -387,11 +387,17 @@ def test_ctrl_c_is_passed_to_the_running_command_and_logged(tmp_path):
              "def stop(signum, frame):\n    print('saving a checkpoint, then exiting', flush=True); sys.exit(5)\n"
              "signal.signal(signal.SIGINT, stop)\nprint('wrote ready', flush=True)\ntime.sleep(60)\n")
     stage = st.Stage("slow", "a long training run", command=["python3", "-c", child])
+    # `make demo` starts with Python's own Ctrl-C handler; this pytest process may not have it any more after
+    # the in-process tests before this one (in the whole suite the SIGINT below was swallowed), so set it here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     started = time.time()
-    with pytest.raises(KeyboardInterrupt):
-        demo.run_stages([stage], tmp_path, redo=set(), verbose=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_stages([stage], tmp_path, redo=set(), verbose=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.time() - started < 30  # the child stopped on the forwarded SIGINT, not after its sleep
     assert "saving a checkpoint, then exiting" in (tmp_path / "logs" / "slow.log").read_text()
     assert st.read_marker(tmp_path, "slow")["status"] == "running"  # the next run resumes it
