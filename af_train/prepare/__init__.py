@@ -5,8 +5,12 @@ One module per job:
 * :mod:`~af_train.prepare.sources`: the label files of each data set layout (csv, audioset, fsd50k, esc50);
 * :mod:`~af_train.prepare.planning`: entries → tasks and label-level rejects;
 * :mod:`~af_train.prepare.decoding`: audio files → clips in worker processes;
+* :mod:`~af_train.prepare.encoding`: one rank's part: decoded clips → encoded batches → committed chunks;
 * :mod:`~af_train.prepare.writing`: chunked, atomic, resumable writing, merged index and manifest;
 * :mod:`~af_train.prepare.remote_output`: ``--out s3://...`` through a staging folder;
+* :mod:`~af_train.prepare.parts`, :mod:`~af_train.prepare.ranks`: several ranks (who owns which chunk; the
+  launcher, the resume state rank 0 sets up, the wait for every part);
+* :mod:`~af_train.prepare.merging`: the merged dataset of every split and the run's summary;
 * :mod:`~af_train.prepare.cli`: ``af-prepare`` (also ``python3 -m af_train.prepare``);
 * :mod:`~af_train.prepare.fit_tokenizer`: ``af-fit-tokenizer`` (fits mel-rvq on a source's train split).
 """

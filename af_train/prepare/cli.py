@@ -11,7 +11,8 @@ official weights; ``--codec-random-init SEED`` only for plumbing tests) or a fil
 How it works: the clip list is planned deterministically from the label file
 (:mod:`~af_train.prepare.planning`), cut into chunks of ``--chunk-size`` clips; worker processes
 decode/resample (:mod:`~af_train.prepare.decoding`), the main process encodes equal-length batches
-with the tokenizer (GPU when present) and writes each chunk atomically (:mod:`~af_train.prepare.writing`).
+with the tokenizer (GPU when present, :mod:`~af_train.prepare.encoding`) and writes each chunk atomically
+(:mod:`~af_train.prepare.writing`); last, every split is merged and summarized (:mod:`~af_train.prepare.merging`).
 An interrupted run (Ctrl-C, kill -9) rerun with the same arguments skips the committed chunks and
 redoes the partial one, so every accepted clip ends up in the shards exactly once. Every refused clip
 (missing, unreadable, silent, shorter than ``--min-seconds``, unknown label, ...) is logged with its
@@ -28,35 +29,33 @@ Object storage: ``--out s3://bucket/prefix`` (endpoint and credentials from the 
 committed chunk, then the merged index and the manifest last; the bucket is the resume state
 (:mod:`~af_train.prepare.remote_output`). Each shard's sha1 and xxh64 go into ``index.json``.
 
-Several ranks (:mod:`~af_train.prepare.parts`): ``--num_cpu_ranks N``, ``--num_gpus N`` or ``--hostfile``
-start the DeepSpeed launcher as ``af-train`` does (``torchrun`` and ``srun`` environments work too). Chunk
-``k`` of a split belongs to rank ``k mod world_size``; each rank encodes its own chunks on its own device
-into the shared output, and rank 0 merges them once every rank is done. A rerun with another number of
-ranks re-plans only the chunks not yet committed.
+Several ranks (:mod:`~af_train.prepare.parts`, :mod:`~af_train.prepare.ranks`): ``--num_cpu_ranks N``,
+``--num_gpus N`` or ``--hostfile`` start the DeepSpeed launcher as ``af-train`` does (``torchrun`` and ``srun``
+environments work too). Chunk ``k`` of a split belongs to rank ``k mod world_size``; each rank encodes its
+own chunks on its own device into the shared output, and rank 0 merges them once every rank is done. A rerun
+with another number of ranks re-plans only the chunks not yet committed.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from af_train import distributed
 from af_train.files import output_problem, sha256_files
-from af_train.launcher import add_launcher_arguments, check_launcher_arguments, launcher_command, wants_launcher
-from af_train.prepare.decoding import DecodeSettings, decode_item, ordered_map, start_pool
-from af_train.prepare.parts import PART_RULE, PrepareRefused, owns_chunk, part_summary
-from af_train.prepare.planning import Task, plan_splits, segment_tasks
+from af_train.launcher import add_launcher_arguments, wants_launcher
+from af_train.prepare.encoding import encode_part
+from af_train.prepare.merging import merge_and_report
+from af_train.prepare.parts import PART_RULE, PrepareRefused
+from af_train.prepare.planning import plan_splits, segment_tasks
+from af_train.prepare.ranks import establish_outputs, launch, wait_for_all_ranks
 from af_train.prepare.remote_output import RemoteOutput
 from af_train.prepare.sources import (
     DEFAULT_CLIP_SECONDS,
@@ -65,18 +64,7 @@ from af_train.prepare.sources import (
     check_split_name,
     load_source,
 )
-from af_train.prepare.writing import (
-    REJECTS_NAME,
-    ChunkWriter,
-    DamagedChunk,
-    chunk_name,
-    codec_info,
-    committed_chunks,
-    finalize_split,
-    prepare_split_dir,
-    split_dirs,
-)
-from af_train.shards import Manifest
+from af_train.prepare.writing import codec_info, split_dirs
 from af_train.tokenizers import SAMPLE_RATE, Tokenizer, TokenizerError, audio_io, frames_for_samples
 
 log = logging.getLogger(__name__)
@@ -201,28 +189,6 @@ def _segment_plans(plans: dict, clip_seconds: float, hop_seconds: float,
     return segmented, {"hop_seconds": hop_seconds, "plan_sha256": digest.hexdigest()[:16]}
 
 
-def _rate(seconds_of_audio: float, since: float | None) -> float:
-    """Seconds of audio per second of wall time since ``since`` (0 before anything arrived)."""
-    if since is None:
-        return 0.0
-    return seconds_of_audio / max(time.monotonic() - since, 1e-9)
-
-
-def _format_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-
-
-def _launch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    """Start the DeepSpeed launcher for ``python -m af_train.prepare`` with the arguments that are not its own."""
-    launcher_parser = argparse.ArgumentParser(prog="af-prepare", add_help=False)
-    add_launcher_arguments(launcher_parser)
-    launcher_args, rest = launcher_parser.parse_known_args(argv)
-    check_launcher_arguments(parser, launcher_args)
-    command = launcher_command(launcher_args, "af_train.prepare", rest)
-    print("af-prepare:", " ".join(command), flush=True)
-    return subprocess.call(command)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -238,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"under one ({placement.launcher}, rank {placement.rank} of {placement.world_size}): "
                          "leave them out")
         _validate_args(args)
-        return _launch(parser, argv)
+        return launch(parser, argv)
     _validate_args(args)
     import torch
 
@@ -262,48 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads_before)
         distributed.shutdown()
-
-
-def _establish_outputs(args, remote_out, dirs, fingerprint, shown) -> dict[str, str]:
-    """Check or create each split's resume state (rank 0 only with several ranks); raises ``PrepareRefused``
-    (object storage) or ``SystemExit`` (the folder's refusals)."""
-    from af_train.remote import RemoteError
-
-    try:
-        if remote_out:
-            remote_out.check()
-            for d in dirs.values():
-                remote_out.pull(d, args.overwrite)
-        states = {split: prepare_split_dir(d, fingerprint, args.overwrite, shown[split]) for split, d in dirs.items()}
-        if remote_out:
-            for split, d in dirs.items():
-                if states[split] != "complete":
-                    remote_out.push_state(d)
-    except RemoteError as exc:
-        raise PrepareRefused(f"af-prepare: error: {exc}") from None
-    return states
-
-
-def _establish_outputs_for_all_ranks(*args) -> dict[str, str]:
-    """``_establish_outputs`` on rank 0 of several: a refusal becomes an exception every rank raises."""
-    try:
-        return _establish_outputs(*args)
-    except SystemExit as exc:  # prepare_split_dir's refusals (another preparation's folder, other settings)
-        raise PrepareRefused(str(exc.code)) from None
-
-
-def _wait_for_all_ranks(rank: int, world: int, own_code: int, timings: dict) -> int:
-    """Collective, after each rank's part: the worst exit code of the other ranks (0 when all finished);
-    rank 0 logs the whole job's rate, or which ranks did not finish."""
-    statuses = distributed.gather_objects({"rank": rank, "code": own_code, **timings})
-    failed = [s for s in statuses if s["code"] != 0]
-    if rank == 0 and failed:
-        print(f"af-prepare: error: rank(s) {', '.join(str(s['rank']) for s in failed)} did not finish their part; "
-              "committed chunks are kept; rerun the same command to continue", file=sys.stderr)
-    elif rank == 0:
-        clips, slowest = sum(s["clips"] for s in statuses), max(s["elapsed_s"] for s in statuses)
-        log.info("all %d ranks: %d clips in %.1f s (%.2f clips/s)", world, clips, slowest, clips / max(slowest, 1e-9))
-    return max((s["code"] for s in failed if s["rank"] != rank), default=0)
 
 
 def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None = None) -> int:
@@ -347,7 +271,7 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
     }
     if segment is not None:  # only then: without --segment the state and manifest stay as they were
         fingerprint["segment"] = segment
-    from af_train.remote import RemoteError, is_remote
+    from af_train.remote import is_remote
 
     remote_out = None
     if is_remote(args.out):
@@ -363,15 +287,7 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
     log.info("%s: %s → %s (%s)%s", args.format, source.description, args.out, tokenizer,
              f" [rank {rank} of {world}]" if world > 1 else "")
     try:
-        if world == 1:
-            states = _establish_outputs(args, remote_out, dirs, fingerprint, shown)
-        else:  # rank 0 checks and creates the resume state, then every rank starts from it
-            states = distributed.broadcast_from_rank0(distributed.result_or_exception(
-                _establish_outputs_for_all_ranks, args, remote_out, dirs, fingerprint, shown) if rank == 0 else None)
-            if rank != 0 and remote_out:
-                for split, d in dirs.items():  # this rank's staging folder follows the bucket
-                    remote_out.pull(d, overwrite=False)
-                    prepare_split_dir(d, fingerprint, False, shown[split])
+        states = establish_outputs(rank, world, args.overwrite, remote_out, dirs, fingerprint, shown)
     except PrepareRefused as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -388,166 +304,28 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
                   "prepare": {k: v for k, v in fingerprint.items() if k not in ("codec", "tokenizer")}},
     }
 
-    # Work list: every task of every chunk not yet committed, in a deterministic order.
-    work: list[tuple[str, int, Task]] = []
-    chunk_tasks: dict[tuple[str, int], list[Task]] = {}
-    total = done_before = 0
-    for split, (tasks, _) in plans.items():
-        chunks = [tasks[i : i + args.chunk_size] for i in range(0, len(tasks), args.chunk_size)]
-        total += len(tasks)
-        if states[split] == "complete":
-            done_before += len(tasks)
-            continue
-        committed = committed_chunks(dirs[split])
-        for k, chunk in enumerate(chunks):
-            if not owns_chunk(k, rank, world):  # another rank's part
-                total -= len(chunk)
-                continue
-            chunk_tasks[(split, k)] = chunk
-            if k in committed:
-                done_before += len(chunk)
-            else:
-                work += [(split, k, t) for t in chunk]
-        if committed:
-            log.info("%s: resuming, %d of %d chunks already committed", split, len(committed), len(chunks))
-
-    settings = DecodeSettings(sample_rate=tokenizer.sample_rate, clip_seconds=clip_seconds, silence_dbfs=silence,
-                              min_seconds=args.min_seconds)
-    pool = start_pool(args.workers) if work else None
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=done_before, unit="clip", desc="preparing" if world == 1 else f"rank {rank}",
-               disable=args.quiet or rank != 0, smoothing=0.1)
-    provenance = {"rank": rank, "world_size": world, "host": socket.gethostname()}
-    timings = {"decode_s": 0.0, "tokenize_s": 0.0, "write_s": 0.0, "clips": 0}
-    start = time.monotonic()
-    audio_seconds = 0.0
-    rejected = 0
-    warned: dict[str, int] = {}  # by reason, this run's files: used, but worth a word
-    # the rate is measured from the first clip that arrives (the workers' start-up is not throughput)
-    first_at: float | None = None
-    first_seconds = 0.0
-    writer: ChunkWriter | None = None
-    interrupted = finished = False
-    upload_error: RemoteError | None = None
-    waited_from = time.perf_counter()
-    cpu_from = time.process_time()
-    try:
-        for (split, k, task), outcome in ordered_map(
-            functools.partial(decode_item, settings), iter(work), pool,
-            max_in_flight=max(4, 4 * max(args.workers, 1)), timeout=args.decode_timeout,
-        ):
-            timings["decode_s"] += time.perf_counter() - waited_from  # decoding, or waiting for the workers
-            timings["clips"] += 1
-            if writer is None or (writer.split, writer.k) != (split, k):
-                opened_at = time.perf_counter()
-                writer = ChunkWriter(dirs[split], split, k, chunk_tasks[(split, k)], tokenizer, frames,
-                                     args.batch_size, provenance)
-                timings["write_s"] += time.perf_counter() - opened_at
-            audio_seconds += writer.add(task, outcome)
-            if first_at is None:
-                first_at, first_seconds = time.monotonic(), audio_seconds
-            if outcome[0] == "reject":
-                rejected += 1
-                if rejected <= 10:
-                    bar.write(f"rejected {task.id}: {outcome[1][0]} ({outcome[1][1]})")
-            else:
-                for reason, message in outcome[1][2]:
-                    warned[reason] = warned.get(reason, 0) + 1
-                    log.warning("warning: %s (%s)", message, reason)
-            if writer.remaining == 0:
-                writer.commit()
-                timings["tokenize_s"] += writer.encode_seconds
-                timings["write_s"] += writer.write_seconds
-                writer = None
-                if remote_out:
-                    remote_out.push_chunk(dirs[split] / chunk_name(k))
-            # the rate counts accepted audio as it is taken in (decoded, queued for its batch), and is
-            # set before update() so the line drawn shows it (it lagged one refresh behind before)
-            bar.set_postfix_str(f"{_rate(audio_seconds - first_seconds, first_at):.1f}x realtime, {rejected} rejected",
-                                refresh=False)
-            bar.update(1)
-            waited_from = time.perf_counter()
-        finished = True
-    except KeyboardInterrupt:
-        interrupted = True
-    except RemoteError as exc:
-        upload_error = exc
-    finally:  # on any failure: stop the workers, drop the partial chunk, keep the committed ones
-        bar.close()
-        if pool is not None:
-            pool.close() if finished else pool.terminate()
-            pool.join()
-        if writer is not None:
-            writer.abandon()
-    elapsed = time.monotonic() - start
-    timings["elapsed_s"] = elapsed
-    timings["cpu_s"] = time.process_time() - cpu_from  # this process's CPU time in the loop (not its workers')
-    # the rate after the first clip: start-up (imports, workers, the tokenizer's first batch) is not throughput
-    timings["after_first_s"] = time.monotonic() - first_at if first_at is not None else 0.0
-    log.info("%s", part_summary(rank, world, timings))
+    part = encode_part(args, plans, states, dirs, tokenizer, clip_seconds, silence, frames, remote_out, rank, world)
     others_failed = 0
     if world > 1:  # every rank waits here for the slowest part; then rank 0 alone merges
-        own = 130 if interrupted else 1 if upload_error is not None else 0
-        others_failed = _wait_for_all_ranks(rank, world, own, timings)
+        own = part.exit_code
+        others_failed = wait_for_all_ranks(rank, world, own, part.timings)
         if rank != 0 and not (own or others_failed):
             return 0
         if remote_out and not (own or others_failed):  # the other ranks' chunks: their bookkeeping from the bucket
             for split, d in dirs.items():
                 if states[split] != "complete":
                     remote_out.pull(d, overwrite=False)
-    if interrupted:
+    if part.interrupted:
         print("\ninterrupted: committed chunks are kept; rerun the same command to continue", file=sys.stderr)
         return 130
-    if upload_error is not None:
-        print(f"af-prepare: error: {upload_error}\ncommitted chunks are kept; rerun the same command to continue",
+    if part.upload_error is not None:
+        print(f"af-prepare: error: {part.upload_error}\ncommitted chunks are kept; rerun the same command to continue",
               file=sys.stderr)
         return 1
     if others_failed:
         return others_failed
-
-    exit_code = 0
-    import torch
-
-    cores = max(1, min(os.cpu_count() or 1, torch.get_num_threads() + args.workers))
-    rate = _rate(audio_seconds - first_seconds, first_at)
-    print(f"\nsummary ({elapsed:.1f} s, {rate:.1f}x realtime this run with {tokenizer.kind} after the first clip, "
-          f"{rate / cores:.1f}x per core on {cores} cores):")
-    if warned:
-        print(f"  used with a warning this run: {sum(warned.values())} [{_format_counts(warned)}] (see the log above)")
-    for split, (tasks, planned_rejects) in plans.items():
-        num_chunks = (len(tasks) + args.chunk_size - 1) // args.chunk_size
-        if states[split] == "complete":
-            manifest = Manifest.load(dirs[split])
-            note = " (already complete)"
-        else:
-            try:
-                manifest = finalize_split(dirs[split], split, tasks, planned_rejects, num_chunks, manifest_base,
-                                          check_shards=remote_out is None)
-            except DamagedChunk as exc:
-                print(f"af-prepare: error: damaged output: {exc}\nits commit was taken back: rerun the same command "
-                      "to redo that chunk", file=sys.stderr)
-                return 1
-            note = ""
-            if remote_out:
-                try:
-                    remote_out.push_final(dirs[split])
-                except RemoteError as exc:
-                    print(f"af-prepare: error: {exc}; rerun the same command to finish the upload", file=sys.stderr)
-                    return 1
-        print(
-            f"  {split:>6}: written {manifest.written}, rejected {sum(manifest.rejected.values())} "
-            f"[{_format_counts(manifest.rejected)}], {manifest.seconds_of_audio / 3600:.3f} h of audio "
-            f"→ {shown[split]}{note}"
-        )
-        if manifest.written == 0:
-            print(
-                f"af-prepare: error: split '{split}' has no usable clip; see {dirs[split] / REJECTS_NAME}",
-                file=sys.stderr,
-            )
-            exit_code = 1
-    return exit_code
+    return merge_and_report(part, plans, states, dirs, shown, manifest_base, tokenizer, args.workers,
+                            args.chunk_size, remote_out)
 
 
 if __name__ == "__main__":
