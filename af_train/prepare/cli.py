@@ -10,9 +10,10 @@ official weights; ``--codec-random-init SEED`` only for plumbing tests) or a fil
 
 How it works: the clip list is planned deterministically from the label file
 (:mod:`~af_train.prepare.planning`), cut into chunks of ``--chunk-size`` clips; worker processes
-decode/resample (:mod:`~af_train.prepare.decoding`), the main process encodes equal-length batches
-with the tokenizer (GPU when present, :mod:`~af_train.prepare.encoding`) and writes each chunk atomically
-(:mod:`~af_train.prepare.writing`); last, every split is merged and summarized (:mod:`~af_train.prepare.merging`).
+decode/resample (:mod:`~af_train.prepare.decoding`) up to ``--prefetch-batches`` batches ahead while the
+main process encodes equal-length batches with the tokenizer (GPU when present,
+:mod:`~af_train.prepare.encoding`) and writes each chunk atomically (:mod:`~af_train.prepare.writing`);
+last, every split is merged and summarized (:mod:`~af_train.prepare.merging`).
 An interrupted run (Ctrl-C, kill -9) rerun with the same arguments skips the committed chunks and
 redoes the partial one, so every accepted clip ends up in the shards exactly once. Every refused clip
 (missing, unreadable, silent, shorter than ``--min-seconds``, unknown label, ...) is logged with its
@@ -51,6 +52,7 @@ from typing import Any
 from af_train import distributed
 from af_train.files import output_problem, sha256_files
 from af_train.launcher import add_launcher_arguments, wants_launcher
+from af_train.prepare.decoding import DEFAULT_PREFETCH_BATCHES
 from af_train.prepare.encoding import encode_part
 from af_train.prepare.merging import merge_and_report
 from af_train.prepare.parts import PART_RULE, PrepareRefused
@@ -100,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads for encoding on the CPU (default: the rank's share of the CPU cores minus "
                    "--workers, at least 1)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per tokenizer batch")
+    p.add_argument("--prefetch-batches", type=int, default=DEFAULT_PREFETCH_BATCHES, metavar="N",
+                   help="batches the decoding workers prepare ahead while a batch is encoded (default "
+                   f"{DEFAULT_PREFETCH_BATCHES}): decoded audio in memory is bounded by (N + 1) x --batch-size clips; "
+                   "0 decodes a clip only when the encoder asks for it (no overlap)")
     p.add_argument("--decode-timeout", type=float, default=600.0,
                    help="seconds a worker may spend on one file before it is rejected (default 600)")
     p.add_argument("--chunk-size", type=int, default=1024, help="clips per committed chunk (the resume unit)")
@@ -132,6 +138,8 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise SystemExit("af-prepare: error: --threads must be >= 1")
     if args.batch_size < 1 or args.chunk_size < 1:
         raise SystemExit("af-prepare: error: --batch-size and --chunk-size must be >= 1")
+    if args.prefetch_batches < 0:
+        raise SystemExit("af-prepare: error: --prefetch-batches must be >= 0")
     if args.clip_seconds is not None and args.clip_seconds <= 0:
         raise SystemExit("af-prepare: error: --clip-seconds must be > 0")
     if args.min_seconds < 0:

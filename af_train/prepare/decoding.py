@@ -1,4 +1,11 @@
-"""Decoding audio files into fixed-length clips, in worker processes, in a bounded ordered stream."""
+"""Decoding audio files into fixed-length clips, in worker processes, in a bounded ordered stream.
+
+The stream is af-prepare's prefetch queue: while the main process encodes batch n, the workers decode the
+clips after it, at most ``--prefetch-batches`` x ``--batch-size`` of them (:func:`prefetch_depth`). Decoded
+audio in memory is therefore bounded by the queue depth plus the batch being filled, whatever the input's
+length; ``--prefetch-batches 0`` decodes one clip at a time, only when the encoder asks for it (no overlap).
+With ``--workers 0`` the main process decodes, so decoding and encoding take turns.
+"""
 
 from __future__ import annotations
 
@@ -57,8 +64,21 @@ def start_pool(workers: int):
     return multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
 
 
+DEFAULT_PREFETCH_BATCHES = 2
+
+
+def prefetch_depth(batch_size: int, prefetch_batches: int) -> int:
+    """Clips decoded (or being decoded) ahead of the one the encoder holds: ``prefetch_batches`` batches."""
+    return max(0, prefetch_batches) * batch_size
+
+
 def ordered_map(fn, items: Iterator, pool, max_in_flight: int, timeout: float | None = None) -> Iterator:
     """Like ``pool.imap`` but with bounded look-ahead, so decoded audio never piles up in memory.
+
+    At most ``max_in_flight`` items are submitted and not yet taken by the consumer, the one it holds
+    included: while the consumer works on an item (e.g. encodes a batch), the workers decode at most
+    ``max_in_flight - 1`` items after it. ``pool.imap`` would instead submit the whole input at once and
+    keep every finished result in memory until it is taken. Results come in input order.
 
     A task whose worker does not answer within ``timeout`` seconds (a worker killed by a crash in
     a decoder library loses its task; the pool replaces the worker) yields ``("reject", ...)``

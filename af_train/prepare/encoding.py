@@ -2,7 +2,8 @@
 them in batches on the rank's device, committing chunk after chunk.
 
 The decoded clips reach the encoder through :func:`~af_train.prepare.decoding.ordered_map`, in input
-order; :class:`~af_train.prepare.writing.ChunkWriter` encodes each batch and commits each chunk. An
+order: a bounded prefetch queue, so the workers decode the next ``--prefetch-batches`` batches while a
+batch is encoded; :class:`~af_train.prepare.writing.ChunkWriter` encodes each batch and commits each chunk. An
 interruption (Ctrl-C, a failed upload) stops the workers and drops the partial chunk; the committed ones
 stay for the rerun.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from af_train.prepare.decoding import DecodeSettings, decode_item, ordered_map, start_pool
+from af_train.prepare.decoding import DecodeSettings, decode_item, ordered_map, prefetch_depth, start_pool
 from af_train.prepare.parts import owns_chunk, part_summary
 from af_train.prepare.planning import Reject, Task
 from af_train.prepare.remote_output import RemoteOutput
@@ -111,7 +112,7 @@ def encode_part(args: argparse.Namespace, plans: dict[str, tuple[list[Task], lis
     try:
         for (split, k, task), outcome in ordered_map(
             functools.partial(decode_item, settings), iter(work), pool,
-            max_in_flight=max(4, 4 * max(args.workers, 1)), timeout=args.decode_timeout,
+            max_in_flight=prefetch_depth(args.batch_size, args.prefetch_batches) + 1, timeout=args.decode_timeout,
         ):
             timings["decode_s"] += time.perf_counter() - waited_from  # decoding, or waiting for the workers
             timings["clips"] += 1

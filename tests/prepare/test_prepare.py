@@ -393,6 +393,35 @@ def test_ordered_map_keeps_order_and_survives_a_hung_worker():
         ("ok", 3), ("ok", 1), ("ok", 2)]
 
 
+def test_the_prefetch_queue_bounds_the_clips_decoded_ahead_of_a_slow_encoder():
+    """A slow consumer (the encoder) and a counting fake decoder on 4 threads: the workers run ahead by
+    exactly the queue depth (--prefetch-batches x --batch-size clips: they overlap the encoder), never
+    more, and the results keep the input order."""
+    import threading
+    from multiprocessing.pool import ThreadPool
+
+    from af_train.prepare.decoding import prefetch_depth
+
+    depth = prefetch_depth(batch_size=3, prefetch_batches=2)
+    lock, started, taken, ahead = threading.Lock(), [0], 0, []
+
+    def counting_decode(item: int):
+        with lock:
+            started[0] += 1
+        return "ok", item * 10
+
+    with ThreadPool(4) as pool:
+        results = []
+        for item, outcome in prep.ordered_map(counting_decode, iter(range(40)), pool, max_in_flight=depth + 1):
+            taken += 1
+            time.sleep(0.01)  # the encoder at work: the workers have time to fill the queue
+            with lock:
+                ahead.append(started[0] - taken)
+            results.append((item, outcome))
+    assert depth == 6 and max(ahead) == depth  # the queue fills up to its depth, and no further
+    assert results == [(i, ("ok", i * 10)) for i in range(40)]
+
+
 def test_kill_9_with_a_fitted_tokenizer_resumes_exactly(mel_rvq_file, tmp_path):
     """A real af-prepare process with a fitted tokenizer, killed with SIGKILL right after its first chunk
     commit, rerun with the same arguments: the result equals an uninterrupted run."""
