@@ -5,6 +5,7 @@ and Open MPI. Tiny data (one-second clips, a 2 x 32 mel-rvq): the cost is the pr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -164,6 +165,14 @@ def _rank_pids(log: Path) -> dict[int, int]:
                                                             text)}  # local ranks
 
 
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to the whole process group of a launcher started with ``start_new_session=True``: the launcher
+    and every rank it started (a rank stopped with SIGSTOP too), also when the launcher has already exited."""
+    with contextlib.suppress(ProcessLookupError):  # the group is gone: nothing left running
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def _committed(out: Path) -> dict[int, tuple[int, int]]:
     """chunk index -> (rank that committed it, mtime of its marker)."""
     done = {}
@@ -196,23 +205,26 @@ def test_kill_9_of_one_rank_then_rerun_redoes_only_its_unfinished_chunks(
         launcher = subprocess.Popen([sys.executable, "-m", "af_train.prepare", *argv, "--num_cpu_ranks", "2"],
                                     cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=_env(),
                                     start_new_session=True)
-    deadline = time.monotonic() + 240
-    pids: dict[int, int] = {}
-    while 1 not in pids:  # the launcher names each rank's process
-        assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()[-3000:]
-        pids = _rank_pids(log)
-        time.sleep(0.05)
-    while not any(rank == 1 for rank, _ in _committed(out).values()):
-        assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.002)
-    os.kill(pids[1], signal.SIGSTOP)  # rank 1 frozen after its first commit, in the middle of its part
-    rank0_chunks = {k for k in range(chunks) if owns_chunk(k, 0, 2)}
-    while not rank0_chunks <= set(_committed(out)):  # rank 0 finishes its part, then waits for rank 1
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
-    before = _committed(out)
-    os.kill(pids[1], signal.SIGKILL)
-    assert launcher.wait(timeout=120) != 0 and not (out / "manifest.json").exists()
+    try:  # whatever fails below, no rank of this launcher is left running
+        deadline = time.monotonic() + 240
+        pids: dict[int, int] = {}
+        while 1 not in pids:  # the launcher names each rank's process
+            assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()[-3000:]
+            pids = _rank_pids(log)
+            time.sleep(0.05)
+        while not any(rank == 1 for rank, _ in _committed(out).values()):
+            assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.002)
+        os.kill(pids[1], signal.SIGSTOP)  # rank 1 frozen after its first commit, in the middle of its part
+        rank0_chunks = {k for k in range(chunks) if owns_chunk(k, 0, 2)}
+        while not rank0_chunks <= set(_committed(out)):  # rank 0 finishes its part, then waits for rank 1
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        before = _committed(out)
+        os.kill(pids[1], signal.SIGKILL)
+        assert launcher.wait(timeout=120) != 0 and not (out / "manifest.json").exists()
+    finally:
+        _kill_group(launcher)
     unfinished = set(range(chunks)) - set(before)
     assert unfinished and all(owns_chunk(k, 1, 2) for k in unfinished)
 
