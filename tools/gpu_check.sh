@@ -3,7 +3,7 @@
 #
 #   tools/gpu_check.sh [--out DIR] [--dry-run]
 #
-# Steps, each under its own time limit (they add up to under 8 minutes on one H100/H200) and each
+# Steps, each under its own time limit (they add up to under 9 1/4 minutes on one H100/H200) and each
 # recorded even when it fails or times out; the next step always runs:
 #   1. install   the wheels in .whl/ (../shared/tools/gpu-wheels.sh fills it) into /tmp/af_gpu_site
 #   2. env       GPU, driver, Python and package versions
@@ -12,16 +12,20 @@
 #   4. pytest    pytest -m cuda (kernels, 1-GPU ZeRO-2 training + resume, codec/tokenizers on CUDA)
 #   5. kernels   a short sweep of tools/benchmark_kernels.py (seq 512/751/1024, MPC N 8192/65536)
 #   6. train     af-benchmark-train, base preset, pretrain and ft1, bf16, seq 752
+#   7. prepare   af-prepare throughput per GPU, EnCodec and mel-rvq (tools/benchmark_prepare.py): clips/s
+#                and real-time factor after the first clip, decode/tokenize/write seconds; EnCodec's
+#                official weights when torch hub's cache holds them, else the random-init codec (same
+#                FLOPs), and the row says which
 # Results go to --out (default benchmarks/results/<gpu name>/): gpu_check.json (commit, date, device,
-# every step's status, exit code and seconds), gpu_check.log (all output), kernels.{csv,json,png},
-# train.{csv,json,png}. That is 8 files, what one device call brings back.
+# every step's status, exit code and seconds, and the prepare rows under "prepare"), gpu_check.log (all
+# output), kernels.{csv,json,png}, train.{csv,json,png}. That is 8 files, what one device call brings back.
 #
 # --dry-run (or DRY_RUN=1) runs every step on the CPU with tiny sizes, so a typo cannot waste a GPU
 # window; tests/tools/test_gpu_check.py does that in CI. GPU_CHECK_STEPS="kernels train" runs a subset.
 # The commit is `git rev-parse HEAD`, or $AF_COMMIT on a copy of the tree without .git.
 set -uo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 out=""
 dry="${DRY_RUN:-0}"
 while [ $# -gt 0 ]; do
@@ -46,10 +50,10 @@ site=/tmp/af_gpu_site
 export PYTHONPATH="$root:$shim:$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-# Time limits in seconds: 430 + at most 6 x 5 s after SIGINT = 460 s, inside the 8 minutes of one window.
-T_INSTALL=25 T_ENV=25 T_OPS=60 T_PYTEST=160 T_KERNELS=60 T_TRAIN=100
+# Time limits in seconds: 520 + at most 7 x 5 s after SIGINT = 555 s, inside a 10-minute device call.
+T_INSTALL=25 T_ENV=25 T_OPS=60 T_PYTEST=160 T_KERNELS=60 T_TRAIN=100 T_PREPARE=90
 if [ "$dry" = 1 ]; then  # the dry run checks that every step works, not how fast: a shared CPU is slow
-  T_INSTALL=600 T_ENV=600 T_OPS=600 T_PYTEST=600 T_KERNELS=600 T_TRAIN=600
+  T_INSTALL=600 T_ENV=600 T_OPS=600 T_PYTEST=600 T_KERNELS=600 T_TRAIN=600 T_PREPARE=600
 fi
 
 if [ -z "$out" ]; then
@@ -153,9 +157,12 @@ run_pytest() {
 # One command line per tool for both modes (the dry run exercises every flag); only sizes differ.
 if [ "$dry" = 1 ]; then
   K_DEVICE=cpu TR_DEVICE=cpu TR_PRESET=tiny TR_SEQ=32 TR_PRECISION=fp32 TR_MICRO=2 TR_STEPS=2 TR_WARMUP=1 TR_ROUNDS=2
+  PR_DEVICES=cpu PR_CLIPS=2 PR_SECONDS=1 PR_BATCH=2 PR_WORKERS="--workers 0"
 else
   K_DEVICE=cuda TR_DEVICE=cuda TR_PRESET=base TR_SEQ=752 TR_PRECISION=bf16 TR_MICRO=32 TR_STEPS=12 TR_WARMUP=3 TR_ROUNDS=3
+  PR_DEVICES=cuda PR_CLIPS=192 PR_SECONDS=10 PR_BATCH=32 PR_WORKERS=""  # af-prepare's default workers
 fi
+prepare_json="$(mktemp /tmp/af_gpu_check_prepare.XXXXXX)"  # its rows go into gpu_check.json
 
 run_kernels() {
   # (--seq-lens/--mpc-sizes apply on the GPU; the CPU run uses the tool's tiny interpreter shapes)
@@ -169,13 +176,19 @@ run_train() {
     --warmup "$TR_WARMUP" --rounds "$TR_ROUNDS" --out "$out"
 }
 
+run_prepare() {
+  # PR_WORKERS: empty, or the option and its value (unquoted on purpose)
+  "$python" -m af_train_tools.benchmark_prepare --devices "$PR_DEVICES" --clips "$PR_CLIPS" \
+    --clip-seconds "$PR_SECONDS" --batch-size "$PR_BATCH" $PR_WORKERS --out "$prepare_json"
+}
+
 export dry out python site T_PYTEST K_DEVICE TR_DEVICE TR_PRESET TR_SEQ TR_PRECISION TR_MICRO TR_STEPS \
-  TR_WARMUP TR_ROUNDS
-export -f install_wheels print_env build_ops run_pytest run_kernels run_train
+  TR_WARMUP TR_ROUNDS PR_DEVICES PR_CLIPS PR_SECONDS PR_BATCH PR_WORKERS prepare_json
+export -f install_wheels print_env build_ops run_pytest run_kernels run_train run_prepare
 # GPU_CHECK_STEPS="pytest train" runs only those steps (default: all, in this order).
-selected=" ${GPU_CHECK_STEPS:-install env ops pytest kernels train} "
+selected=" ${GPU_CHECK_STEPS:-install env ops pytest kernels train prepare} "
 for step in install:T_INSTALL:install_wheels env:T_ENV:print_env ops:T_OPS:build_ops pytest:T_PYTEST:run_pytest \
-            kernels:T_KERNELS:run_kernels train:T_TRAIN:run_train; do
+            kernels:T_KERNELS:run_kernels train:T_TRAIN:run_train prepare:T_PREPARE:run_prepare; do
   IFS=: read -r name limit function <<< "$step"
   case "$selected" in *" $name "*) run_step "$name" "${!limit}" "$function" ;; esac
 done
@@ -192,9 +205,11 @@ cat > "$out/gpu_check.json" <<EOF
   "host": "$(hostname)",
   "failed_steps": $failed,
   "steps": [$steps_json
-  ]
+  ],
+  "prepare": $([ -s "$prepare_json" ] && cat "$prepare_json" || echo null)
 }
 EOF
+rm -f "$prepare_json"
 say ""
 say "gpu_check: $failed step(s) failed; results in $out:"
 ls -1 "$out" | tee -a "$logfile"

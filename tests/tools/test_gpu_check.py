@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "gpu_check.sh"
-STEPS = ["install", "env", "ops", "pytest", "kernels", "train"]
+STEPS = ["install", "env", "ops", "pytest", "kernels", "train", "prepare"]
 RESULT_FILES = {"gpu_check.json", "gpu_check.log", "kernels.csv", "kernels.json", "kernels.png", "train.csv",
                 "train.json", "train.png"}
 
@@ -43,6 +43,11 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
     assert rows == [("pretrain", "af_train", "ok"), ("pretrain", "hf_roformer", "ok"), ("ft1", "af_train", "ok"),
                     ("ft1", "hf_roformer", "ok")]
     assert json.loads((out / "kernels.json").read_text())["meta"]["smoke_run"] is True
+    # af-prepare's rows, one per tokenizer on the device, from af-prepare's own log; EnCodec labelled
+    rows = {r["tokenizer"]: r for r in summary["prepare"]["rows"]}
+    assert set(rows) == {"encodec", "mel-rvq"} and all(r["device"] == "cpu" for r in rows.values())
+    assert all(r["clips_per_s"] > 0 and r["realtime_factor"] > 0 for r in rows.values()), rows
+    assert rows["encodec"]["weights"].startswith(("official", "random-init"))
 
 
 def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path):
