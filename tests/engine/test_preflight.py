@@ -95,3 +95,19 @@ def test_val_shards_with_another_class_order_are_a_one_line_error_before_fine_tu
     monkeypatch.setattr(subprocess, "call", lambda command: 0)
     pretrain = [a.replace("tiny_ft1.yaml", "tiny_pretrain.yaml") for a in _argv(prepared_shards, val, tmp_path)]
     assert launch_main(pretrain) == 0
+
+
+def test_the_split_checks_read_each_val_and_test_manifest_once(prepared_shards, monkeypatch):
+    """Tokenizer, class list and clip length are checked in one pass: a bucket's manifest is one download."""
+    from af_train.config import DataConfig
+    from af_train.data import loader
+    from af_train.shards import Manifest
+
+    reads = []
+    real = loader.load_manifest
+    monkeypatch.setattr(loader, "load_manifest", lambda source, **kw: reads.append(str(source)) or real(source, **kw))
+    cfg = DataConfig(train=str(prepared_shards / "train"), val=str(prepared_shards / "val"),
+                     test=str(prepared_shards / "test"))
+    train = Manifest.load(prepared_shards / "train")
+    assert loader.check_splits(cfg, train, same_labels=True) == []
+    assert sorted(reads) == sorted([str(prepared_shards / "val"), str(prepared_shards / "test")])
