@@ -111,3 +111,26 @@ def test_the_split_checks_read_each_val_and_test_manifest_once(prepared_shards, 
     train = Manifest.load(prepared_shards / "train")
     assert loader.check_splits(cfg, train, same_labels=True) == []
     assert sorted(reads) == sorted([str(prepared_shards / "val"), str(prepared_shards / "test")])
+
+
+def test_a_rank_started_without_af_train_reports_a_class_mix_in_one_line(prepared_shards, tmp_path):
+    """``python -m af_train.train`` (what the launcher runs on each rank, or a user without one): val shards with
+    another class order are a one-line error and exit 2, not a traceback."""
+    import sys
+    from pathlib import Path
+
+    from af_train.shards import labels_hash
+
+    labels = json.loads((prepared_shards / "val" / "manifest.json").read_text())["labels"]
+    permuted = labels[1:] + labels[:1]
+    val = _copy_with(prepared_shards / "val", tmp_path / "val", labels=permuted, labels_hash=labels_hash(permuted))
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "af_train.train", *_argv(prepared_shards, val, tmp_path)[2:],
+                           "objective.init_checkpoint=null"],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("af_train.train: error (rank 0): data.train") \
+        and "--labels" in errors[0], done.stderr[-2000:]
