@@ -77,8 +77,9 @@ def split_source(cfg: DataConfig, split: str) -> tuple[str, str | None]:
 
 
 def _evaluation_manifests(cfg: DataConfig) -> Iterator[tuple[str, str, Manifest]]:
-    """(split, source, manifest) of every val/test split that is configured and whose manifest can be read
-    now; the others are left to ``build_dataset``, which reports them when the split is used."""
+    """(split, source, manifest) of every configured val/test split. A local split whose manifest is missing or
+    unreadable is refused now (DataError), not at the first evaluation, maybe hours into training; a bucket's
+    manifest that cannot be fetched now is left to ``build_dataset``, which retries when the split is used."""
     for split in SPLITS:
         if split == "train" or (getattr(cfg, split) is None and not (cfg.remote and split == "val")):
             continue
@@ -86,7 +87,9 @@ def _evaluation_manifests(cfg: DataConfig) -> Iterator[tuple[str, str, Manifest]
         try:
             manifest = (load_manifest(source) if remote is None else
                         load_manifest(remote, timeout=cfg.download_timeout, retries=cfg.download_retry))
-        except (DataError, ManifestError):
+        except (DataError, ManifestError) as exc:
+            if remote is None:
+                raise DataError(f"data.{split}: {exc}") from None
             continue
         yield split, source, manifest
 

@@ -134,3 +134,11 @@ def test_a_rank_started_without_af_train_reports_a_class_mix_in_one_line(prepare
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert len(errors) == 1 and errors[0].startswith("af_train.train: error (rank 0): data.train") \
         and "--labels" in errors[0], done.stderr[-2000:]
+
+
+def test_a_val_folder_that_does_not_exist_is_refused_before_launch_not_at_the_first_evaluation(
+        prepared_shards, tmp_path, capsys, no_launch, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    assert launch_main(_argv(prepared_shards, tmp_path / "no such val", tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("af-train: error: data.val:") and "no such val" in err[0], err
