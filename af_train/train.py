@@ -74,9 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"af_train.train: {exc}", file=sys.stderr)
         return 2
     _single_process_env()
+    from af_train.checkpoint import CheckpointError
+    from af_train.data.dataset import DataError
     from af_train.engine import EXIT_NONFINITE, Trainer, TrainingStopped
 
-    trainer = Trainer(recipe, resume=args.resume, verify_hashes=not args.skip_checkpoint_hashes)
+    try:
+        trainer = Trainer(recipe, resume=args.resume, verify_hashes=not args.skip_checkpoint_hashes)
+    except (DataError, CheckpointError) as exc:  # the user's data or checkpoint: one line per rank, no traceback
+        rank = os.environ.get("RANK")
+        print(f"af_train.train: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
+        return 2
     try:
         trainer.fit()
     except TrainingStopped:

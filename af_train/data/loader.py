@@ -77,8 +77,9 @@ def split_source(cfg: DataConfig, split: str) -> tuple[str, str | None]:
 
 
 def _evaluation_manifests(cfg: DataConfig) -> Iterator[tuple[str, str, Manifest]]:
-    """(split, source, manifest) of every val/test split that is configured and whose manifest can be read
-    now; the others are left to ``build_dataset``, which reports them when the split is used."""
+    """(split, source, manifest) of every configured val/test split. A local split whose manifest is missing or
+    unreadable is refused now (DataError), not at the first evaluation, maybe hours into training; a bucket's
+    manifest that cannot be fetched now is left to ``build_dataset``, which retries when the split is used."""
     for split in SPLITS:
         if split == "train" or (getattr(cfg, split) is None and not (cfg.remote and split == "val")):
             continue
@@ -86,45 +87,43 @@ def _evaluation_manifests(cfg: DataConfig) -> Iterator[tuple[str, str, Manifest]
         try:
             manifest = (load_manifest(source) if remote is None else
                         load_manifest(remote, timeout=cfg.download_timeout, retries=cfg.download_retry))
-        except (DataError, ManifestError):
+        except (DataError, ManifestError) as exc:
+            if remote is None:
+                raise DataError(f"data.{split}: {exc}") from None
             continue
         yield split, source, manifest
 
 
-def check_split_tokenizers(cfg: DataConfig, train: Manifest) -> None:
-    """Refuse val/test shards made by another tokenizer than the training shards (``train``'s manifest)."""
+def check_splits(cfg: DataConfig, train: Manifest, same_labels: bool) -> list[str]:
+    """Every check of val/test against the training split's manifest (``train``), reading each manifest once.
+
+    - Another tokenizer than the training shards': a refusal (DataError), always.
+    - Another class list (names or order), with ``same_labels`` (fine-tuning): a refusal. A class index would
+      mean another class there, so selection and test metrics would score permuted classes. Nothing is
+      remapped; the fix is to prepare every split with the same ``--labels`` file.
+    - Clips of another length than the training clips: allowed, as it may be meant, but the model then selects
+      checkpoints on, and reports, clips of another length than it learned from. Returned as warnings for the
+      caller to log (local splits only).
+    """
+    train_name = f"data.train ({first_train_source(cfg)})"
+    warnings = []
     for split, source, manifest in _evaluation_manifests(cfg):
+        name = f"data.{split} ({source})"
         try:
-            check_same_tokenizer(train.tokenizer, manifest.tokenizer, f"data.train ({first_train_source(cfg)})",
-                                 f"data.{split} ({source})")
+            check_same_tokenizer(train.tokenizer, manifest.tokenizer, train_name, name)
         except TokenizerError as exc:
             raise DataError(str(exc)) from None
-
-
-def check_split_labels(cfg: DataConfig, train: Manifest) -> None:
-    """Refuse val/test shards whose class list differs from the training shards' (names or order): a
-    class index would mean another class there, so selection and test metrics would score permuted
-    classes. Nothing is remapped; the fix is to prepare every split with the same ``--labels`` file."""
-    for split, source, manifest in _evaluation_manifests(cfg):
-        try:
-            check_same_labels(train.labels, manifest.labels, f"data.train ({first_train_source(cfg)})",
-                              f"data.{split} ({source})", "prepare every split with the same --labels vocabulary "
-                              "file (af-prepare), in the same order")
-        except LabelsMismatch as exc:
-            raise DataError(str(exc)) from None
-
-
-def check_split_clip_lengths(cfg: DataConfig, train: Manifest) -> list[str]:
-    """The warnings (for the caller to log) when val/test clips are not as long as the training clips: a model
-    then selects checkpoints on, and reports, clips of another length than it learned from. Allowed, as it
-    may be meant. Local splits only (a bucket's manifests are read by the checks that refuse)."""
-    if cfg.remote:
-        return []
-    return [f"data.{split} holds clips of {manifest.clip_seconds:g} s, data.train clips of {train.clip_seconds:g} s: "
-            "the model is evaluated on clips of another length than it learned from; prepare both with the same "
-            "af-prepare --clip-seconds unless this is meant"
-            for split, _, manifest in _evaluation_manifests(cfg)
-            if abs(manifest.clip_seconds - train.clip_seconds) > 1e-6]
+        if same_labels:
+            try:
+                check_same_labels(train.labels, manifest.labels, train_name, name, "prepare every split with the "
+                                  "same --labels vocabulary file (af-prepare), in the same order")
+            except LabelsMismatch as exc:
+                raise DataError(str(exc)) from None
+        if not cfg.remote and abs(manifest.clip_seconds - train.clip_seconds) > 1e-6:
+            warnings.append(f"data.{split} holds clips of {manifest.clip_seconds:g} s, data.train clips of "
+                            f"{train.clip_seconds:g} s: the model is evaluated on clips of another length than it "
+                            "learned from; prepare both with the same af-prepare --clip-seconds unless this is meant")
+    return warnings
 
 
 def preflight_splits(cfg: DataConfig, same_labels: bool) -> list[str]:
@@ -139,16 +138,6 @@ def preflight_splits(cfg: DataConfig, same_labels: bool) -> list[str]:
     except (DataError, ManifestError) as exc:
         raise DataError(str(exc)) from None
     return check_splits(cfg, train, same_labels=same_labels)
-
-
-def check_splits(cfg: DataConfig, train: Manifest, same_labels: bool) -> list[str]:
-    """Every check of val/test against the training split's manifest: the same tokenizer (always) and the
-    same class list (``same_labels``: fine-tuning) are refusals (DataError); the clip-length warnings are
-    returned for the caller to log."""
-    check_split_tokenizers(cfg, train)
-    if same_labels:
-        check_split_labels(cfg, train)
-    return check_split_clip_lengths(cfg, train)
 
 
 def cache_dir_for(cfg: DataConfig, split: str, remote: str, local_cache: str | None) -> str:

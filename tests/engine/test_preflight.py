@@ -95,3 +95,50 @@ def test_val_shards_with_another_class_order_are_a_one_line_error_before_fine_tu
     monkeypatch.setattr(subprocess, "call", lambda command: 0)
     pretrain = [a.replace("tiny_ft1.yaml", "tiny_pretrain.yaml") for a in _argv(prepared_shards, val, tmp_path)]
     assert launch_main(pretrain) == 0
+
+
+def test_the_split_checks_read_each_val_and_test_manifest_once(prepared_shards, monkeypatch):
+    """Tokenizer, class list and clip length are checked in one pass: a bucket's manifest is one download."""
+    from af_train.config import DataConfig
+    from af_train.data import loader
+    from af_train.shards import Manifest
+
+    reads = []
+    real = loader.load_manifest
+    monkeypatch.setattr(loader, "load_manifest", lambda source, **kw: reads.append(str(source)) or real(source, **kw))
+    cfg = DataConfig(train=str(prepared_shards / "train"), val=str(prepared_shards / "val"),
+                     test=str(prepared_shards / "test"))
+    train = Manifest.load(prepared_shards / "train")
+    assert loader.check_splits(cfg, train, same_labels=True) == []
+    assert sorted(reads) == sorted([str(prepared_shards / "val"), str(prepared_shards / "test")])
+
+
+def test_a_rank_started_without_af_train_reports_a_class_mix_in_one_line(prepared_shards, tmp_path):
+    """``python -m af_train.train`` (what the launcher runs on each rank, or a user without one): val shards with
+    another class order are a one-line error and exit 2, not a traceback."""
+    import sys
+    from pathlib import Path
+
+    from af_train.shards import labels_hash
+
+    labels = json.loads((prepared_shards / "val" / "manifest.json").read_text())["labels"]
+    permuted = labels[1:] + labels[:1]
+    val = _copy_with(prepared_shards / "val", tmp_path / "val", labels=permuted, labels_hash=labels_hash(permuted))
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "af_train.train", *_argv(prepared_shards, val, tmp_path)[2:],
+                           "objective.init_checkpoint=null"],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("af_train.train: error (rank 0): data.train") \
+        and "--labels" in errors[0], done.stderr[-2000:]
+
+
+def test_a_val_folder_that_does_not_exist_is_refused_before_launch_not_at_the_first_evaluation(
+        prepared_shards, tmp_path, capsys, no_launch, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    assert launch_main(_argv(prepared_shards, tmp_path / "no such val", tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("af-train: error: data.val:") and "no such val" in err[0], err
