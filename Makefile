@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
 STAMP = .make/installed
 
-.PHONY: install test lint pytest clean demo gpu-check
+.PHONY: install test lint pytest clean demo gpu-check gpu-wheels
 
 $(STAMP): setup.py constraints.txt
 	$(PIP_INSTALL) -e '.[dev]'
@@ -29,6 +29,14 @@ demo: install
 # Needs no install (it runs from the checkout; .whl/ wheels are installed first when present).
 gpu-check:
 	bash tools/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# The wheels the GPU image lacks, into .whl/ (run here, with the package index): the shared script's, plus
+# soundfile and its cffi/pycparser, which af-prepare's decoding (gpu-check's prepare step) needs.
+gpu-wheels:
+	bash ../shared/tools/gpu-wheels.sh
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl soundfile==0.14.0 cffi==2.0.0 pycparser==3.0
 
 clean:
 	rm -rf .make .pytest_cache .ruff_cache build *.egg-info
