@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -299,12 +300,13 @@ class RemoteDir:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def delete_tree(self, rel_prefix: str = "") -> int:
-        """Delete every file under ``rel_prefix`` (S3 only); returns how many were deleted."""
+    def delete_tree(self, rel_prefix: str = "", keep: Callable[[str], bool] | None = None) -> int:
+        """Delete every file under ``rel_prefix`` except those ``keep`` (given the relative path) keeps (S3
+        only); returns how many were deleted."""
         if not self.is_s3:
             raise RemoteError(f"deleting under '{join(self.url, rel_prefix)}' is only supported for s3:// here; "
                               "delete it with your provider's tools and rerun")
-        names = self.list(rel_prefix)
+        names = [n for n in self.list(rel_prefix) if keep is None or not keep(n)]
         for start in range(0, len(names), 1000):
             objects = [{"Key": self._key(n)} for n in names[start:start + 1000]]
             self._s3_call("delete", rel_prefix, self.client.delete_objects, Bucket=self.bucket,

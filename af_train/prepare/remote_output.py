@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from af_train.prepare.writing import CHUNK_DONE, CHUNK_PREFIX, MANIFEST_NAME, REJECTS_NAME, STATE_DIR
+from af_train.prepare.writing import CHUNK_DONE, CHUNK_PREFIX, MANIFEST_NAME, REJECTS_NAME, STATE_DIR, is_own_output
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,11 @@ class RemoteOutput:
         remote = self.remote_for(split_dir)
         state_rel = f"{STATE_DIR}/state.json"
         if overwrite:
-            deleted = remote.delete_tree()
-            shutil.rmtree(split_dir, ignore_errors=True)
-            log.info("--overwrite: deleted %d objects under %s", deleted, remote.url)
+            deleted = remote.delete_tree(keep=lambda name: not is_own_output(name))
+            shutil.rmtree(split_dir, ignore_errors=True)  # the staging folder: af-prepare's own
+            kept = [name for name in remote.list() if not is_own_output(name)]
+            log.info("--overwrite: deleted %d objects under %s%s", deleted, remote.url,
+                     f"; kept {len(kept)} that af-prepare did not write: {', '.join(kept[:10])}" if kept else "")
             return
         names = set(remote.list())
         if not names:  # nothing uploaded yet: local leftovers belong to an output that no longer exists

@@ -11,6 +11,7 @@ done, a merged ``index.json`` (streaming's merge_index layout), ``rejects.jsonl`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,6 +25,8 @@ from af_train.files import atomic_write
 from af_train.prepare.planning import Reject, Task
 from af_train.shards import MANIFEST_NAME, CodecInfo, Manifest, shard_columns
 from af_train.tokenizers import Tokenizer, frames_for_samples
+
+log = logging.getLogger(__name__)
 
 STATE_DIR = ".prepare"
 CHUNK_PREFIX = "part-"
@@ -64,6 +67,31 @@ def committed_chunks(split_dir: Path) -> dict[int, dict]:
     return done
 
 
+def is_own_output(rel_path: str) -> bool:
+    """Whether a path inside a split folder (relative, '/'-separated) is one af-prepare writes: the resume state,
+    a chunk folder's contents, the merged index, the manifest or the rejects."""
+    top, _, rest = rel_path.partition("/")
+    return top == STATE_DIR or (top.startswith(CHUNK_PREFIX) and bool(rest)) or (
+        not rest and top in ("index.json", MANIFEST_NAME, REJECTS_NAME))
+
+
+def remove_own_output(split_dir: Path, shown: str | None = None) -> list[str]:
+    """``--overwrite``: delete what af-prepare wrote in ``split_dir`` and nothing else; returns (and logs) the
+    names of the files kept, e.g. a README the user added to the output."""
+    kept = []
+    for child in sorted(split_dir.iterdir()):
+        if child.is_dir() and (child.name == STATE_DIR or child.name.startswith(CHUNK_PREFIX)):
+            shutil.rmtree(child)
+        elif not child.is_dir() and is_own_output(child.name):
+            child.unlink()
+        else:
+            kept.append(child.name)
+    if kept:
+        log.warning("--overwrite: kept %d item(s) in %s that af-prepare did not write: %s", len(kept),
+                    shown or split_dir, ", ".join(kept))
+    return kept
+
+
 def prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, shown: str | None = None) -> str:
     """Check/establish the resume state. Returns "fresh", "resume" or "complete".
 
@@ -79,7 +107,7 @@ def prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, shown
                 "preparation; choose another --out"
             )
         if overwrite:
-            shutil.rmtree(split_dir)
+            remove_own_output(split_dir, shown)
         elif state_file.is_file():
             previous = json.loads(state_file.read_text(encoding="utf-8"))
             if previous != fingerprint:
@@ -251,8 +279,6 @@ def merge_chunk_indices(split_dir: Path, chunks: list[Path]) -> None:
     if not indices:  # nothing accepted: an index with no shards (merge_index writes none)
         atomic_write(split_dir / "index.json", json.dumps({"version": 2, "shards": []}))
         return
-    import logging
-
     from streaming.base.util import merge_index
 
     root = logging.getLogger()

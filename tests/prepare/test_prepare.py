@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -472,3 +473,25 @@ def test_a_cut_wav_and_float_peaks_beyond_full_scale_are_used_and_counted_as_war
                       "--clip-seconds", "0.5", *FAST]) == 0
     assert Manifest.load(tmp_path / "out").written == 3
     assert "used with a warning this run: 2 [beyond_full_scale 1, truncated_file 1]" in capsys.readouterr().out
+
+
+def test_overwrite_deletes_only_what_af_prepare_wrote(tmp_path, caplog):
+    """``--overwrite`` of a finished or half-done split: the state, the chunks, the index, the manifest and the
+    rejects go; a file or folder the user put into the output stays, and is named in the log."""
+    from af_train.prepare.writing import prepare_split_dir
+
+    split = tmp_path / "train"
+    own = [".prepare/state.json", ".prepare/part-000002.tmp/shard.00000.mds", "part-000000/chunk.json",
+           "part-000000/shard.00000.mds", "part-000001/index.json", "index.json", "manifest.json", "rejects.jsonl"]
+    users = ["README.md", "plots/loss.png", "part-notes.txt", "manifest.json.bak"]
+    for rel in own + users:
+        (split / rel).parent.mkdir(parents=True, exist_ok=True)
+        (split / rel).write_text(rel)
+    (split / ".prepare" / "state.json").write_text(json.dumps({"clip_seconds": 1.0}))
+    caplog.set_level(logging.WARNING, logger="af_train.prepare")
+    assert prepare_split_dir(split, {"clip_seconds": 2.0}, overwrite=True) == "fresh"
+    assert all((split / rel).read_text() == rel for rel in users)
+    left = sorted(p.relative_to(split).as_posix() for p in split.rglob("*") if p.is_file())
+    assert left == sorted([*users, ".prepare/state.json"])  # and the new run's state
+    assert json.loads((split / ".prepare" / "state.json").read_text()) == {"clip_seconds": 2.0}
+    assert "kept 4 item(s)" in caplog.text and "README.md" in caplog.text

@@ -84,3 +84,18 @@ def test_prepare_to_s3_survives_cut_uploads_and_a_new_machine(s3, synthetic_audi
     client.put_object(Bucket=bucket, Key="other/test/notes.txt", Body=b"x")
     with pytest.raises(SystemExit, match=f"s3://{bucket}/other/test is not empty and holds no preparation state"):
         prep.main(prepare_argv(synthetic_audio, f"s3://{bucket}/other", tmp_path / "staging_d"))
+
+
+def test_overwrite_deletes_only_af_prepares_objects_in_the_bucket(s3, tmp_path):
+    from af_train.prepare.remote_output import RemoteOutput
+
+    client, bucket = s3
+    own = [".prepare/state.json", "part-000000/chunk.json", "part-000000/shard.00000.mds", "index.json",
+           "manifest.json", "rejects.jsonl"]
+    users = ["README.md", "plots/loss.png", "part-notes.txt"]
+    for rel in own + users:
+        client.put_object(Bucket=bucket, Key=f"synth/train/{rel}", Body=rel.encode())
+    staging = tmp_path / "staging"
+    (staging / "train" / ".prepare").mkdir(parents=True)
+    RemoteOutput(f"s3://{bucket}/synth", staging).pull(staging / "train", overwrite=True)
+    assert keys(client, bucket, "synth/train/") == set(users)
