@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,4 +104,7 @@ def test_af_predict_on_two_ranks_equals_one_process(tiny_run, inputs, single_pro
         assert [w["start_s"] for w in mine["windows"]] == [w["start_s"] for w in theirs["windows"]]
     log = (tmp_path / "predict.log").read_text(errors="replace")
     assert "7 file(s) processed, 2 skipped [missing_file 1, too_short 1]" in log  # rank 0's sum of both parts
+    # each rank scored its own part (input k -> rank k mod 2), not one rank all of them
+    assert re.search(r"rank 0 on \S+ \(cpu\): 5 inputs, 5 scored, 0 skipped", log), log[-3000:]
+    assert re.search(r"rank 1 on \S+ \(cpu\): 4 inputs, 2 scored, 2 skipped", log), log[-3000:]
     assert not Path(f"{out}.parts").exists()
