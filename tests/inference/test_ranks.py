@@ -1,7 +1,9 @@
-"""af-embed and af-predict on two CPU ranks (the real DeepSpeed launcher, gloo) against one process on the same
-inputs, bad ones included: the same embeddings (within 1e-6) with the same ids in the same order, the same
-prediction lines in the same order, the same skips by reason, and rows + skips = inputs. One launcher run
-per command (the cost is the ranks' start-up); the single-process outputs are computed once, in this process.
+"""af-embed and af-predict on two CPU ranks (gloo) against one process on the same inputs, bad ones included:
+the same embeddings (within 1e-6) with the same ids in the same order, the same prediction lines in the same
+order, the same skips by reason, and rows + skips = inputs. af-embed goes through the DeepSpeed launcher
+(--num_cpu_ranks 2), af-predict runs as two ranks started with torchrun's environment (the torchrun / srun
+path). One start per command (the cost is the ranks' start-up); the single-process outputs are computed
+once, in this process.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import soundfile as sf
 from inference_helpers import split_files
 
 from af_train.inference import embed, predict
+from af_train.launcher import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,14 +57,38 @@ def single_process(tiny_run, inputs, tmp_path_factory) -> dict[str, Path]:
     return {"embed": out / "emb", "predict": out / "pred.jsonl"}
 
 
-def _on_two_ranks(module: str, argv: list[str], log: Path) -> None:
-    """``python -m module argv`` on two local CPU ranks through the launcher, one torch thread each."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+def _through_the_launcher(module: str, argv: list[str], log: Path) -> None:
+    """``python -m module argv --num_cpu_ranks 2``: the DeepSpeed launcher starts two CPU ranks."""
     command = [sys.executable, "-m", module, *argv, "--num_cpu_ranks", "2", "--threads", "1", "--device", "cpu"]
     with open(log, "wb") as f:
-        code = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
+        code = subprocess.run(command, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT,
+                              timeout=300).returncode
     assert code == 0, log.read_text(errors="replace")[-4000:]
+
+
+def _as_torchrun_ranks(module: str, argv: list[str], log: Path) -> None:
+    """Two processes with the environment torchrun gives its ranks (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*): the
+    path of torchrun and srun, and three processes fewer to start than the launcher."""
+    port = str(free_port())
+    processes = []
+    with open(log, "wb") as f:
+        for rank in (0, 1):
+            env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            command = [sys.executable, "-m", module, *argv, "--threads", "1", "--device", "cpu"]
+            processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
+        try:
+            codes = [p.wait(timeout=300) for p in processes]
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+    assert codes == [0, 0], log.read_text(errors="replace")[-4000:]
 
 
 def _skips(failures_jsonl: Path) -> list[tuple[str, str]]:
@@ -71,8 +98,8 @@ def _skips(failures_jsonl: Path) -> list[tuple[str, str]]:
 def test_af_embed_on_two_ranks_equals_one_process(tiny_run, inputs, single_process, tmp_path):
     out = tmp_path / "emb"
     # --part-size 2: each rank commits two parts, the merge interleaves four
-    _on_two_ranks("af_train.inference.embed", [str(tiny_run), *map(str, inputs), "--out", str(out), "--keep-going",
-                                               "--part-size", "2"], tmp_path / "embed.log")
+    argv = [str(tiny_run), *map(str, inputs), "--out", str(out), "--keep-going", "--part-size", "2"]
+    _through_the_launcher("af_train.inference.embed", argv, tmp_path / "embed.log")
     reference = single_process["embed"]
     ids = [json.loads(line) for line in (out / "ids.jsonl").read_text().splitlines()]
     assert ids == [json.loads(line) for line in (reference / "ids.jsonl").read_text().splitlines()]
@@ -92,8 +119,8 @@ def test_af_embed_on_two_ranks_equals_one_process(tiny_run, inputs, single_proce
 
 def test_af_predict_on_two_ranks_equals_one_process(tiny_run, inputs, single_process, tmp_path):
     out = tmp_path / "pred.jsonl"
-    _on_two_ranks("af_train.inference.predict", [str(tiny_run), *map(str, inputs), "--format", "jsonl", "--windows",
-                                                 "--out", str(out), "--keep-going"], tmp_path / "predict.log")
+    argv = [str(tiny_run), *map(str, inputs), "--format", "jsonl", "--windows", "--out", str(out), "--keep-going"]
+    _as_torchrun_ranks("af_train.inference.predict", argv, tmp_path / "predict.log")
     lines, expected = out.read_text().splitlines(), single_process["predict"].read_text().splitlines()
     assert [json.loads(line)["file"] for line in lines] == [json.loads(line)["file"] for line in expected]
     assert len(lines) == len(inputs) - 2
