@@ -49,6 +49,7 @@ def rank_indices(count: int, rank: int, world_size: int) -> list[int]:
 def launch_requested(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
     """Whether the options ask to start ranks (``parser.error`` when they cannot: already under a launcher,
     or an impossible combination). Call after the cheap argument checks: this imports torch."""
+    check_launcher_arguments(parser, args)  # also --no_ssh or --node_rank alone: they ask for a launcher
     if not wants_launcher(args):
         return False
     from af_train import distributed
@@ -60,7 +61,6 @@ def launch_requested(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if placement.launcher != "none":
         parser.error(f"--hostfile, --num_gpus and --num_cpu_ranks start a launcher; this process already runs under "
                      f"one ({placement.launcher}, rank {placement.rank} of {placement.world_size}): leave them out")
-    check_launcher_arguments(parser, args)
     return True
 
 
