@@ -20,10 +20,13 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from af_train.inference.cli_common import positive_int
 from af_train.launcher import add_launcher_arguments, check_launcher_arguments, launcher_command, wants_launcher
+
+if TYPE_CHECKING:
+    from af_train.distributed import LaunchPlacement
 
 RANK_RULE = "input k (from 0, in the order the inputs are listed) belongs to rank k mod world_size"
 
@@ -74,12 +77,12 @@ def start_ranks(prog: str, module: str, argv: list[str]) -> int:
     return subprocess.call(command)
 
 
-def join_ranks(args: argparse.Namespace, prog: str) -> Any:
+def join_ranks(args: argparse.Namespace, prog: str) -> LaunchPlacement:
     """This process's ``LaunchPlacement``, with its process group joined when there are several ranks.
 
     Each rank gets its own GPU (``cuda:LOCAL_RANK``) unless ``--device`` says otherwise, and its share of
-    the CPU cores for torch's threads when several ranks share a machine. Raises ``SystemExit(2)`` with the
-    fix when the launcher's environment is incomplete."""
+    the CPU cores for torch's threads when several ranks share a machine (``--threads`` overrides). Raises
+    ``SystemExit`` with a message naming the fix when the launcher's environment is incomplete."""
     import torch
 
     from af_train import distributed
@@ -101,7 +104,7 @@ def join_ranks(args: argparse.Namespace, prog: str) -> Any:
     return placement
 
 
-def leave_ranks(placement: Any) -> None:
+def leave_ranks(placement: LaunchPlacement) -> None:
     """Leave the process group ``join_ranks`` joined (none for one process: a group the caller holds stays up)."""
     from af_train import distributed
 
