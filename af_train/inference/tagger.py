@@ -1,7 +1,8 @@
 """``AudioTagger``: audio files or waveforms of any length -> class scores and embeddings.
 
 Every input goes the way training data went: decoded to mono at the tokenizer's sample rate, cut into
-windows of the training clip length (``af_train.inference.windows``), each window zero-padded and
+windows of the training clip length (``af_train.inference.windows``; a file is decoded one window at a
+time by af-prepare's ``probe`` + ``load_clip``, never whole), each window zero-padded and
 encoded as af-prepare encodes a clip, its code row framed BOA + codes + EOA and padded exactly as the
 data loader's collator pads it, then the encoder and the classifier of the fine-tuned model. A file no
 longer than one window therefore gets the logits that training-time evaluation gives that clip.
@@ -38,13 +39,14 @@ from af_train.tokenizers.audio_io import (
     NON_FINITE,
     SILENT,
     TOO_SHORT,
-    UNREADABLE,
     ZERO_LENGTH,
     AudioRejected,
     downmix,
     file_warnings,
     fit_to_length,
+    load_clip,
     pcm_to_float,
+    probe,
     resample,
 )
 from af_train.tokens import SpecialTokens, frame_rows
@@ -52,6 +54,19 @@ from af_train.tokens import SpecialTokens, frame_rows
 log = logging.getLogger(__name__)
 
 AudioInput = str | Path | np.ndarray | torch.Tensor | tuple  # path | waveform | (waveform, sample_rate)
+
+
+@dataclass
+class _Pending:
+    """An input on its way through ``results``: its windows' outputs as they come back from the model."""
+
+    result: FileResult
+    num_samples: int = 0
+    queued: int = 0  # windows decoded and waiting for the model
+    decoded: bool = False  # every window decoded (or the input refused)
+    starts: list[int] = field(default_factory=list)
+    valid: list[int] = field(default_factory=list)
+    outputs: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,24 +200,29 @@ class AudioTagger:
                                  "it can embed but not tag")
         layer = self._check_layer(layer)
         names_iter = iter(names) if names is not None else None
-        pending: list[tuple[FileResult, torch.Tensor | None]] = []
-        queued_windows = 0
         chunk = 4 * max(self.batch_size, self.encode_batch_size)
+        waiting: list[_Pending] = []  # inputs not yet yielded, in order
+        queue: list[tuple[_Pending, int, torch.Tensor, int]] = []  # windows decoded, not yet run through the model
         for index, item in enumerate(inputs):
-            name = next(names_iter) if names_iter is not None else _name_of(item, index)
-            result = FileResult(name)
-            wav = None
-            try:
-                wav, result.seconds = self._decode(item, result.warnings)
+            pending = _Pending(FileResult(next(names_iter) if names_iter is not None else _name_of(item, index)))
+            waiting.append(pending)
+            try:  # one window of audio at a time: memory does not grow with the file's length
+                for start, clip, real, total in self._windows(item, pending.result):
+                    pending.num_samples = total
+                    pending.queued += 1
+                    queue.append((pending, start, clip, real))
+                    if len(queue) >= chunk:
+                        self._compute(queue, scores, embeddings or frames, layer)
+                        queue = []
             except AudioRejected as exc:
+                result = pending.result
                 result.ok, result.reason, result.message = False, exc.reason, exc.message
-            pending.append((result, wav))
-            if wav is not None:
-                queued_windows += len(self.windowing.starts(wav.numel()))
-            if queued_windows >= chunk:
-                yield from self._compute(pending, scores, embeddings, frames, layer, aggregate_how)
-                pending, queued_windows = [], 0
-        yield from self._compute(pending, scores, embeddings, frames, layer, aggregate_how)
+            pending.decoded = True
+            while waiting and waiting[0].decoded and waiting[0].queued == 0:
+                yield self._finish(waiting.pop(0), embeddings, frames, aggregate_how)
+        self._compute(queue, scores, embeddings or frames, layer)
+        for pending in waiting:
+            yield self._finish(pending, embeddings, frames, aggregate_how)
 
     # ------------------------------------------------------------------ internals
     def _strict(self, inputs: Iterable[AudioInput] | AudioInput, **kwargs: Any) -> list[FileResult]:
@@ -225,59 +245,90 @@ class AudioTagger:
                                  "(or -1 .. -{last + 1} from the end)")
         return chosen
 
+    def _windows(self, item: AudioInput, result: FileResult) -> Iterator[tuple[int, torch.Tensor, int, int]]:
+        """(start, clip [clip_samples] zero-padded, real samples in it, the input's length) of every window of
+        ``item``, at ``sample_rate``; sets ``result.seconds`` and appends the problems that do not refuse the
+        input to ``result.warnings``. A file is decoded one window at a time (its header first: af-prepare's
+        ``probe`` and ``load_clip``), never whole. AudioRejected with af-prepare's reasons, in its order (a
+        silent file only after its last window: silence is a property of the whole file)."""
+        w = self.windowing
+        if not isinstance(item, (str, Path)):
+            wav, result.seconds = self._decode(item, result.warnings)
+            for start in w.starts(wav.numel()):
+                clip, real = fit_to_length(wav[start:start + w.clip_samples], w.clip_samples)
+                yield start, clip, real, wav.numel()
+            return
+        path, name = Path(item), str(item)
+        if path.is_symlink() and not path.is_file():
+            raise AudioRejected(MISSING_FILE, f"{path} is a link to {os.readlink(path)}, which is not a readable "
+                                              "file; fix or remove the link")
+        info = probe(path)  # missing, unreadable, empty
+        result.seconds = info.seconds
+        self._check_length(name, result.seconds)
+        # the length at our rate, as resampling the whole file gives it (torchaudio rounds up)
+        total = -(-info.frames * self.sample_rate // info.sample_rate)
+        peak = 0.0
+        for start in w.starts(total):
+            clip = load_clip(path, sample_rate=self.sample_rate, clip_seconds=self.card.clip_seconds,
+                             silence_dbfs=None, start_frame=round(start * info.sample_rate / self.sample_rate))
+            peak = max(peak, clip.peak)
+            yield start, torch.from_numpy(clip.samples), min(total - start, w.clip_samples), total
+        self._check_level(path, name, peak, result.warnings)
+
     def _decode(self, item: AudioInput, warnings: list[tuple[str, str]]) -> tuple[torch.Tensor, float]:
-        """(mono float32 [samples] at ``sample_rate``, the input's duration in seconds); AudioRejected with
-        af-prepare's reasons; problems that do not refuse the input are appended to ``warnings``."""
-        if isinstance(item, (str, Path)):
-            wav, rate = _read_file(Path(item))
-            name, path = str(item), item
-        else:
-            wav, rate = (item[0], int(item[1])) if isinstance(item, tuple) else (item, self.sample_rate)
-            wav = torch.as_tensor(np.asarray(wav) if not isinstance(wav, torch.Tensor) else wav)
-            wav = downmix(pcm_to_float(wav).cpu())
-            name, path = "waveform", None
+        """A waveform input: (mono float32 [samples] at ``sample_rate``, its duration in seconds); AudioRejected
+        with af-prepare's reasons; problems that do not refuse the input are appended to ``warnings``."""
+        wav, rate = (item[0], int(item[1])) if isinstance(item, tuple) else (item, self.sample_rate)
+        wav = torch.as_tensor(np.asarray(wav) if not isinstance(wav, torch.Tensor) else wav)
+        wav = downmix(pcm_to_float(wav).cpu())
+        name = "waveform"
         # af-prepare's checks, in its order
         if wav.numel() == 0:
             raise AudioRejected(ZERO_LENGTH, f"{name} holds no samples")
         seconds = wav.numel() / rate
+        self._check_length(name, seconds)
+        if not torch.isfinite(wav).all():
+            raise AudioRejected(NON_FINITE, f"{name} has {int((~torch.isfinite(wav)).sum())} NaN/inf samples")
+        self._check_level(None, name, float(wav.abs().max()), warnings)
+        return resample(wav, rate, self.sample_rate).contiguous(), seconds
+
+    def _check_length(self, name: str, seconds: float) -> None:
         if seconds < self.min_seconds:
             raise AudioRejected(TOO_SHORT, f"{name} lasts {seconds:.3f} s, shorter than the {self.min_seconds:g} s "
                                            "the training data required (af-prepare --min-seconds)")
-        if not torch.isfinite(wav).all():
-            raise AudioRejected(NON_FINITE, f"{name} has {int((~torch.isfinite(wav)).sum())} NaN/inf samples")
-        peak = float(wav.abs().max())
-        warnings.extend(file_warnings(path, peak, name))  # af-prepare's warnings, counted the same way
+
+    def _check_level(self, path: Path | None, name: str, peak: float, warnings: list[tuple[str, str]]) -> None:
+        """af-prepare's warnings (a cut WAV, samples beyond full scale) for the whole input, then its silence check."""
+        warnings.extend(file_warnings(path, peak, name))
         if self.silence_dbfs is not None:
             peak_db = 20.0 * math.log10(peak) if peak > 0 else -math.inf
             if peak_db < self.silence_dbfs:
                 raise AudioRejected(SILENT, f"{name} is silent (peak {peak_db:.1f} dBFS < {self.silence_dbfs:.1f} "
                                             "dBFS, the threshold the training data was prepared with)")
-        return resample(wav, rate, self.sample_rate).contiguous(), seconds
 
-    def _compute(self, pending: list[tuple[FileResult, torch.Tensor | None]], want_scores: bool, want_embedding: bool,
-                 want_frames: bool, layer: int, aggregate_how: str | None) -> Iterator[FileResult]:
-        w = self.windowing
-        segments, valid, owner, starts = [], [], [], []
-        for index, (_, wav) in enumerate(pending):
-            if wav is None:
-                continue
-            for start in w.starts(wav.numel()):
-                clip, real = fit_to_length(wav[start:start + w.clip_samples], w.clip_samples)
-                segments.append(clip)
-                valid.append(real)
-                owner.append(index)
-                starts.append(start)
-        outputs: dict[str, list[Any]] = {}
-        if segments:
-            codes = self._encode(torch.stack(segments))
-            outputs = self._run_model(codes, valid, want_scores, want_embedding or want_frames, layer)
-        for index, (result, wav) in enumerate(pending):
-            if wav is not None:
-                mine = [i for i, o in enumerate(owner) if o == index]
-                self._fill(result, wav.numel(), [starts[i] for i in mine], [valid[i] for i in mine],
-                           {k: [v[i] for i in mine] for k, v in outputs.items() if v}, want_embedding, want_frames,
-                           aggregate_how or self.aggregate)
-            yield result
+    def _compute(self, queue: list[tuple[_Pending, int, torch.Tensor, int]], want_scores: bool, want_hidden: bool,
+                 layer: int) -> None:
+        """Encode the queued windows and run the model on them; each window's outputs go to its input."""
+        if not queue:
+            return
+        codes = self._encode(torch.stack([clip for _, _, clip, _ in queue]))
+        outputs = self._run_model(codes, [real for _, _, _, real in queue], want_scores, want_hidden, layer)
+        for i, (pending, start, _, real) in enumerate(queue):
+            pending.starts.append(start)
+            pending.valid.append(real)
+            for key, values in outputs.items():
+                if values:
+                    pending.outputs.setdefault(key, []).append(values[i])
+            pending.queued -= 1
+
+    def _finish(self, pending: _Pending, want_embedding: bool, want_frames: bool,
+                aggregate_how: str | None) -> FileResult:
+        result = pending.result
+        if result.ok:
+            self._fill(result, pending.num_samples, pending.starts, pending.valid, pending.outputs, want_embedding,
+                       want_frames, aggregate_how or self.aggregate)
+        return result
+
 
     def _encode(self, clips: torch.Tensor) -> torch.Tensor:
         """Code row [n, frames] of every clip, in tokenizer batches of ``encode_batch_size`` (see module doc)."""
@@ -382,20 +433,3 @@ def hop_in_frames(hop_seconds: float, frame_rate: float, window_frames: int) -> 
 
 def _name_of(item: AudioInput, index: int) -> str:
     return str(item) if isinstance(item, (str, Path)) else f"input_{index}"
-
-
-def _read_file(path: Path) -> tuple[torch.Tensor, int]:
-    import soundfile as sf
-
-    if not path.is_file():
-        if path.is_symlink():
-            raise AudioRejected(MISSING_FILE, f"{path} is a link to {os.readlink(path)}, which is not a readable "
-                                              "file; fix or remove the link")
-        raise AudioRejected(MISSING_FILE, f"no such file: {path}")
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [frames, channels]
-    except (sf.LibsndfileError, RuntimeError, ValueError, OSError, EOFError) as exc:
-        raise AudioRejected(UNREADABLE, f"cannot decode {path}: {exc}") from None
-    if rate <= 0:
-        raise AudioRejected(ZERO_LENGTH, f"{path} holds no samples")
-    return downmix(torch.from_numpy(np.ascontiguousarray(data.T))), int(rate)

@@ -104,6 +104,7 @@ class Clip:
     source_channels: int
     source_seconds: float  # duration of the whole file
     warnings: tuple[tuple[str, str], ...] = ()  # (reason, message): used, but worth a word (TRUNCATED, ...)
+    peak: float = 0.0  # largest absolute sample of the audio decoded for the clip (mono, before resampling)
 
     @property
     def valid_seconds(self) -> float:
@@ -197,9 +198,9 @@ def load_clip(
         bad = int((~np.isfinite(data)).sum())
         raise AudioRejected(NON_FINITE, f"{path} has {bad} NaN/inf samples")
     mono = downmix(torch.from_numpy(np.ascontiguousarray(data.T)))
-    warnings = file_warnings(path, float(mono.abs().max()))
+    peak = float(mono.abs().max())
+    warnings = file_warnings(path, peak)
     if silence_dbfs is not None:
-        peak = float(mono.abs().max())
         peak_db = 20.0 * math.log10(peak) if peak > 0 else -math.inf
         if peak_db < silence_dbfs:
             raise AudioRejected(
@@ -216,6 +217,7 @@ def load_clip(
         source_channels=int(channels),
         source_seconds=float(total_frames) / source_rate if total_frames > 0 else 0.0,
         warnings=warnings,
+        peak=peak,
     )
 
 

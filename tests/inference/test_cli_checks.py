@@ -38,6 +38,7 @@ def _test_files(synthetic_audio, count: int = 2):
 @pytest.mark.parametrize("option, value", [
     ("--hop", "nan"), ("--hop", "inf"), ("--hop", "0"), ("--hop", "-1"), ("--hop", "abc"),
     ("--encode-batch-size", "-1"), ("--encode-batch-size", "0"), ("--batch-size", "0"), ("--device", "bogus"),
+    ("--threads", "0"),
 ])
 @pytest.mark.parametrize("command", [predict, embed])
 def test_a_bad_value_is_a_one_line_usage_error(command, option, value, tmp_path, capsys, no_model_load):
@@ -119,6 +120,26 @@ def test_af_embed_leaves_a_parts_folder_it_did_not_create_alone(synthetic_audio,
         assert embed.main(["RUN", str(_test_files(synthetic_audio)[0]), "--out", str(tmp_path / "out"), *extra]) == 2
         assert "af-embed did not create it" in capsys.readouterr().err
     assert (tmp_path / "out" / "parts" / "mine.txt").read_text() == "the user's file"
+
+
+def test_several_ranks_are_refused_before_any_start_without_out_or_over_a_leftover_parts_folder(
+        synthetic_audio, tmp_path, capsys, no_model_load, monkeypatch):
+    for command in (predict, embed):
+        monkeypatch.setattr(command, "start_ranks", lambda *a: pytest.fail("the launcher was started"))
+    audio = str(_test_files(synthetic_audio)[0])
+    with pytest.raises(SystemExit) as exit_info:  # af-predict merges into a file: the standard output will not do
+        predict.main(["RUN", audio, "--num_cpu_ranks", "2"])
+    assert exit_info.value.code == 2 and "give --out FILE" in capsys.readouterr().err
+    out = tmp_path / "pred.jsonl"
+    (tmp_path / "pred.jsonl.parts").mkdir()  # what a killed several-rank run leaves
+    assert predict.main(["RUN", audio, "--out", str(out), "--num_cpu_ranks", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pred.jsonl.parts exists" in err[0] and "remove it" in err[0]
+    for command in (predict, embed):  # the launcher's own checks, still before anything starts
+        with pytest.raises(SystemExit) as exit_info:
+            command.main(["RUN", audio, "--out", str(tmp_path / "other"), "--no_ssh"])
+        assert exit_info.value.code == 2 and "--no_ssh is for multi-node runs" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "other").exists()
 
 
 def test_af_embed_ids_round_trip_a_file_name_with_a_newline(tiny_run, synthetic_audio, tmp_path):

@@ -79,7 +79,7 @@ def test_model_pt_with_its_manifest_loads_like_the_run(tiny_run, tagger, synthet
 # --------------------------------------------------------------------------------------------------
 
 
-def test_a_60_s_file_is_covered_by_windows_and_frames(tiny_run, synthetic_audio, tmp_path):
+def test_a_60_s_file_is_covered_by_windows_and_frames(tiny_run, synthetic_audio, tmp_path, monkeypatch):
     # hop = window here only to halve the encoding work on CI (the default hop is half a window)
     tagger = AudioTagger.load(tiny_run, device="cpu", hop_seconds=1.0)
     paths, _, _ = split_files(synthetic_audio, "train")
@@ -87,7 +87,12 @@ def test_a_60_s_file_is_covered_by_windows_and_frames(tiny_run, synthetic_audio,
     rate = sf.info(str(paths[0])).samplerate
     long = np.concatenate([pieces[i % len(pieces)] for i in range(60)])[: 60 * rate]
     sf.write(str(tmp_path / "long.wav"), long, rate)
+    reads: list[int] = []  # frames asked of every read of the file: it is decoded one window at a time
+    read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, frames=-1, *a, **k: reads.append(frames) or
+                        read(self, frames, *a, **k))
     (result,) = tagger.results([tmp_path / "long.wav"], embeddings=True, frames=True)
+    assert len(reads) == 60 and all(0 < n <= tagger.card.clip_seconds * rate + 1 for n in reads), reads[:5]
     assert result.ok and result.seconds == pytest.approx(60.0)
     starts, ends = result.windows[:, 0], result.windows[:, 1]
     assert starts[0] == 0.0 and ends[-1] == pytest.approx(60.0)
