@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     parser = parser or build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the audio files
     if bool(args.audio) == bool(args.csv):
         parser.error("give audio files/folders or --csv FILE (one of them)")
     return args

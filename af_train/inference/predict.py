@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     parser = parser or build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the audio files
     if wants_launcher(args) and args.out is None:
         parser.error("several ranks (--num_cpu_ranks, --num_gpus, --hostfile) merge their parts into a file: "
                      "give --out FILE")

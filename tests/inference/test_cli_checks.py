@@ -215,3 +215,11 @@ def test_a_folder_listing_keeps_links_that_point_nowhere(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     os.symlink(tmp_path / "nowhere.wav", tmp_path / "dangling.wav")
     assert [p.name for p in find_audio([str(tmp_path)], recursive=False)] == ["dangling.wav", "good.wav"]
+
+
+def test_options_may_come_between_the_audio_files(tmp_path):
+    """``af-embed MODEL --manifest X a.wav`` and ``af-predict MODEL a.wav --out F b.wav`` parse as users type them."""
+    args = embed.parse_args(["model.pt", "--out", str(tmp_path / "e"), "a.wav", "--batch-size", "4", "b.wav"])
+    assert args.audio == ["a.wav", "b.wav"] and args.batch_size == 4
+    args = predict.parse_args(["model.pt", "a.wav", "--out", str(tmp_path / "p.jsonl"), "b.wav"])
+    assert args.audio == ["a.wav", "b.wav"] and args.out == str(tmp_path / "p.jsonl")
