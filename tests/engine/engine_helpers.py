@@ -94,6 +94,26 @@ def launch_command(ranks: int, overrides: list[str], *, port: int, resume: str =
     return command
 
 
+SEQUENCE_WORKER = Path(__file__).with_name("sequence_rank_worker.py")
+
+
+def run_sequence(ranks: int, runs: list[dict], log: Path, timeout: float = 400) -> None:
+    """Several af_train.train runs one after another in one launch of ``ranks`` ranks (each run: ``overrides``,
+    ``log``, optional ``resume``, as ``run`` takes them); the launcher's own output goes to ``log``."""
+    plan = [{"argv": ["--recipe", str(TINY), "--resume", r.get("resume", "auto"), *r["overrides"]],
+             "log": str(r["log"])} for r in runs]
+    plan_file = log.with_suffix(".plan.json")
+    plan_file.write_text(json.dumps(plan, indent=1))
+    port = free_port()
+    USED_PORTS.append(port)
+    command = launch_command(ranks, [], port=port)
+    command = command[:command.index("--module")] + [str(SEQUENCE_WORKER), "--plan", str(plan_file)]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=launcher_env(), cwd=REPO,
+                                   start_new_session=True)
+    wait(process, log, timeout)
+
+
 def start(ranks: int, overrides: list[str], log: Path, *, resume: str = "auto", port: int | None = None,
           prefix: list[str] | None = None, **kwargs) -> subprocess.Popen:
     port = port or free_port()

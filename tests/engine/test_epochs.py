@@ -1,8 +1,9 @@
 """Runs at 1 and 2 ranks with the same global batch stay the same run across epoch boundaries (issue 21).
 
 The training split has 44 clips and the global batch is 8: every epoch has 5 steps and drops its last
-4 clips. The 2-rank runs (micro batch 4) go through the real deepspeed launcher, the 1-rank runs
-(micro batch 4 x 2 accumulation steps) in this process. Checked, dropout off:
+4 clips. The 2-rank runs (micro batch 4) go through the real deepspeed launcher (all four one after
+another in one launch, ``run_sequence``), the 1-rank runs (micro batch 4 x 2 accumulation steps) in this
+process. Checked, dropout off:
 - uninterrupted, 1 and 2 ranks read the same clips at every step (sample-id logs) across 21 epochs;
 - resumed from the other world size's step-7 checkpoint (the second epoch), 2 -> 1 and 1 -> 2, the
   loss stays within 1e-6 (relative) of the run that was not interrupted at every one of the 100 steps
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from af_train_tools.synthetic_shards import write_patterned_dataset
-from engine_helpers import RANK_ENV_KEYS, base_overrides, batch_ids, run
+from engine_helpers import RANK_ENV_KEYS, base_overrides, batch_ids, run_sequence
 from test_inprocess import make_trainer, one_rank  # noqa: F401  (one_rank: the fixture)
 
 from af_train.run_logging import read_metrics
@@ -60,10 +61,14 @@ def _one_rank(data: Path, run_dir: Path, sampling: str, resume: str = "auto") ->
     trainer.close()
 
 
-def _two_ranks(data: Path, run_dir: Path, sampling: str, resume: str = "auto") -> None:
-    with _without_rank_environment():
-        run(2, base_overrides(data, run_dir) + _extra(data, sampling, 2), run_dir.parent / f"{run_dir.name}.log",
-            timeout=400, resume=resume)
+def _two_ranks(data: Path, run_dir: Path, sampling: str, resume: str = "auto") -> dict:
+    """One 2-rank run of ``run_sequence``'s list."""
+    return {"overrides": base_overrides(data, run_dir) + _extra(data, sampling, 2), "resume": resume,
+            "log": run_dir.parent / f"{run_dir.name}.log"}
+
+
+def _at_resume(run_dir: Path) -> str:
+    return str(run_dir / "checkpoints" / f"step_{RESUME_AT:08d}")
 
 
 @contextlib.contextmanager
@@ -75,6 +80,27 @@ def _without_rank_environment():
         yield
     finally:
         os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def runs(one_rank, small_data, tmp_path_factory) -> Path:  # noqa: F811
+    """Every run of the module: the 1-rank ones in this process, the 2-rank ones one after another in a single
+    launch (the launcher and the ranks start once), each resumed run after the run it resumes from."""
+    root = tmp_path_factory.mktemp("epochs_runs")
+    _one_rank(small_data, root / "plain_one", "plain")
+    _one_rank(small_data, root / "balanced_one", "balanced")
+    with _without_rank_environment():
+        # a resumed run first: it starts in fresh processes, as a real resume does
+        run_sequence(2, [
+            _two_ranks(small_data, root / "plain_one_to_two", "plain", resume=_at_resume(root / "plain_one")),
+            _two_ranks(small_data, root / "balanced_one_to_two", "balanced",
+                       resume=_at_resume(root / "balanced_one")),
+            _two_ranks(small_data, root / "plain_two", "plain"),
+            _two_ranks(small_data, root / "mixture_two", "mixture"),
+        ], root / "two_ranks.log", timeout=900)
+    _one_rank(small_data, root / "plain_two_to_one", "plain", resume=_at_resume(root / "plain_two"))
+    _one_rank(small_data, root / "mixture_two_to_one", "mixture", resume=_at_resume(root / "mixture_two"))
+    return root
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -102,10 +128,8 @@ def _assert_continues(resumed: Path, uninterrupted: Path) -> None:
     assert differences[worst] <= TOLERANCE, (worst, differences[worst], differences)
 
 
-def test_one_and_two_ranks_stay_the_same_run_across_epochs(one_rank, small_data, tmp_path):  # noqa: F811
-    one, two = tmp_path / "one", tmp_path / "two"
-    _one_rank(small_data, one, "plain")
-    _two_ranks(small_data, two, "plain")
+def test_one_and_two_ranks_stay_the_same_run_across_epochs(runs):
+    one, two = runs / "plain_one", runs / "plain_two"
     # uninterrupted: the same clips at every step, 21 epoch boundaries (steps 6, 11, ...)
     ids_one, ids_two = _global_ids(one), _global_ids(two)
     assert sorted(ids_one) == sorted(ids_two) == list(range(1, STEPS + 1))
@@ -115,22 +139,15 @@ def test_one_and_two_ranks_stay_the_same_run_across_epochs(one_rank, small_data,
              for e in range(3)]
     assert all(len(clips) == 40 for clips in epoch)  # 5 whole global batches of different clips, 4 left out
     # resumed at the other world size from the step-7 checkpoint
-    _one_rank(small_data, tmp_path / "two_to_one", "plain", resume=str(two / "checkpoints" / "step_00000007"))
-    _assert_continues(tmp_path / "two_to_one", two)
-    _two_ranks(small_data, tmp_path / "one_to_two", "plain", resume=str(one / "checkpoints" / "step_00000007"))
-    _assert_continues(tmp_path / "one_to_two", one)
+    _assert_continues(runs / "plain_two_to_one", two)
+    _assert_continues(runs / "plain_one_to_two", one)
 
 
-def test_mixture_resumed_from_two_ranks_on_one(one_rank, small_data, tmp_path):  # noqa: F811
-    two = tmp_path / "two"
-    _two_ranks(small_data, two, "mixture")
-    _one_rank(small_data, tmp_path / "two_to_one", "mixture", resume=str(two / "checkpoints" / "step_00000007"))
-    _assert_continues(tmp_path / "two_to_one", two)
+def test_mixture_resumed_from_two_ranks_on_one(runs):
+    two = runs / "mixture_two"
+    _assert_continues(runs / "mixture_two_to_one", two)
     assert any(i.startswith("extra") for ids in _global_ids(two).values() for i in ids)
 
 
-def test_balanced_sampling_resumed_from_one_rank_on_two(one_rank, small_data, tmp_path):  # noqa: F811
-    one = tmp_path / "one"
-    _one_rank(small_data, one, "balanced")
-    _two_ranks(small_data, tmp_path / "one_to_two", "balanced", resume=str(one / "checkpoints" / "step_00000007"))
-    _assert_continues(tmp_path / "one_to_two", one)
+def test_balanced_sampling_resumed_from_one_rank_on_two(runs):
+    _assert_continues(runs / "balanced_one_to_two", runs / "balanced_one")

@@ -3,6 +3,10 @@
 One 2-rank ZeRO-2 reference run is shared; every other scenario is compared against it:
 kill -9 + SIGTERM + resume (bit-for-bit), 2 -> 1 ranks (universal checkpoint), two simulated nodes,
 ZeRO-1 fine-tuning from the reference's weights and ZeRO-3 bf16 pretraining.
+
+The launcher starts as few times as possible (``launched``): the runs that are not interrupted, the 2-rank
+ones one after another in one launch (a resumed run first, in fresh ranks), then the 1-rank resumes in
+another; each run still is ``af_train.train``'s main with its own log file.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from engine_helpers import (
     batch_ids,
     free_port,
     logged_steps,
-    run,
+    run_sequence,
     signal_group,
     start,
     wait,
@@ -47,15 +51,60 @@ def global_ids(run_dir: Path) -> dict[int, list[str]]:
     return {step: sorted(ids) for step, ids in out.items()}
 
 
+ZERO0 = ["train.save_every=4", "train.zero_stage=0", "train.eval_every=0"]
+
+
 @pytest.fixture(scope="module")
-def reference(data_root, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference")
-    overrides = base_overrides(data_root, run_dir) + [
-        f"train.max_steps={REFERENCE_STEPS}", "train.save_every=4", "train.keep_last=20", "train.zero_stage=2",
-        "train.eval_every=20", "train.best_metric=val/loss", "train.best_mode=min",
-    ]
-    run(2, overrides, run_dir / "launcher.log", timeout=300)
-    return run_dir
+def launched(data_root, tmp_path_factory) -> Path:
+    """The module's runs, each in ``<root>/<name>`` with its log ``<root>/<name>.log`` (the reference's and the
+    interrupted run's in their run directories, ``launcher.log``): a run killed with SIGKILL and stopped with
+    SIGTERM (``_kill9_then_sigterm``), then at 2 ranks in one launch its resume to the reference's length,
+    the reference (ZeRO-2), ZeRO-0, FT1 from the reference's weights (ZeRO-1), FT2 and ZeRO-3 bf16
+    pretraining; then at 1 rank in one launch the reference resumed from its step 8 (universal checkpoint)
+    and the ZeRO-0 run resumed from its step 4."""
+    from af_train.model import AudioFormerConfig, RoFormerEncoder, save_encoder
+
+    root = tmp_path_factory.mktemp("launched")
+    reference = root / "reference"
+    reference.mkdir()
+    torch.manual_seed(1)
+    frozen = save_encoder(RoFormerEncoder(AudioFormerConfig.preset("tiny")), root / "row1.pt", code_row=1)
+    # the kill -9 / SIGTERM scenario first: its last resume starts the 2-rank launch, in fresh ranks
+    steps = _kill9_then_sigterm(data_root, root / "interrupted")
+    (root / "interrupted_steps.json").write_text(json.dumps(steps))
+    two_ranks = {
+        "interrupted": [f"train.max_steps={REFERENCE_STEPS}", "train.save_every=4", "train.keep_last=3",
+                        "train.zero_stage=2"],
+        "reference": [f"train.max_steps={REFERENCE_STEPS}", "train.save_every=4", "train.keep_last=20",
+                      "train.zero_stage=2", "train.eval_every=20", "train.best_metric=val/loss", "train.best_mode=min"],
+        "zero0_two": ["train.max_steps=8", *ZERO0],
+        "ft1": ["objective.mode=ft1", f"objective.init_checkpoint={reference / 'final' / 'model.pt'}",
+                f"data.test={data_root / 'test'}", "train.max_steps=30", "train.zero_stage=1", "train.eval_every=15",
+                "train.best_metric=val/mAP", "train.save_every=15", "train.record_sample_ids=false"],
+        "ft2": ["objective.mode=ft2", "data.code_rows=[0,1]", f"objective.frozen_row_checkpoints=[{frozen}]",
+                "train.max_steps=3", "train.save_every=0", "data.val=null", "train.record_sample_ids=false"],
+        "zero3": ["train.max_steps=30", "train.zero_stage=3", "train.precision=bf16", "train.save_every=0"],
+    }
+    one_rank = {
+        "one_rank": (["train.max_steps=16", "train.save_every=0", "train.zero_stage=2"],
+                     reference / "checkpoints" / "step_00000008"),
+        "zero0_one": (["train.max_steps=8", *ZERO0], root / "zero0_two" / "checkpoints" / "step_00000004"),
+    }
+
+    def log_of(name: str) -> Path:
+        return root / name / "launcher.log" if name in ("reference", "interrupted") else root / f"{name}.log"
+
+    run_sequence(2, [{"overrides": base_overrides(data_root, root / name) + extra, "log": log_of(name)}
+                     for name, extra in two_ranks.items()], root / "two_ranks.log", timeout=900)
+    run_sequence(1, [{"overrides": base_overrides(data_root, root / name) + extra, "log": log_of(name),
+                      "resume": str(source)} for name, (extra, source) in one_rank.items()],
+                 root / "one_rank_launcher.log", timeout=600)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(launched) -> Path:
+    return launched / "reference"
 
 
 def test_two_rank_zero2_reference_run(reference):
@@ -88,8 +137,9 @@ def test_two_rank_zero2_reference_run(reference):
         reference / "launcher.log").read_text()
 
 
-def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, data_root, tmp_path):
-    run_dir = tmp_path / "interrupted"
+def _kill9_then_sigterm(data_root: Path, run_dir: Path) -> dict[str, int]:
+    """A long 2-rank run killed with SIGKILL after a checkpoint, resumed, then stopped with SIGTERM: the steps
+    where that happened (``launched`` then resumes it to the reference's length)."""
     log = run_dir / "launcher.log"
     run_dir.mkdir()
     long = base_overrides(data_root, run_dir) + ["train.max_steps=100000", "train.save_every=4",
@@ -103,7 +153,6 @@ def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, d
     signal_group(process)
     killed_at = logged_steps(run_dir)
     resumed_from = step_of(latest_complete(root).name)
-    assert resumed_from < killed_at or resumed_from % 4 == 0
 
     # 2) resume, then SIGTERM: a clean checkpoint at the step where it stopped
     process = start(2, long, log)
@@ -114,14 +163,22 @@ def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, d
 
     wait_for(resumed_and_training, 180, "the resumed run to train", process, log)
     signal_group(process, signal.SIGTERM, timeout=60)  # as Ctrl-C or a scheduler would: the whole job
-    text = log.read_text(errors="replace")
-    assert "stopped by SIGTERM" in text, text[-3000:]
-    stopped = step_of(latest_complete(root).name)
-    assert resumed_from < stopped < REFERENCE_STEPS, (resumed_from, stopped)
+    sigterm_log = log.read_text(errors="replace")
+    (run_dir.parent / "interrupted_sigterm.log").write_text(sigterm_log)  # the log up to here, for the test
+    return {"killed_at": killed_at, "resumed_from": resumed_from, "stopped": step_of(latest_complete(root).name)}
 
-    # 3) resume to the reference's length
-    run(2, base_overrides(data_root, run_dir) + [f"train.max_steps={REFERENCE_STEPS}", "train.save_every=4",
-                                                 "train.keep_last=3", "train.zero_stage=2"], log)
+
+def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(launched, reference):
+    run_dir = launched / "interrupted"
+    steps = json.loads((launched / "interrupted_steps.json").read_text())
+    resumed_from, stopped = steps["resumed_from"], steps["stopped"]
+    # 1) killed with SIGKILL at an arbitrary step after a checkpoint existed
+    assert resumed_from < steps["killed_at"] or resumed_from % 4 == 0
+    # 2) resumed, then SIGTERM: a clean checkpoint at the step where it stopped
+    text = (launched / "interrupted_sigterm.log").read_text(errors="replace")
+    assert "stopped by SIGTERM" in text, text[-3000:]
+    assert resumed_from < stopped < REFERENCE_STEPS, (resumed_from, stopped)
+    # 3) resumed to the reference's length (first in the 2-rank launch of ``launched``)
     mine, theirs = train_records(run_dir), train_records(reference)
     assert sorted(mine) == list(range(1, REFERENCE_STEPS + 1))
     for step in range(1, REFERENCE_STEPS + 1):
@@ -130,12 +187,10 @@ def test_kill9_and_sigterm_then_resume_reproduce_losses_and_batches(reference, d
     assert batch_ids(run_dir) == batch_ids(reference)
 
 
-def test_resume_on_one_rank_converts_through_universal_checkpoint(reference, data_root, tmp_path):
-    run_dir = tmp_path / "one_rank"
+def test_resume_on_one_rank_converts_through_universal_checkpoint(launched, reference, tmp_path):
+    run_dir = launched / "one_rank"
     source = reference / "checkpoints" / "step_00000008"
-    run(1, base_overrides(data_root, run_dir) + ["train.max_steps=16", "train.save_every=0", "train.zero_stage=2"],
-        run_dir.parent / "one_rank.log", resume=str(source))
-    log = (run_dir.parent / "one_rank.log").read_text(errors="replace")
+    log = (launched / "one_rank.log").read_text(errors="replace")
     assert "universal" in log
     assert "global batch 8 = micro batch 4 x gradient accumulation 2 x world size 1" in log
     mine, theirs = train_records(run_dir), train_records(reference)
@@ -163,14 +218,10 @@ def test_resume_on_one_rank_converts_through_universal_checkpoint(reference, dat
         assert torch.equal(torch.load(universal / name / "fp32.pt", weights_only=False)["param"], master[name]), name
 
 
-def test_zero0_checkpoint_resumes_on_another_world_size(data_root, tmp_path):
+def test_zero0_checkpoint_resumes_on_another_world_size(launched):
     """ZeRO-0 keeps whole (unpartitioned) states: 2 -> 1 ranks loads them directly, same global batches."""
-    two, one = tmp_path / "zero0_two", tmp_path / "zero0_one"
-    common = ["train.save_every=4", "train.zero_stage=0", "train.eval_every=0"]
-    run(2, base_overrides(data_root, two) + ["train.max_steps=8", *common], tmp_path / "two.log")
-    run(1, base_overrides(data_root, one) + ["train.max_steps=8", *common], tmp_path / "one.log",
-        resume=str(two / "checkpoints" / "step_00000004"))
-    log = (tmp_path / "one.log").read_text(errors="replace")
+    two, one = launched / "zero0_two", launched / "zero0_one"
+    log = (launched / "zero0_one.log").read_text(errors="replace")
     assert "saved by 2 ranks, resuming on 1: ZeRO-0 state is not partitioned" in log, log[-3000:]
     assert "global batch 8 = micro batch 4 x gradient accumulation 2 x world size 1" in log
     mine, theirs = train_records(one), train_records(two)
@@ -207,15 +258,9 @@ def test_two_simulated_nodes_match_one_node(reference, data_root, tmp_path):
     assert meta["world_size"] == 2
 
 
-def test_zero1_fine_tuning_from_pretrained_weights(reference, data_root, tmp_path):
-    run_dir = tmp_path / "ft1"
-    overrides = base_overrides(data_root, run_dir) + [
-        "objective.mode=ft1", f"objective.init_checkpoint={reference / 'final' / 'model.pt'}",
-        f"data.test={data_root / 'test'}", "train.max_steps=30", "train.zero_stage=1", "train.eval_every=15",
-        "train.best_metric=val/mAP", "train.save_every=15", "train.record_sample_ids=false",
-    ]
-    run(2, overrides, tmp_path / "ft1.log")
-    log = (tmp_path / "ft1.log").read_text(errors="replace")
+def test_zero1_fine_tuning_from_pretrained_weights(launched, tmp_path):
+    run_dir = launched / "ft1"
+    log = (launched / "ft1.log").read_text(errors="replace")
     assert "encoder initialised from" in log
     records = train_records(run_dir)
     losses = [records[s]["loss"] for s in sorted(records)]
@@ -247,11 +292,9 @@ def test_zero1_fine_tuning_from_pretrained_weights(reference, data_root, tmp_pat
     assert json.loads(out.read_text())["val/mAP"] == pytest.approx(final["val/mAP"], abs=1e-5)
 
 
-def test_zero3_bf16_pretraining_learns(data_root, tmp_path):
-    run_dir = tmp_path / "zero3"
-    overrides = base_overrides(data_root, run_dir) + ["train.max_steps=30", "train.zero_stage=3",
-                                                      "train.precision=bf16", "train.save_every=0"]
-    run(2, overrides, tmp_path / "zero3.log")
+def test_zero3_bf16_pretraining_learns(launched):
+    run_dir = launched / "zero3"
+    assert "ZeRO stage 3, bf16" in (launched / "zero3.log").read_text(errors="replace")
     records = train_records(run_dir)
     losses = [records[s]["loss"] for s in sorted(records)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
@@ -260,18 +303,9 @@ def test_zero3_bf16_pretraining_learns(data_root, tmp_path):
     assert payload["state_dict"]["encoder.embeddings.word_embeddings.weight"].shape == (1032, 64)
 
 
-def test_ft2_global_negatives_log_the_global_micro_batch(data_root, tmp_path):
+def test_ft2_global_negatives_log_the_global_micro_batch(launched):
     """2 ranks, FT2: MPC negatives default to global, N = 2 ranks x micro batch 4 x 2 rows, every step."""
-    from af_train.model import AudioFormerConfig, RoFormerEncoder, save_encoder
-
-    torch.manual_seed(1)
-    frozen = save_encoder(RoFormerEncoder(AudioFormerConfig.preset("tiny")), tmp_path / "row1.pt", code_row=1)
-    run_dir = tmp_path / "ft2"
-    overrides = base_overrides(data_root, run_dir) + [
-        "objective.mode=ft2", "data.code_rows=[0,1]", f"objective.frozen_row_checkpoints=[{frozen}]",
-        "train.max_steps=3", "train.save_every=0", "data.val=null", "train.record_sample_ids=false",
-    ]
-    run(2, overrides, tmp_path / "ft2.log")
+    run_dir = launched / "ft2"
     records = train_records(run_dir)
     assert sorted(records) == [1, 2, 3]
     assert all(r["mpc_n"] == 2 * 4 * 2 and r["mpc_loss"] > 0 for r in records.values()), records

@@ -8,7 +8,7 @@ the global batches of an uninterrupted 1-rank run with the same global batch.
 from __future__ import annotations
 
 import pytest
-from engine_helpers import base_overrides, batch_ids, run, signal_group, start, wait_for
+from engine_helpers import base_overrides, batch_ids, run_sequence, signal_group, start, wait_for
 from test_launcher import logged_steps
 
 from af_train.checkpoint import latest_complete, step_of
@@ -30,10 +30,6 @@ def _global_ids(run_dir) -> dict[int, list[str]]:
 
 
 def test_balanced_order_survives_kill9_and_two_to_one_ranks(data_root, tmp_path):
-    # the uninterrupted reference: 1 rank, micro batch 8 = the 2-rank global batch of 2 x 4
-    reference = tmp_path / "reference"
-    run(1, base_overrides(data_root, reference) + OPTIONS + [f"train.max_steps={STEPS}", "train.save_every=0",
-                                                             "train.micro_batch_size=8"], tmp_path / "reference.log")
     # 2 ranks, killed with SIGKILL once a checkpoint exists
     crashed, log = tmp_path / "crashed", tmp_path / "crashed.log"
     process = start(2, base_overrides(data_root, crashed) + OPTIONS + ["train.max_steps=100000", "train.save_every=3",
@@ -44,10 +40,17 @@ def test_balanced_order_survives_kill9_and_two_to_one_ranks(data_root, tmp_path)
     signal_group(process)
     checkpoint = latest_complete(root)
     saved = step_of(checkpoint.name)
-    # continue on 1 rank from the 2-rank checkpoint (universal conversion; the EMA from rank 0's file)
-    resumed = tmp_path / "resumed"
-    run(1, base_overrides(data_root, resumed) + OPTIONS + [f"train.max_steps={STEPS}", "train.save_every=0"],
-        tmp_path / "resumed.log", resume=str(checkpoint))
+    # continue on 1 rank from the 2-rank checkpoint (universal conversion; the EMA from rank 0's file), then
+    # in the same launch (after the resumed run, which starts in a fresh process) the uninterrupted reference:
+    # 1 rank, micro batch 8 = the 2-rank global batch of 2 x 4
+    resumed, reference = tmp_path / "resumed", tmp_path / "reference"
+    run_sequence(1, [
+        {"overrides": base_overrides(data_root, resumed) + OPTIONS + [f"train.max_steps={STEPS}", "train.save_every=0"],
+         "log": tmp_path / "resumed.log", "resume": str(checkpoint)},
+        {"overrides": base_overrides(data_root, reference) + OPTIONS + [
+            f"train.max_steps={STEPS}", "train.save_every=0", "train.micro_batch_size=8"],
+         "log": tmp_path / "reference.log"},
+    ], tmp_path / "one_rank_launcher.log")
     want, before, after = _global_ids(reference), _global_ids(crashed), _global_ids(resumed)
     assert sorted(after) == list(range(saved + 1, STEPS + 1))
     assert all(before[s] == want[s] for s in range(1, saved + 1))

@@ -1,7 +1,8 @@
 """Two ranks train from shards in S3 with a small cache: killed, resumed, same batches as from disk.
 
 One local-disk reference run and one remote run (kill -9 mid-run, then resume) through the real
-``deepspeed`` launcher, the moto server standing in for S3. The remote run's cache holds only a few
+``deepspeed`` launcher, the moto server standing in for S3 (the resume and the reference one after the
+other in one launch). The remote run's cache holds only a few
 of the shards at a time, so streaming evicts and re-downloads while training.
 """
 
@@ -72,12 +73,9 @@ def test_two_ranks_stream_from_s3_with_eviction_kill_and_resume(s3, launcher, tm
     assert len(shards) >= 15
     shard_of = dict(enumerate(np.repeat(np.arange(len(shards)), [s["samples"] for s in shards])))
 
-    # -- reference: local disk -----------------------------------------------------------------
     reference = tmp_path / "local_run"
     common = ["train.save_every=4", "train.keep_last=3", "train.zero_stage=2",
               f"data.shuffle_block_size={SHUFFLE_BLOCK}"]
-    launcher.run(2, engine_helpers.base_overrides(data, reference) + [f"train.max_steps={STEPS}", *common],
-                 tmp_path / "local.log", timeout=300)
 
     # -- remote: s3 with a small cache, kill -9, resume ------------------------------------------
     run_dir = tmp_path / "s3_run"
@@ -101,7 +99,12 @@ def test_two_ranks_stream_from_s3_with_eviction_kill_and_resume(s3, launcher, tm
 
     cache_dirs = list((run_dir / "cache").glob("train-*"))
     assert len(cache_dirs) == 1
-    launcher.run(2, overrides + [f"train.max_steps={STEPS}"], log, timeout=300)
+    # the resume (first, in fresh ranks), then in the same launch the reference from local disk
+    launcher.run_sequence(2, [
+        {"overrides": overrides + [f"train.max_steps={STEPS}"], "log": log},
+        {"overrides": engine_helpers.base_overrides(data, reference) + [f"train.max_steps={STEPS}", *common],
+         "log": tmp_path / "local.log"},
+    ], run_dir / "sequence_launcher.log", timeout=600)  # checked for credentials below, as the run's log
     resumed = log.read_text(errors="replace").split("resumed from")[-1]
     assert f"step_{resumed_from:08d} at step {resumed_from}" in resumed
 
