@@ -50,7 +50,8 @@ class Trainer:
     """Builds everything from a recipe and trains; see the module docstring."""
 
     def __init__(self, recipe: Recipe, resume: str = "auto", verify_hashes: bool = True):
-        from af_train.data.loader import build_dataloader, check_splits
+        from af_train.data.loader import build_dataloader
+        from af_train.data.splits import check_splits
         from af_train.objectives import build_training_module
 
         self.recipe, cfg = recipe, recipe.train

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _single_process_env()
     from af_train.checkpoint import CheckpointError
-    from af_train.data.dataset import DataError
+    from af_train.data.manifests import DataError
     from af_train.engine import EXIT_NONFINITE, Trainer, TrainingStopped
 
     try:
@@ -103,8 +103,7 @@ def preflight(rest: list[str]) -> str | None:
     splits' manifests (another tokenizer's val/test codes, and when fine-tuning another class list, are
     refused; clip lengths that differ are warned)."""
     from af_train.config import Recipe, RecipeError
-    from af_train.data.dataset import DataError
-    from af_train.data.loader import preflight_splits
+    from af_train.data.splits import DataError, preflight_splits  # no streaming: the pre-flight stays quick
 
     args = parse_args(rest)
     try:

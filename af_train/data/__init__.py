@@ -13,9 +13,10 @@ Token ids are in ``af_train.tokens`` (the contract beside ``af_train.shards``).
 
 This package module stays light (no mosaicml-streaming, which pulls in transformers, scipy and
 torchvision): inference imports the collator through it. The loader (``build_dataloader``,
-``build_dataset``, ``check_splits``, ``split_source``) is in ``af_train.data.loader``, the
-streaming dataset (``AudioCodeDataset``, ``DataError``, ``load_manifest``, local or remote) in
-``af_train.data.dataset``. Code that must not pay for streaming reads a local manifest with
+``build_dataset``) is in ``af_train.data.loader``, the streaming dataset (``AudioCodeDataset``) in
+``af_train.data.dataset``; ``DataError`` and ``load_manifest`` (local or remote) in ``af_train.data.manifests``
+and the checks between splits (``check_splits``, ``split_source``) in ``af_train.data.splits``, both without
+streaming. Code that must not pay for streaming reads a local manifest with
 ``af_train.shards.Manifest.load`` (inference does).
 """
 

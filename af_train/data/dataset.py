@@ -16,7 +16,6 @@ global batches are the same at any world size, accumulation and resume (``af_tra
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 
-from af_train import remote as remote_io
+from af_train.data.manifests import DataError, load_manifest  # noqa: F401 (the dataset's errors and reader)
 from af_train.data.masking import MaskingConfig, mask_codes, masking_generator
 from af_train.data.order import (
     global_batch_problem,
@@ -38,7 +37,7 @@ from af_train.data.order import (
     steps_in_epoch,
 )
 from af_train.files import sha256_files
-from af_train.shards import MANIFEST_NAME, Manifest, ManifestError
+from af_train.shards import Manifest
 from af_train.tokens import SpecialTokens, frame_rows
 
 logger = logging.getLogger(__name__)
@@ -51,35 +50,6 @@ if not hasattr(StreamingDataset, "_resume_incr_epoch"):  # pragma: no cover - gu
         "af_train.data needs mosaicml-streaming 0.13.x (StreamingDataset._resume_incr_epoch is missing); "
         "install with `pip install -c constraints.txt -e .`"
     )
-
-
-class DataError(ValueError):
-    """Shards, manifest or data recipe that cannot be read as asked; the message says how to fix it."""
-
-
-def load_manifest(path: str | os.PathLike, *, timeout: float = 60.0, retries: int = 2) -> Manifest:
-    """Read ``manifest.json`` of a shard directory, local or remote (``s3://…``).
-
-    A remote manifest is read fresh into memory (``retries`` retries, ``timeout`` seconds each); a
-    failure says why (no such bucket, nothing under the prefix, credentials, unreachable endpoint).
-    """
-    path = str(path)
-    if not remote_io.is_remote(path):
-        if not Path(path).is_dir():
-            raise DataError(
-                f"shard directory '{path}' does not exist; write one with af-prepare "
-                "(or fix data.train / data.val / data.test in the recipe)"
-            )
-        return Manifest.load(path)
-    try:
-        text = remote_io.RemoteDir(path, timeout=timeout, retries=retries).read_bytes(MANIFEST_NAME)
-    except remote_io.RemoteError as exc:
-        raise ManifestError(f"could not fetch {MANIFEST_NAME} from '{path}': {exc}") from None
-    try:
-        data = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{remote_io.join(path, MANIFEST_NAME)}: not valid JSON ({exc})") from None
-    return Manifest.from_dict(data, remote_io.join(path, MANIFEST_NAME))
 
 
 def setup_distributed_env() -> None:

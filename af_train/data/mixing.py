@@ -22,7 +22,7 @@ import dataclasses
 import logging
 
 from af_train.config import DataConfig, StreamConfig
-from af_train.data.dataset import DataError
+from af_train.data.manifests import DataError
 from af_train.shards import Manifest, first_label_difference
 
 logger = logging.getLogger(__name__)

@@ -100,7 +100,7 @@ def test_val_shards_with_another_class_order_are_a_one_line_error_before_fine_tu
 def test_the_split_checks_read_each_val_and_test_manifest_once(prepared_shards, monkeypatch):
     """Tokenizer, class list and clip length are checked in one pass: a bucket's manifest is one download."""
     from af_train.config import DataConfig
-    from af_train.data import loader
+    from af_train.data import splits as loader
     from af_train.shards import Manifest
 
     reads = []
@@ -142,3 +142,18 @@ def test_a_val_folder_that_does_not_exist_is_refused_before_launch_not_at_the_fi
     assert launch_main(_argv(prepared_shards, tmp_path / "no such val", tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("af-train: error: data.val:") and "no such val" in err[0], err
+
+
+def test_the_preflight_imports_no_streaming(prepared_shards, tmp_path):
+    """af-train's pre-flight reads the manifests without mosaicml-streaming (which imports transformers and
+    scikit-learn: about 8 CPU-seconds before the launcher even starts)."""
+    import sys
+    from pathlib import Path
+
+    script = ("import sys; from af_train.train import preflight; problem = preflight(sys.argv[1:]); "
+              "print(problem, sorted(m for m in ('streaming', 'transformers', 'sklearn') if m in sys.modules))")
+    argv = _argv(prepared_shards, prepared_shards / "val", tmp_path)[2:]
+    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "None []", done.stdout
