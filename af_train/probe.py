@@ -18,7 +18,9 @@ The protocol (``af-probe`` and ``train.probe`` share every step of it):
      on the val split, not by cross-validation folds of train: train folds share speakers (or
      recordings), so they would reward memorising them; val is held out the way test is.
    The selection metric is val accuracy for single-label data and val mAP for multi-label data; a
-   tie goes to the first setting of the list (smaller k, stronger regularisation).
+   tie goes to the first setting of the list (smaller k, stronger regularisation). Probing every layer
+   (``layer: best``, ``af-probe --layer best``), the layer is chosen the same way (``best_layer``: val
+   only; a tie goes to the shallower layer).
 4. Numbers: top-1 accuracy (single-label) and mAP (``af_train.metrics``), on test with a percentile
    bootstrap 95 % interval over test clips (``bootstrap_interval``).
 
