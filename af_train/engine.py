@@ -216,12 +216,13 @@ class Trainer:
             self.sample_ids.flush()
 
     def _probe_due(self, step: int, evaluating: bool) -> bool:
-        """A probe after this step: every ``train.probe.every`` steps, at the last step, and at each
-        evaluation when it selects checkpoints (``train.best_metric: probe/...``)."""
+        """A probe after this step: every ``train.probe.every`` steps (within ``train.probe.max_time_share``), at
+        the last step, and at each evaluation when it selects checkpoints (``train.best_metric: probe/...``)."""
         if self.prober is None:
             return False
         selects = (self.recipe.train.best_metric or "").startswith("probe/")
-        return self.prober.due(step) or step == self.recipe.train.max_steps or (selects and evaluating)
+        # the forced probes first: Prober.due is collective and counts the probes its time budget leaves out
+        return step == self.recipe.train.max_steps or (selects and evaluating) or self.prober.due(step)
 
     def _probe(self, step: int) -> dict[str, float]:
         """Collective: the probe of the encoder as evaluated (the weight average with ``train.ema_decay``)."""

@@ -18,7 +18,9 @@ The protocol (``af-probe`` and ``train.probe`` share every step of it):
      on the val split, not by cross-validation folds of train: train folds share speakers (or
      recordings), so they would reward memorising them; val is held out the way test is.
    The selection metric is val accuracy for single-label data and val mAP for multi-label data; a
-   tie goes to the first setting of the list (smaller k, stronger regularisation).
+   tie goes to the first setting of the list (smaller k, stronger regularisation). Probing every layer
+   (``layer: best``, ``af-probe --layer best``), the layer is chosen the same way (``best_layer``: val
+   only; a tie goes to the shallower layer).
 4. Numbers: top-1 accuracy (single-label) and mAP (``af_train.metrics``), on test with a percentile
    bootstrap 95 % interval over test clips (``bootstrap_interval``).
 
@@ -381,6 +383,17 @@ def fit_probe(kind: str, train: tuple[np.ndarray, np.ndarray], val: tuple[np.nda
     return result
 
 
+def best_layer(results: list[ProbeResult], single_label: bool) -> ProbeResult:
+    """Of one probe kind fitted on several layers, the result with the best val metric (accuracy, or mAP for
+    multi-label data; of equal ones the first, the shallower layer). Only the val numbers are read: a test
+    score, when there is one, plays no part in the choice."""
+    if not results:
+        raise ProbeError("no probed layer to choose from")
+    metric = "accuracy" if single_label else "mAP"
+    ranked = [-np.inf if np.isnan(r.val[metric]) else r.val[metric] for r in results]
+    return results[max(range(len(results)), key=lambda i: (ranked[i], -i))]
+
+
 # --------------------------------------------------------------------------------------------------
 # The probe during training (train.probe)
 # --------------------------------------------------------------------------------------------------
@@ -395,8 +408,11 @@ class Prober:
     length, so every rank runs the same forward passes, as ZeRO-3 needs), the shares are gathered,
     rank 0 fits the probe on train and chooses its setting on val (``fit_probe``), and every rank gets
     the metrics: ``probe/accuracy`` (single-label data) and ``probe/mAP`` of the val clips at the
-    chosen setting, ``probe/k`` or ``probe/C``, ``probe/seconds`` (this probe, rank 0's wall time)
-    and ``probe/time_share`` (all probes so far / wall time since the Prober was built).
+    chosen setting, ``probe/k`` or ``probe/C``, ``probe/seconds`` (this probe, rank 0's wall time),
+    ``probe/time_share`` (all probes so far / wall time since the Prober was built) and ``probe/skipped``
+    (periodic probes left out so far to keep that share under ``max_time_share``, see ``due``). With
+    ``layer: best`` every layer is probed and the one with the best val metric reported, with
+    ``probe/layer`` and each layer's val numbers (``probe/layer<N>/accuracy``, ``.../mAP``).
     """
 
     def __init__(self, cfg: Any, data_config: Any, manifest: Any, num_layers: int, device: torch.device,
@@ -411,34 +427,54 @@ class Prober:
             self.data = load_probe_data(cfg.dataset, splits=("train", "val"), max_clips=cfg.max_clips)
             check_same_tokenizer(manifest.tokenizer, self.data.tokenizer, "the training shards",
                                  f"train.probe.dataset '{cfg.dataset}'")
-            self.layer = check_layers([num_layers if cfg.layer is None else cfg.layer], num_layers)[0]
+            if cfg.layer == "best":  # every hidden state; the probe's val split picks one at each probe
+                self.layers = list(range(num_layers + 1))
+            else:
+                self.layers = check_layers([num_layers if cfg.layer is None else cfg.layer], num_layers)
         except TokenizerError as exc:
             raise ProbeError(f"train.probe: {exc}") from None
         except ProbeError as exc:
             raise ProbeError(f"train.probe: {exc}") from None
         self.framing = Framing.of_recipe(data_config, data_config.code_rows[0], manifest.codec.codebook_size)
         self.started, self.seconds = time.perf_counter(), 0.0
+        self.last_seconds, self.skipped = 0.0, 0
 
     def due(self, step: int) -> bool:
-        """A periodic probe at this step (``every``; 0: none between the first and the last)."""
-        return bool(self.every) and step % self.every == 0
+        """A periodic probe at this step (``every``; 0: none between the first and the last), unless it would
+        take the probes' share of the wall time over ``max_time_share``, keeping one more probe in reserve for
+        the last step (the engine always probes there). Collective at a step of ``every`` when
+        ``max_time_share`` is set: rank 0 decides for every rank (their clocks differ)."""
+        if not self.every or step % self.every:
+            return False
+        budget = self.cfg.max_time_share
+        if budget is None:
+            return True
+        from af_train.distributed import broadcast_from_rank0
 
-    def _embed(self, encoder: torch.nn.Module, clips: Clips) -> np.ndarray:
+        elapsed = time.perf_counter() - self.started
+        within = broadcast_from_rank0(self.seconds + 2 * self.last_seconds <= budget * elapsed
+                                      if self.rank == 0 else None)
+        self.skipped += not within
+        return bool(within)
+
+    def _embed(self, encoder: torch.nn.Module, clips: Clips) -> dict[int, np.ndarray]:
         from af_train.distributed import gather_objects
 
         share = list(range(self.rank, len(clips), self.world_size))
         per_rank = -(-len(clips) // self.world_size)
         padded = share + [share[0] if share else 0] * (per_rank - len(share))
-        pooled = embed_clips(encoder, clips.subset(padded), self.framing, [self.layer],
-                             batch_size=self.cfg.batch_size, device=self.device)[self.layer][:len(share)]
-        rows = np.zeros((len(clips), pooled.shape[1]), dtype=np.float32)
-        for indices, part in gather_objects((share, pooled)):
-            rows[indices] = part
+        pooled = embed_clips(encoder, clips.subset(padded), self.framing, self.layers,
+                             batch_size=self.cfg.batch_size, device=self.device)
+        width = int(encoder.config.hidden_size)
+        rows = {layer: np.zeros((len(clips), width), dtype=np.float32) for layer in self.layers}
+        for indices, part in gather_objects((share, {layer: x[:len(share)] for layer, x in pooled.items()})):
+            for layer in self.layers:
+                rows[layer][indices] = part[layer]
         return rows
 
-    def features(self, encoder: torch.nn.Module) -> dict[str, np.ndarray]:
-        """Collective: ``{split: float32 [clips, hidden]}``, the pooled features of every probe clip, in the
-        split's order, on every rank."""
+    def features(self, encoder: torch.nn.Module) -> dict[str, dict[int, np.ndarray]]:
+        """Collective: ``{split: {layer: float32 [clips, hidden]}}``, the pooled features of every probe clip, in
+        the split's order, on every rank."""
         return {split: self._embed(encoder, clips) for split, clips in self.data.splits.items()}
 
     def run(self, encoder: torch.nn.Module, step: int) -> dict[str, float]:
@@ -449,18 +485,26 @@ class Prober:
         features = self.features(encoder)
 
         def fit() -> dict[str, float]:
-            result = fit_probe(self.cfg.kind, *((features[s], self.data.targets(s)) for s in ("train", "val")),
-                               single_label=not self.data.multi_label, layer=self.layer)
-            return {**{f"probe/{k}": v for k, v in result.val.items()},
-                    **{f"probe/{k}": float(v) for k, v in result.setting.items()}}
+            single = not self.data.multi_label
+            results = [fit_probe(self.cfg.kind, *((features[s][layer], self.data.targets(s)) for s in ("train", "val")),
+                                 single_label=single, layer=layer) for layer in self.layers]
+            result = best_layer(results, single)  # one layer: that one
+            metrics = {**{f"probe/{k}": v for k, v in result.val.items()},
+                       **{f"probe/{k}": float(v) for k, v in result.setting.items()}}
+            if len(results) > 1:  # train.probe.layer=best: the chosen layer and every layer's val numbers
+                metrics["probe/layer"] = float(result.layer)
+                metrics.update({f"probe/layer{r.layer}/{k}": v for r in results for k, v in r.val.items()})
+            return metrics
 
         metrics = broadcast_from_rank0(result_or_exception(fit) if self.rank == 0 else None)
         seconds = time.perf_counter() - started
         self.seconds += seconds
+        self.last_seconds = seconds
         share = self.seconds / max(time.perf_counter() - self.started, 1e-9)
         if self.rank == 0:
-            shown = ", ".join(f"{k[len('probe/'):]} {v:.4g}" for k, v in metrics.items())
-            log.info("step %d probe (%s, layer %d, %d + %d clips): %s; %.2f s, probes so far %.1f s = %.1f%% of "
-                     "the wall time", step, self.cfg.kind, self.layer, len(self.data.splits["train"]),
+            shown = ", ".join(f"{k[len('probe/'):]} {v:.4g}" for k, v in metrics.items() if k.count("/") == 1)
+            log.info("step %d probe (%s, layer %s, %d + %d clips): %s; %.2f s, probes so far %.1f s = %.1f%% of "
+                     "the wall time", step, self.cfg.kind,
+                     "best on val" if len(self.layers) > 1 else self.layers[0], len(self.data.splits["train"]),
                      len(self.data.splits["val"]), shown, seconds, self.seconds, 100 * share)
-        return {**metrics, "probe/seconds": seconds, "probe/time_share": share}
+        return {**metrics, "probe/seconds": seconds, "probe/time_share": share, "probe/skipped": float(self.skipped)}

@@ -221,12 +221,20 @@ class ProbeConfig:
     dataset: str | None = None  # prepared data set with train/ and val/ (local shard directories)
     every: int | None = None  # steps between probes; null: train.eval_every; 0: only the first and last step
     max_clips: int | None = 256  # per split: a seeded subset (af-probe --max-clips picks the same); null: all
-    kind: Literal["knn", "linear"] = "knn"
-    layer: int | None = None  # hidden state: 0 = embeddings, negative counts from the end; null: the last layer
+    # linear: on held-out speakers the kNN probe stayed flat where the linear one rose (README, "Probes")
+    kind: Literal["knn", "linear"] = "linear"
+    # hidden state: 0 = embeddings, negative counts from the end; null: the last layer; 'best': every layer probed
+    # and the one with the best accuracy (mAP) on the probe's val split reported, with probe/layer
+    layer: int | Literal["best"] | None = None
     batch_size: int = 64  # clips per encoder batch
+    # the periodic probes are left out while they would take more than this share of the wall time (the first
+    # and last probes always run; rank 0's clock decides); null: every probe of train.probe.every runs
+    max_time_share: float | None = 0.05
 
     def validate(self) -> None:
         _require(self.every is None or self.every >= 0, f"train.probe.every must be >= 0, got {self.every}")
+        _require(self.max_time_share is None or 0.0 < self.max_time_share <= 1.0,
+                 f"train.probe.max_time_share must be in (0, 1] (or null: no budget), got {self.max_time_share}")
         _require(self.max_clips is None or self.max_clips >= 2,
                  f"train.probe.max_clips must be >= 2 (or null: every clip), got {self.max_clips}")
         _require(self.batch_size >= 1, f"train.probe.batch_size must be >= 1, got {self.batch_size}")

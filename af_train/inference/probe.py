@@ -1,6 +1,6 @@
 """af-probe: what a (pretrained) encoder's frozen embeddings know about a labelled data set.
 
-    af-probe MODEL DATA --out DIR [--kind knn|linear|both] [--layer N | --layers all|0,2,..]
+    af-probe MODEL DATA --out DIR [--kind knn|linear|both] [--layer N|best | --layers all|0,2,..]
              [--random-init [SEED] | --with-random-init [SEED]] [--max-clips N] [--shuffle-labels]
              [--checkpoint C | --weights W]
 
@@ -12,7 +12,8 @@ directories written with the tokenizer the model was trained on.
 Each probe (kNN, logistic regression) is fitted on DATA/train's embeddings, its setting (k, C) chosen
 on DATA/val and DATA/test scored once (``af_train.probe`` has the protocol). DIR receives
 ``probe.json`` (one entry per kind and layer: the chosen setting, val numbers, test accuracy and mAP
-with bootstrap 95 % intervals over test clips) and ``probe.md`` (the table, printed too), next to the
+with bootstrap 95 % intervals over test clips; with ``--layer best`` also the layer each kind chose
+on val, ``chosen_layer``) and ``probe.md`` (the table, printed too), next to the
 baselines on the same clips: the label prior, a bag of codes (logistic regression on code histograms,
 all rows and the model's row alone) and chance.
 
@@ -60,8 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kind", choices=["knn", "linear", "both"], default="both",  # af_train.probe.KINDS
                         help="which probes (default both)")
     layers = parser.add_mutually_exclusive_group()
-    layers.add_argument("--layer", type=int, help="hidden state to probe: 0 = embeddings, negative counts from the "
-                                                  "end (default: the last layer)")
+    layers.add_argument("--layer", type=_layer_choice,
+                        help="hidden state to probe: 0 = embeddings, negative counts from the end (default: the last "
+                             "layer); 'best': every layer, and the one with the best val accuracy (mAP) is chosen "
+                             "(never on test)")
     layers.add_argument("--layers", help="'all' (embeddings and every layer) or a comma-separated list")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", help="a checkpoint directory of the run (default: the one selected on val)")
@@ -91,9 +94,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _layer_choice(value: str) -> int | str:
+    if value.strip().lower() == "best":
+        return "best"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a layer number or 'best', not {value!r}") from None
+
+
 def requested_layers(args: argparse.Namespace, num_layers: int) -> list[int]:
     from af_train.probe import ProbeError, check_layers
 
+    if args.layer == "best":
+        return list(range(num_layers + 1))
     if args.layers is None:
         return check_layers([num_layers if args.layer is None else args.layer], num_layers)
     if args.layers.strip().lower() == "all":
@@ -224,7 +238,7 @@ def shuffle_labels(data: ProbeData, seed: int) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from af_train.inference.cli_common import stdout_to_stderr
     from af_train.inference.model import InferenceError, load_model
-    from af_train.probe import KINDS, Framing, load_probe_data, paired_difference
+    from af_train.probe import KINDS, Framing, best_layer, load_probe_data, paired_difference
     from af_train.tokenizers.base import TokenizerError, check_same_tokenizer
 
     started = time.perf_counter()
@@ -271,6 +285,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": {"probes": probed - started, "total": time.perf_counter() - started},
     }
     text = table(results, base, single)
+    if args.layer == "best":  # chosen on val (best_layer reads no test number); test is the chosen layer's row
+        chosen = {kind: best_layer([r for r in results if r.kind == kind], single).layer for kind in kinds}
+        payload["chosen_layer"] = chosen
+        text += "\nLayer chosen on val (--layer best): " + ", ".join(f"{k} {v}" for k, v in chosen.items()) + "\n"
     if controls:
         payload["random_init_control"] = {
             "seed": args.with_random_init,

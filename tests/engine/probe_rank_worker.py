@@ -10,7 +10,8 @@ from typing import Any
 
 def probe_once(data_root: str, batch_size: int) -> dict[str, Any]:
     """``Prober``s built as the engine builds them, run once per kind on a seeded tiny encoder (in this
-    process's process group, if any): ``{kind: {"metrics": ..., "features": {split: [N, hidden]}}}``."""
+    process's process group, if any): ``{kind: {"metrics": ..., "features": {split: {layer: [N, hidden]}}}}``;
+    the linear probe chooses its layer on val (``layer: best``)."""
     import torch
 
     from af_train.config import DataConfig, ProbeConfig
@@ -22,8 +23,8 @@ def probe_once(data_root: str, batch_size: int) -> dict[str, Any]:
     encoder = RoFormerEncoder(AudioFormerConfig.preset("tiny"))
     manifest = Manifest.load(Path(data_root) / "train")
     out = {}
-    for kind in ("knn", "linear"):
-        cfg = ProbeConfig(dataset=data_root, every=1, max_clips=21, kind=kind, batch_size=batch_size)
+    for kind, layer in (("knn", None), ("linear", "best")):
+        cfg = ProbeConfig(dataset=data_root, every=1, max_clips=21, kind=kind, layer=layer, batch_size=batch_size)
         prober = Prober(cfg, DataConfig(code_rows=[0], max_length=32), manifest, encoder.config.num_hidden_layers,
                         torch.device("cpu"))
         out[kind] = {"metrics": prober.run(encoder, step=0), "features": prober.features(encoder)}

@@ -12,6 +12,7 @@ from af_train_tools.synthetic_shards import write_patterned_split  # noqa: E402
 from af_train.probe import (  # noqa: E402
     Framing,
     ProbeError,
+    best_layer,
     embed_clips,
     fit_probe,
     knn_scores,
@@ -51,6 +52,27 @@ def test_knn_chooses_k_on_val_never_on_test():
                         single_label=True, settings=[1, 5], rounds=10)
     assert swapped.setting == {"k": 5} and swapped.val["accuracy"] == 1.0
     assert [row["accuracy"] for row in swapped.val_by_setting] == [0.0, 1.0]
+
+
+def test_best_layer_is_chosen_on_val_never_on_test():
+    # two "layers" of the same clips: layer 0 keeps the val clips near their class, layer 1 the test clips
+    rng = np.random.default_rng(0)
+    train = clusters(rng, 20, spread=0.5)
+    centres = clusters(np.random.default_rng(0), 20, spread=0.5)[0][::20]  # the same class centres
+    labels = np.repeat(np.arange(3), 10)
+    near, far = centres[labels] + rng.normal(0, 0.5, (30, 8)), rng.normal(0, 3.0, (30, 8))
+    targets = one_hot(list(labels), 3)
+    by_layer = {0: ((near, targets), (far, targets)), 1: ((far, targets), (near, targets))}
+    results = [fit_probe("knn", train, val, test, single_label=True, layer=layer, settings=[5], rounds=10)
+               for layer, (val, test) in by_layer.items()]
+    assert results[0].val["accuracy"] > results[1].val["accuracy"]
+    assert results[1].test["accuracy"]["value"] > results[0].test["accuracy"]["value"]  # test would pick layer 1
+    assert best_layer(results, single_label=True).layer == 0
+    assert best_layer(results[::-1], single_label=True).layer == 0
+    tied = [fit_probe("knn", train, (near, targets), single_label=True, layer=layer, settings=[5]) for layer in (2, 1)]
+    assert best_layer(tied, single_label=True).layer == 2  # equal val: the first listed
+    with pytest.raises(ProbeError, match="no probed layer"):
+        best_layer([], single_label=True)
 
 
 @pytest.mark.parametrize("kind", ["knn", "linear"])

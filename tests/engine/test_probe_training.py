@@ -15,7 +15,8 @@ from probe_rank_worker import probe_once, run_rank
 from af_train.config import Recipe, RecipeError
 from af_train.run_logging import read_metrics
 
-PROBE = ["train.probe.max_clips=24", "train.probe.kind=knn", "train.probe.every=2"]
+# no time budget: the probes of these few quick steps would take most of the wall time
+PROBE = ["train.probe.max_clips=24", "train.probe.kind=knn", "train.probe.every=2", "train.probe.max_time_share=null"]
 
 
 def probes(run_dir: Path) -> dict[int, float]:
@@ -34,14 +35,22 @@ def test_probe_on_two_ranks_matches_one_rank(data_root, tmp_path):
     ranks = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
     alone = probe_once(str(data_root), batch_size=5)
     for kind, setting in (("knn", "probe/k"), ("linear", "probe/C")):
+        layers = [2] if kind == "knn" else [0, 1, 2]  # the linear probe: every layer, one chosen on val
         for split in ("train", "val"):
-            assert alone[kind]["features"][split].shape == (21, 64)
-            for result in ranks:
-                np.testing.assert_allclose(result[kind]["features"][split], alone[kind]["features"][split],
-                                           rtol=1e-5, atol=1e-5)
+            assert sorted(alone[kind]["features"][split]) == layers
+            for layer in layers:
+                assert alone[kind]["features"][split][layer].shape == (21, 64)
+                for result in ranks:
+                    np.testing.assert_allclose(result[kind]["features"][split][layer],
+                                               alone[kind]["features"][split][layer], rtol=1e-5, atol=1e-5)
         metrics = alone[kind]["metrics"]
-        values = {k: v for k, v in metrics.items() if k not in ("probe/seconds", "probe/time_share")}
-        assert set(values) == {"probe/mAP", setting}
+        timing = ("probe/seconds", "probe/time_share", "probe/skipped")
+        values = {k: v for k, v in metrics.items() if k not in timing}
+        per_layer = {f"probe/layer{layer}/mAP" for layer in layers} | {"probe/layer"} if kind == "linear" else set()
+        assert set(values) == {"probe/mAP", setting} | per_layer
+        if kind == "linear":  # the chosen layer is the one with the best val mAP, and reported as such
+            best = max(layers, key=lambda layer: (values[f"probe/layer{layer}/mAP"], -layer))
+            assert values["probe/layer"] == best and values["probe/mAP"] == values[f"probe/layer{best}/mAP"]
         for result in ranks:
             assert {k: result[kind]["metrics"][k] for k in values} == pytest.approx(values, abs=1e-9)
 
@@ -108,3 +117,26 @@ def test_probe_recipe_errors_name_the_fix(data_root, tmp_path):
     recipe = Recipe.load(TINY, base_overrides(data_root, tmp_path / "run") + [f"train.probe.dataset={tmp_path}"])
     with single_process_rank(), pytest.raises(ProbeError, match="train.probe: .* has no train, val split"):
         Trainer(recipe)
+
+
+def test_the_time_budget_leaves_out_periodic_probes_and_keeps_one_for_the_last_step(data_root):
+    import dataclasses
+    import time
+
+    import torch
+
+    from af_train.config import DataConfig, ProbeConfig
+    from af_train.probe import Prober
+    from af_train.shards import Manifest
+
+    cfg = ProbeConfig(dataset=str(data_root), every=2, max_clips=8, max_time_share=0.1)
+    prober = Prober(cfg, DataConfig(code_rows=[0], max_length=32), Manifest.load(data_root / "train"), 2,
+                    torch.device("cpu"))
+    assert not prober.due(3)  # not a step of train.probe.every
+    prober.started = time.perf_counter() - 100.0  # 100 s of wall time so far: a budget of 10 s of probes
+    prober.seconds, prober.last_seconds = 4.0, 3.0  # 4 s so far + this probe + one for the last step = 10 s
+    assert prober.due(2) and prober.skipped == 0
+    prober.last_seconds = 3.5  # 4 + 2 * 3.5 = 11 s: over the budget
+    assert not prober.due(4) and prober.skipped == 1
+    prober.cfg = dataclasses.replace(cfg, max_time_share=None)  # no budget: every step of `every`
+    assert prober.due(4) and prober.skipped == 1

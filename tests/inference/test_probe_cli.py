@@ -88,6 +88,17 @@ def test_random_init_control_and_max_clips(encoder_file, probe_data, tmp_path):
     assert "difference = trained − random init" in (tmp_path / "both" / "probe.md").read_text()
 
 
+def test_layer_best_is_the_layer_with_the_best_val_accuracy(encoder_file, probe_data, tmp_path):
+    result = probe(encoder_file, probe_data, tmp_path / "out", "--kind", "knn", "--layer", "best", "--max-clips", "12")
+    assert result["layers"] == [0, 1, 2] and [p["layer"] for p in result["probes"]] == [0, 1, 2]
+    val = [p["val"]["accuracy"] for p in result["probes"]]
+    assert result["chosen_layer"] == {"knn": val.index(max(val))}  # the first of equal val accuracies
+    table = (tmp_path / "out" / "probe.md").read_text()
+    assert f"Layer chosen on val (--layer best): knn {val.index(max(val))}" in table
+    with pytest.raises(SystemExit):
+        probe_cli.parse_args([str(encoder_file), str(probe_data), "--out", str(tmp_path / "x"), "--layer", "top"])
+
+
 def test_af_probe_refuses_what_it_cannot_use(encoder_file, probe_data, tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
