@@ -122,6 +122,9 @@ def git_commit(directory: str | Path | None = None) -> dict[str, Any]:
                               timeout=30).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+        # experiments/results/ holds what af-experiment writes (to be committed): an earlier file's results there
+        # do not make the code of the next runs "dirty"
+        changes = git("status", "--porcelain", "--", ":(top)", ":(top,exclude)experiments/results")
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changes)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

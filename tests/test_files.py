@@ -56,6 +56,12 @@ def test_git_commit_names_the_checkout_and_whether_it_is_dirty(tmp_path):
     head = (tmp_path / ".git" / "HEAD").read_text().split()[-1]
     commit = (tmp_path / ".git" / head).read_text().strip()
     assert git_commit(tmp_path) == {"commit": commit, "dirty": False}
+    (tmp_path / "experiments" / "results" / "one").mkdir(parents=True)  # af-experiment's own output: not dirty
+    (tmp_path / "experiments" / "results" / "one" / "results.json").write_text("{}")
+    assert git_commit(tmp_path / "experiments") == {"commit": commit, "dirty": False}
+    (tmp_path / "new_module.py").write_text("x = 1")  # any other untracked file is
+    assert git_commit(tmp_path) == {"commit": commit, "dirty": True}
+    (tmp_path / "new_module.py").unlink()
     (tmp_path / "file.txt").write_text("changed")
     assert git_commit(tmp_path) == {"commit": commit, "dirty": True}
 
