@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import socket
+import subprocess
 import sys
+from typing import IO, Any
 
 LAUNCHER_OPTIONS = ("hostfile", "num_gpus", "num_cpu_ranks", "master_port", "master_addr", "no_ssh", "node_rank")
 
@@ -75,3 +77,23 @@ def launcher_command(args: argparse.Namespace, module: str, rest: list[str]) -> 
     command += ["--master_port", str(args.master_port or free_port())]
     command += ["--module", module]
     return command + rest
+
+
+def nested_launch_problem(placement: Any) -> str | None:
+    """The refusal of launcher options in a process a launcher already started (``placement``: its
+    ``distributed.LaunchPlacement``), or None."""
+    if placement.launcher == "none":
+        return None
+    return (f"--hostfile, --num_gpus and --num_cpu_ranks start a launcher; this process already runs under one "
+            f"({placement.launcher}, rank {placement.rank} of {placement.world_size}): leave them out")
+
+
+def start_launcher(prog: str, module: str, argv: list[str], stream: IO[str] | None = None) -> int:
+    """Run ``python -m module`` on every rank the launcher options in ``argv`` name, with the rest of ``argv``;
+    the command is printed to ``stream`` (default stdout) first. Returns the launcher's exit status."""
+    launcher_parser = argparse.ArgumentParser(prog=prog, add_help=False)
+    add_launcher_arguments(launcher_parser)
+    launcher_args, rest = launcher_parser.parse_known_args(argv)
+    command = launcher_command(launcher_args, module, rest)
+    print(f"{prog}:", " ".join(command), file=stream or sys.stdout, flush=True)
+    return subprocess.call(command)

@@ -64,10 +64,9 @@ from af_train.inference.ranks import (
     leave_ranks,
     rank_indices,
     report_to_rank0,
-    start_ranks,
     wait_for_rank0,
 )
-from af_train.launcher import wants_launcher
+from af_train.launcher import start_launcher, wants_launcher
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"af-predict: error: {problem}", file=sys.stderr)
         return 2
     if launch_requested(parser, args):
-        return start_ranks("af-predict", "af_train.inference.predict", argv)
+        return start_launcher("af-predict", "af_train.inference.predict", argv, sys.stderr)
     placement = join_ranks(args, "af-predict")
     try:
         return _run(args, files, placement)

@@ -18,12 +18,10 @@ import argparse
 import contextlib
 import os
 import socket
-import subprocess
-import sys
 from typing import TYPE_CHECKING, Any
 
 from af_train.inference.cli_common import positive_int
-from af_train.launcher import add_launcher_arguments, check_launcher_arguments, launcher_command, wants_launcher
+from af_train.launcher import add_launcher_arguments, check_launcher_arguments, nested_launch_problem, wants_launcher
 
 if TYPE_CHECKING:
     from af_train.distributed import LaunchPlacement
@@ -61,20 +59,9 @@ def launch_requested(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         placement = distributed.launch_placement()
     except ValueError as exc:
         parser.error(str(exc))
-    if placement.launcher != "none":
-        parser.error(f"--hostfile, --num_gpus and --num_cpu_ranks start a launcher; this process already runs under "
-                     f"one ({placement.launcher}, rank {placement.rank} of {placement.world_size}): leave them out")
+    if problem := nested_launch_problem(placement):
+        parser.error(problem)
     return True
-
-
-def start_ranks(prog: str, module: str, argv: list[str]) -> int:
-    """Run ``python -m module`` on every rank the launcher options of ``argv`` name; the launcher's exit status."""
-    launcher_parser = argparse.ArgumentParser(prog=prog, add_help=False)
-    add_launcher_arguments(launcher_parser)
-    launcher_args, rest = launcher_parser.parse_known_args(argv)
-    command = launcher_command(launcher_args, module, rest)
-    print(f"{prog}:", " ".join(command), file=sys.stderr, flush=True)
-    return subprocess.call(command)
 
 
 def join_ranks(args: argparse.Namespace, prog: str) -> LaunchPlacement:

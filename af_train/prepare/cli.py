@@ -51,13 +51,19 @@ from typing import Any
 
 from af_train import distributed
 from af_train.files import output_problem, sha256_files
-from af_train.launcher import add_launcher_arguments, wants_launcher
+from af_train.launcher import (
+    add_launcher_arguments,
+    check_launcher_arguments,
+    nested_launch_problem,
+    start_launcher,
+    wants_launcher,
+)
 from af_train.prepare.decoding import DEFAULT_PREFETCH_BATCHES
 from af_train.prepare.encoding import encode_part
 from af_train.prepare.merging import merge_and_report
 from af_train.prepare.parts import PART_RULE, PrepareRefused
 from af_train.prepare.planning import plan_splits, segment_tasks
-from af_train.prepare.ranks import establish_outputs, launch, wait_for_all_ranks
+from af_train.prepare.ranks import establish_outputs, wait_for_all_ranks
 from af_train.prepare.remote_output import RemoteOutput
 from af_train.prepare.sources import (
     DEFAULT_CLIP_SECONDS,
@@ -207,12 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if wants_launcher(args):
-        if placement.launcher != "none":
-            parser.error(f"--hostfile, --num_gpus and --num_cpu_ranks start a launcher; this process already runs "
-                         f"under one ({placement.launcher}, rank {placement.rank} of {placement.world_size}): "
-                         "leave them out")
+        if problem := nested_launch_problem(placement):
+            parser.error(problem)
         _validate_args(args)
-        return launch(parser, argv)
+        check_launcher_arguments(parser, args)
+        return start_launcher("af-prepare", "af_train.prepare", argv)
     _validate_args(args)
     import torch
 

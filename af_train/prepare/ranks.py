@@ -1,4 +1,4 @@
-"""``af-prepare`` around the ranks: starting the launcher, the resume state rank 0 establishes for all of them,
+"""``af-prepare`` around the ranks: the resume state rank 0 establishes for all of them,
 and the wait for the slowest part.
 
 Which rank prepares which chunk is :mod:`~af_train.prepare.parts`; what each rank does with its chunks is
@@ -7,30 +7,16 @@ Which rank prepares which chunk is :mod:`~af_train.prepare.parts`; what each ran
 
 from __future__ import annotations
 
-import argparse
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
 from af_train import distributed
-from af_train.launcher import add_launcher_arguments, check_launcher_arguments, launcher_command
 from af_train.prepare.parts import PrepareRefused
 from af_train.prepare.remote_output import RemoteOutput
 from af_train.prepare.writing import prepare_split_dir
 
 log = logging.getLogger(__name__)
-
-
-def launch(parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    """Start the DeepSpeed launcher for ``python -m af_train.prepare`` with the arguments that are not its own."""
-    launcher_parser = argparse.ArgumentParser(prog="af-prepare", add_help=False)
-    add_launcher_arguments(launcher_parser)
-    launcher_args, rest = launcher_parser.parse_known_args(argv)
-    check_launcher_arguments(parser, launcher_args)
-    command = launcher_command(launcher_args, "af_train.prepare", rest)
-    print("af-prepare:", " ".join(command), flush=True)
-    return subprocess.call(command)
 
 
 def _establish_outputs(overwrite: bool, remote_out: RemoteOutput | None, dirs: dict[str, Path], fingerprint: dict,

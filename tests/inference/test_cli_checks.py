@@ -125,7 +125,7 @@ def test_af_embed_leaves_a_parts_folder_it_did_not_create_alone(synthetic_audio,
 def test_several_ranks_are_refused_before_any_start_without_out_or_over_a_leftover_parts_folder(
         synthetic_audio, tmp_path, capsys, no_model_load, monkeypatch):
     for command in (predict, embed):
-        monkeypatch.setattr(command, "start_ranks", lambda *a: pytest.fail("the launcher was started"))
+        monkeypatch.setattr(command, "start_launcher", lambda *a: pytest.fail("the launcher was started"))
     audio = str(_test_files(synthetic_audio)[0])
     with pytest.raises(SystemExit) as exit_info:  # af-predict merges into a file: the standard output will not do
         predict.main(["RUN", audio, "--num_cpu_ranks", "2"])
