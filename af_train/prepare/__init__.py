@@ -9,7 +9,7 @@ One module per job:
 * :mod:`~af_train.prepare.writing`: chunked, atomic, resumable writing, merged index and manifest;
 * :mod:`~af_train.prepare.remote_output`: ``--out s3://...`` through a staging folder;
 * :mod:`~af_train.prepare.parts`, :mod:`~af_train.prepare.ranks`: several ranks (who owns which chunk; the
-  launcher, the resume state rank 0 sets up, the wait for every part);
+  resume state rank 0 sets up, the wait for every part; the launcher itself is af_train.launcher);
 * :mod:`~af_train.prepare.merging`: the merged dataset of every split and the run's summary;
 * :mod:`~af_train.prepare.cli`: ``af-prepare`` (also ``python3 -m af_train.prepare``);
 * :mod:`~af_train.prepare.fit_tokenizer`: ``af-fit-tokenizer`` (fits mel-rvq on a source's train split).
