@@ -7,9 +7,10 @@ called by every rank, in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,30 @@ def barrier() -> None:
     """Collective: wait until every rank got here."""
     if is_distributed():
         dist.barrier()
+
+
+def barrier_unless_broken() -> None:
+    """Collective: like ``barrier``, but returns at once when a rank is already gone (killed, lost): its
+    connection closed, there is nobody left to wait for."""
+    if is_distributed():
+        with contextlib.suppress(RuntimeError):  # gloo / NCCL: a peer closed its connection
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def ranks_leave_together(world_size: int) -> Iterator[None]:
+    """Collective: every rank waits at the end of the block until all got there (also when one raised), e.g.
+    while rank 0 alone merges every rank's part and the others have returned. No-op for one rank (a process
+    group its caller holds is left alone).
+
+    Why: a rank that exited while rank 0 still worked was seen to abort in the process group's teardown
+    (gloo: "terminate called without an active exception", 1 run in 6), and its launcher then killed rank 0
+    in the middle of the merge."""
+    try:
+        yield
+    finally:
+        if world_size > 1:
+            barrier_unless_broken()
 
 
 def broadcast_from_rank0(value: Any) -> Any:

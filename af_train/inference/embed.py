@@ -354,46 +354,49 @@ def _run(args: argparse.Namespace, files: list[Path], ids: list[str], placement)
                       file=sys.stderr)
             wait_for_rank0()
             return 1 if rank == 0 or status["code"] else 0
+
+    with distributed.ranks_leave_together(world):  # rank 0 merges; the others wait for it
         if rank != 0:
             return 0
-        failures.by_reason = sum((Counter(s["skipped"]) for s in statuses), Counter())
-        failures.warned = sum((Counter(s["warned"]) for s in statuses), Counter())
-        done, audio_seconds = sum(s["done"] for s in statuses), sum(s["seconds"] for s in statuses)
-
-    try:
-        matrix, all_ids, all_failures, tallies = _merge_parts(parts, len(files), world, args.part_size,
-                                                              tagger.embedding_size)
-    except RuntimeError as exc:
-        print(f"af-embed: error: {exc}", file=sys.stderr)
-        return 1
-    outputs = _outputs(args.format, world > 1)
-    _save_state(state_path, fingerprint, sorted({*created, *outputs}))
-    if args.format == "npz":
-        _atomic_save(out / "embeddings.npz", lambda f: np.savez(f, embeddings=matrix, ids=np.array(all_ids, dtype=str)))
-    else:
-        _atomic_save(out / "embeddings.npy", lambda f: np.save(f, matrix))
-        _atomic_save(out / IDS, _text("".join(json.dumps(i) + "\n" for i in all_ids)))
-    _atomic_save(out / FAILURES, _text("".join(f"{x}\n" for x in all_failures)))
-    if world > 1:
-        hosts = {s["rank"]: (s["host"], s["device"]) for s in statuses}
-        provenance = {"rule": RANK_RULE, "world_size": world, "inputs": len(files), "rows": len(all_ids),
-                      "skipped": len(all_failures),
-                      "ranks": [{**t, "host": hosts[t["rank"]][0], "device": hosts[t["rank"]][1]} for t in tallies]}
-        _atomic_save(out / RANKS, _text(json.dumps(provenance, indent=2) + "\n"))
-    for r in range(world):  # only the parts this command wrote; anything else in parts/ stays
-        for k in range(_part_count(len(files), r, world, args.part_size)):
-            (parts / _part_name(r, world, k)).unlink(missing_ok=True)
-    try:
-        parts.rmdir()
-    except OSError:
-        log.warning("%s holds files af-embed did not write; left in place", parts)
-    state_path.unlink()
-    elapsed = time.perf_counter() - started
-    skipped = len(all_failures)
-    log.info("%d embeddings [%d x %d] in %s (%d skipped, see %s); this run: %s in %.1f s (%.1fx real time)",
-             len(all_ids), *matrix.shape, out, skipped, out / FAILURES, failures.summary(done), elapsed,
-             audio_seconds / max(elapsed, 1e-9))
-    return 1 if skipped and not args.keep_going else 0
+        if world > 1:
+            failures.by_reason = sum((Counter(s["skipped"]) for s in statuses), Counter())
+            failures.warned = sum((Counter(s["warned"]) for s in statuses), Counter())
+            done, audio_seconds = sum(s["done"] for s in statuses), sum(s["seconds"] for s in statuses)
+        try:
+            matrix, all_ids, all_failures, tallies = _merge_parts(parts, len(files), world, args.part_size,
+                                                                  tagger.embedding_size)
+        except RuntimeError as exc:
+            print(f"af-embed: error: {exc}", file=sys.stderr)
+            return 1
+        outputs = _outputs(args.format, world > 1)
+        _save_state(state_path, fingerprint, sorted({*created, *outputs}))
+        if args.format == "npz":
+            _atomic_save(out / "embeddings.npz",
+                         lambda f: np.savez(f, embeddings=matrix, ids=np.array(all_ids, dtype=str)))
+        else:
+            _atomic_save(out / "embeddings.npy", lambda f: np.save(f, matrix))
+            _atomic_save(out / IDS, _text("".join(json.dumps(i) + "\n" for i in all_ids)))
+        _atomic_save(out / FAILURES, _text("".join(f"{x}\n" for x in all_failures)))
+        if world > 1:
+            hosts = {s["rank"]: (s["host"], s["device"]) for s in statuses}
+            provenance = {"rule": RANK_RULE, "world_size": world, "inputs": len(files), "rows": len(all_ids),
+                          "skipped": len(all_failures),
+                          "ranks": [{**t, "host": hosts[t["rank"]][0], "device": hosts[t["rank"]][1]} for t in tallies]}
+            _atomic_save(out / RANKS, _text(json.dumps(provenance, indent=2) + "\n"))
+        for r in range(world):  # only the parts this command wrote; anything else in parts/ stays
+            for k in range(_part_count(len(files), r, world, args.part_size)):
+                (parts / _part_name(r, world, k)).unlink(missing_ok=True)
+        try:
+            parts.rmdir()
+        except OSError:
+            log.warning("%s holds files af-embed did not write; left in place", parts)
+        state_path.unlink()
+        elapsed = time.perf_counter() - started
+        skipped = len(all_failures)
+        log.info("%d embeddings [%d x %d] in %s (%d skipped, see %s); this run: %s in %.1f s (%.1fx real time)",
+                 len(all_ids), *matrix.shape, out, skipped, out / FAILURES, failures.summary(done), elapsed,
+                 audio_seconds / max(elapsed, 1e-9))
+        return 1 if skipped and not args.keep_going else 0
 
 
 if __name__ == "__main__":

@@ -375,23 +375,24 @@ def _run_ranks(args: argparse.Namespace, files: list[Path], tagger: Any, thresho
         if statuses is not None:
             wait_for_rank0()
         return 1 if rank == 0 or status["code"] or statuses is None else 0
-    if rank != 0:
-        return 0
-    try:
-        failures, written = _merge_parts(args, tagger, parts, len(files))
-    except RuntimeError as exc:
-        print(f"af-predict: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    elapsed = time.perf_counter() - started
-    for s in statuses:
-        log.info("rank %d on %s (%s): %d inputs, %d scored, %d skipped", s["rank"], s["host"], s["device"],
-                 s["inputs"], s["done"], s["inputs"] - s["done"])
-    done, seconds = sum(s["done"] for s in statuses), sum(s["seconds"] for s in statuses)
-    log.info("%d ranks (%s): %s in %.1f s (%.2f files/s, %.1fx real time) -> %s", world, RANK_RULE,
-             failures.summary(written), elapsed, done / max(elapsed, 1e-9), seconds / max(elapsed, 1e-9), args.out)
-    return 1 if failures.count and not args.keep_going else 0
+    with distributed.ranks_leave_together(world):  # rank 0 merges; the others wait for it
+        if rank != 0:
+            return 0
+        try:
+            failures, written = _merge_parts(args, tagger, parts, len(files))
+        except RuntimeError as exc:
+            print(f"af-predict: error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        elapsed = time.perf_counter() - started
+        for s in statuses:
+            log.info("rank %d on %s (%s): %d inputs, %d scored, %d skipped", s["rank"], s["host"], s["device"],
+                     s["inputs"], s["done"], s["inputs"] - s["done"])
+        done, seconds = sum(s["done"] for s in statuses), sum(s["seconds"] for s in statuses)
+        log.info("%d ranks (%s): %s in %.1f s (%.2f files/s, %.1fx real time) -> %s", world, RANK_RULE,
+                 failures.summary(written), elapsed, done / max(elapsed, 1e-9), seconds / max(elapsed, 1e-9), args.out)
+        return 1 if failures.count and not args.keep_going else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Nothing here imports torch at module level: the commands answer ``--help`` and a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import socket
 from typing import TYPE_CHECKING, Any
@@ -115,8 +114,7 @@ def wait_for_rank0() -> None:
     others as soon as one rank exits non-zero)."""
     from af_train import distributed
 
-    with contextlib.suppress(RuntimeError):  # a rank already gone: nothing left to wait for
-        distributed.barrier()
+    distributed.barrier_unless_broken()
 
 
 def failed_ranks_message(prog: str, statuses: list[dict[str, Any]]) -> str | None:

@@ -318,16 +318,22 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
     }
 
     part = encode_part(args, plans, states, dirs, tokenizer, clip_seconds, silence, frames, remote_out, rank, world)
+
+    def merge() -> int:
+        if remote_out and world > 1:  # the other ranks' chunks: their bookkeeping from the bucket
+            for split, d in dirs.items():
+                if states[split] != "complete":
+                    remote_out.pull(d, overwrite=False)
+        return merge_and_report(part, plans, states, dirs, shown, manifest_base, tokenizer, args.workers,
+                                args.chunk_size, remote_out)
+
     others_failed = 0
     if world > 1:  # every rank waits here for the slowest part; then rank 0 alone merges
         own = part.exit_code
         others_failed = wait_for_all_ranks(rank, world, own, part.timings)
-        if rank != 0 and not (own or others_failed):
-            return 0
-        if remote_out and not (own or others_failed):  # the other ranks' chunks: their bookkeeping from the bucket
-            for split, d in dirs.items():
-                if states[split] != "complete":
-                    remote_out.pull(d, overwrite=False)
+        if not (own or others_failed):
+            with distributed.ranks_leave_together(world):  # the others wait for rank 0's merge
+                return merge() if rank == 0 else 0
     if part.interrupted:
         print("\ninterrupted: committed chunks are kept; rerun the same command to continue", file=sys.stderr)
         return 130
@@ -337,8 +343,7 @@ def _run(args: argparse.Namespace, placement: distributed.LaunchPlacement | None
         return 1
     if others_failed:
         return others_failed
-    return merge_and_report(part, plans, states, dirs, shown, manifest_base, tokenizer, args.workers,
-                            args.chunk_size, remote_out)
+    return merge()
 
 
 if __name__ == "__main__":
