@@ -38,6 +38,12 @@ _LAUNCH_VARIABLES = (
 )
 
 
+def cores_per_rank(local_world_size: int) -> int:
+    """This rank's share of the machine's CPU cores (at least 1): N local ranks with all cores each would
+    oversubscribe it N times, and torch's intra-op threads then spin against each other."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+
+
 def launch_placement(environ: Mapping[str, str] | None = None) -> LaunchPlacement:
     """This process's rank, world size and local rank as its launcher set them (deepspeed and torchrun
     export RANK/WORLD_SIZE/LOCAL_RANK, SLURM's srun SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, Open MPI

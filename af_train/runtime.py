@@ -92,8 +92,7 @@ def init_process() -> Placement:
     on_cpu = accelerator.device_name() == "cpu"
     local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if on_cpu and local_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # N ranks x all cores each would oversubscribe the CPU many times over
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        torch.set_num_threads(distributed.cores_per_rank(local_size))
     device = torch.device("cpu") if on_cpu else torch.device(accelerator.device_name(local_rank))
     if not on_cpu:
         accelerator.set_device(local_rank)

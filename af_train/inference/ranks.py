@@ -15,7 +15,6 @@ Nothing here imports torch at module level: the commands answer ``--help`` and a
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -81,8 +80,8 @@ def join_ranks(args: argparse.Namespace, prog: str) -> LaunchPlacement:
         args.device = f"cuda:{placement.local_rank % torch.cuda.device_count()}"
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif placement.local_world_size > 1:  # N ranks x all cores each would oversubscribe the machine N times
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // placement.local_world_size))
+    elif placement.local_world_size > 1:
+        torch.set_num_threads(distributed.cores_per_rank(placement.local_world_size))
     try:
         distributed.init_from_environment(placement, args.wait_hours * 3600)
     except ValueError as exc:

@@ -43,7 +43,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -221,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     _validate_args(args)
     import torch
 
-    # The rank's share of the machine: N local ranks x all cores each would oversubscribe it N times.
-    cores = max(1, (os.cpu_count() or 1) // placement.local_world_size)
+    cores = distributed.cores_per_rank(placement.local_world_size)
     if args.workers is None:
         args.workers = min(8, max(1 if placement.local_world_size == 1 else 0, cores - 1))
     if args.device is None and placement.world_size > 1 and torch.cuda.is_available():
