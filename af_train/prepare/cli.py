@@ -61,7 +61,7 @@ from af_train.prepare.decoding import DEFAULT_PREFETCH_BATCHES
 from af_train.prepare.encoding import encode_part
 from af_train.prepare.merging import merge_and_report
 from af_train.prepare.parts import PART_RULE, PrepareRefused
-from af_train.prepare.planning import plan_splits, segment_tasks
+from af_train.prepare.planning import add_segment_arguments, plan_splits, segment_hop_problem, segment_tasks
 from af_train.prepare.ranks import establish_outputs, wait_for_all_ranks
 from af_train.prepare.remote_output import RemoteOutput
 from af_train.prepare.sources import (
@@ -116,11 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, help="clips per committed chunk (the resume unit)")
     p.add_argument("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS,
                    help=f"reject files with less audio than this (reason too_short; default {DEFAULT_MIN_SECONDS})")
-    p.add_argument("--segment", action="store_true",
-                   help="cut every file into consecutive clips FILE#k of --clip-seconds (long recordings) "
-                   "instead of keeping its first clip only")
-    p.add_argument("--segment-hop", type=float, metavar="SECONDS",
-                   help="--segment: seconds between clip starts (default: the clip length; smaller overlaps)")
+    add_segment_arguments(p)
     p.add_argument("--silence-threshold-db", type=float, default=audio_io.DEFAULT_SILENCE_DBFS,
                    help="reject clips whose peak is below this level in dBFS (default -80)")
     p.add_argument("--keep-silent", action="store_true", help="keep all-silent clips")
@@ -153,12 +149,8 @@ def _validate_args(args: argparse.Namespace) -> None:
     if args.min_seconds > clip_seconds:
         raise SystemExit(f"af-prepare: error: --min-seconds {args.min_seconds:g} is longer than the clip "
                          f"({clip_seconds:g} s, --clip-seconds)")
-    if args.segment_hop is not None:
-        if not args.segment:
-            raise SystemExit("af-prepare: error: --segment-hop applies only with --segment")
-        if not 0 < args.segment_hop <= clip_seconds:
-            raise SystemExit(f"af-prepare: error: --segment-hop {args.segment_hop:g} must be > 0 and at most the "
-                             f"clip ({clip_seconds:g} s, --clip-seconds): a longer hop never reads the audio between")
+    if problem := segment_hop_problem(args.segment, args.segment_hop, clip_seconds):
+        raise SystemExit(f"af-prepare: error: {problem}")
     if not Path(args.input).exists():
         raise SystemExit(f"af-prepare: error: --input {args.input} does not exist")
     from af_train.remote import is_remote

@@ -1,14 +1,16 @@
 """``af-fit-tokenizer``: fit a mel-rvq tokenizer on the training split of a data set.
 
     af-fit-tokenizer --kind mel-rvq --format esc50 --input ESC-50/ --out esc50_mel_rvq.safetensors \
-        [--rows 4 --codes 1024 --seed 0 --max-hours H]
+        [--rows 4 --codes 1024 --seed 0 --max-hours H --segment [--segment-hop S]]
 
 (``python3 -m af_train.prepare.fit_tokenizer`` is the same command.) It reads the same sources with the
 same options as ``af-prepare`` and only ever looks at their ``train`` split: a tokenizer fitted on
 validation or test audio would have seen the data it is evaluated on, so asking for another split is
 refused. Clips are decoded exactly as ``af-prepare`` decodes them (same clip length, silence and
 ``--min-seconds`` rules); their real samples feed :class:`~af_train.tokenizers.mel_rvq.MelRVQFitter`.
-With ``--max-hours`` a seeded random subset of the training clips is used. The result is one
+As in af-prepare, a file gives its first clip; with ``--segment`` it gives every clip ``af-prepare
+--segment`` cuts from it, so a tokenizer for long recordings is fitted on all of them, not on their
+starts. With ``--max-hours`` a seeded random subset of the training clips is used. The result is one
 ``.safetensors`` file; pass it to ``af-prepare --tokenizer FILE``.
 """
 
@@ -27,7 +29,7 @@ import numpy as np
 from af_train.files import output_problem, sha256_files
 from af_train.prepare.cli import DEFAULT_MIN_SECONDS
 from af_train.prepare.decoding import DecodeSettings, decode, ordered_map, start_pool
-from af_train.prepare.planning import plan_splits
+from af_train.prepare.planning import add_segment_arguments, plan_splits, segment_hop_problem, segment_tasks
 from af_train.prepare.sources import DEFAULT_CLIP_SECONDS, LabelFileError, add_source_arguments, load_source
 from af_train.tokenizers import SAMPLE_RATE, TokenizerError, audio_io
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codes", type=int, default=1024, help="codes per row (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clip subset and of k-means (default 0)")
     p.add_argument("--max-hours", type=float, help="use at most this much training audio (a seeded random subset)")
+    add_segment_arguments(p)
     p.add_argument("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS,
                    help=f"skip files with less audio than this (reason too_short; default {DEFAULT_MIN_SECONDS})")
     p.add_argument("--silence-threshold-db", type=float, default=audio_io.DEFAULT_SILENCE_DBFS,
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("af-fit-tokenizer: error: --workers must be >= 0 and --threads >= 1")
     if args.max_hours is not None and args.max_hours <= 0:
         raise SystemExit("af-fit-tokenizer: error: --max-hours must be > 0")
+    clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[args.format]
+    if problem := segment_hop_problem(args.segment, args.segment_hop, clip_seconds):
+        raise SystemExit(f"af-fit-tokenizer: error: {problem}")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"af-fit-tokenizer: error: {out} exists; shards prepared with it would no longer match "
@@ -122,6 +128,11 @@ def _run(args: argparse.Namespace) -> int:
 
     source, tasks, planned_rejects = training_tasks(args)
     clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[args.format]
+    if args.segment:  # the clips af-prepare --segment makes: every part of a long recording, not its start
+        log.info("--segment: reading the headers of %d files", len(tasks))
+        tasks, dropped = segment_tasks(tasks, clip_seconds=clip_seconds, hop_seconds=args.segment_hop or clip_seconds,
+                                       min_seconds=args.min_seconds)
+        planned_rejects = planned_rejects + dropped
     order = np.random.default_rng([args.seed, 0xF17]).permutation(len(tasks))
     tasks = [tasks[i] for i in order]  # a --max-hours budget then samples the whole split, not its first rows
     budget = args.max_hours * 3600 if args.max_hours else None
@@ -167,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         "clip_seconds": clip_seconds,
         "min_seconds": args.min_seconds,
         "max_hours": args.max_hours,
+        **({"segment_hop_seconds": args.segment_hop or clip_seconds} if args.segment else {}),
         "rejected": dict(sorted(rejected.items())),
     }
     tokenizer = fitter.fit(description, device="cpu", progress=not args.quiet)

@@ -6,6 +6,7 @@ and resume rely on.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from af_train.prepare.sources import Source
@@ -105,3 +106,24 @@ def segment_tasks(
                 continue
             out.append(Task(task.order, clip_id, task.path, task.labels, start_frame=start))
     return out, rejects
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--segment`` / ``--segment-hop``: the same clips for af-prepare and af-fit-tokenizer."""
+    parser.add_argument("--segment", action="store_true",
+                        help="cut every file into consecutive clips FILE#k of --clip-seconds (long recordings) "
+                        "instead of keeping its first clip only")
+    parser.add_argument("--segment-hop", type=float, metavar="SECONDS",
+                        help="--segment: seconds between clip starts (default: the clip length; smaller overlaps)")
+
+
+def segment_hop_problem(segment: bool, hop_seconds: float | None, clip_seconds: float) -> str | None:
+    """Why ``--segment-hop`` cannot be used with these settings, or None."""
+    if hop_seconds is None:
+        return None
+    if not segment:
+        return "--segment-hop applies only with --segment"
+    if not 0 < hop_seconds <= clip_seconds:
+        return (f"--segment-hop {hop_seconds:g} must be > 0 and at most the clip ({clip_seconds:g} s, "
+                "--clip-seconds): a longer hop never reads the audio between")
+    return None

@@ -128,3 +128,28 @@ def test_an_unusable_out_is_refused_before_the_fit_and_a_failed_save_leaves_no_t
     with pytest.raises(OSError, match="No space left"):
         fit_tokenizer.main(_fit_argv(labels, tmp_path / "tok.safetensors"))
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "tok.safetensors").exists()
+
+
+def test_segment_fits_on_every_clip_of_a_long_recording(tmp_path, capsys):
+    # one 3 s recording (three different 1 s sounds) and one 1 s file
+    parts = [synth.make_clip(i, seed=4, sample_rate=16000, clip_seconds=1.0, multi_label_prob=0)[0] for i in range(3)]
+    sf.write(str(tmp_path / "long.wav"), np.concatenate(parts), 16000)
+    sf.write(str(tmp_path / "short.wav"), parts[0], 16000)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,labels\nlong.wav,tone\nshort.wav,tone\n")
+
+    assert fit_tokenizer.main(_fit_argv(labels, tmp_path / "first.safetensors")) == 0
+    first = _metadata(tmp_path / "first.safetensors")["fit"]
+    assert first["clips"] == 2 and "segment_hop_seconds" not in first  # the default: each file's first clip
+    assert fit_tokenizer.main(_fit_argv(labels, tmp_path / "all.safetensors", "--segment")) == 0
+    fit = _metadata(tmp_path / "all.safetensors")["fit"]
+    assert fit["clips"] == 4 and fit["frames"] == 4 * 75  # 0-1, 1-2, 2-3 s of long.wav, and short.wav
+    assert fit["segment_hop_seconds"] == 1.0
+    # overlapping clips every 0.5 s: long.wav from 0, 0.5, 1, 1.5 and 2 s (the last reaches its end)
+    assert fit_tokenizer.main(_fit_argv(labels, tmp_path / "hop.safetensors", "--segment", "--segment-hop", "0.5")) == 0
+    hop = _metadata(tmp_path / "hop.safetensors")["fit"]
+    assert hop["clips"] == 6 and hop["segment_hop_seconds"] == 0.5
+    with pytest.raises(SystemExit, match="--segment-hop applies only with --segment"):
+        fit_tokenizer.main(_fit_argv(labels, tmp_path / "x.safetensors", "--segment-hop", "0.5"))
+    with pytest.raises(SystemExit, match="at most the clip"):
+        fit_tokenizer.main(_fit_argv(labels, tmp_path / "x.safetensors", "--segment", "--segment-hop", "2"))
