@@ -302,7 +302,7 @@ def _run(args: argparse.Namespace, files: list[Path], ids: list[str], placement)
     state_path = out / STATE_NAME
     try:
         tagger = build_tagger(args, reject_silent=False)
-        tagger._check_layer(args.layer)
+        tagger.resolve_layer(args.layer)
     except InferenceError as exc:
         print(f"af-embed: error: {exc}", file=sys.stderr)
         return 2

@@ -198,7 +198,7 @@ class AudioTagger:
         if scores and self.classifier is None:
             raise InferenceError(f"{self.source} has no classifier (an encoder or pretraining checkpoint); "
                                  "it can embed but not tag")
-        layer = self._check_layer(layer)
+        layer = self.resolve_layer(layer)
         names_iter = iter(names) if names is not None else None
         chunk = 4 * max(self.batch_size, self.encode_batch_size)
         waiting: list[_Pending] = []  # inputs not yet yielded, in order
@@ -235,14 +235,16 @@ class AudioTagger:
             out.append(result)
         return out
 
-    def _check_layer(self, layer: int | None) -> int:
+    def resolve_layer(self, layer: int | None) -> int:
+        """The layer index 0 (embeddings) .. num_layers that ``layer`` names (None: the last; negative: from the
+        end); raises ``InferenceError`` naming the valid range."""
         last = self.num_layers
         if layer is None:
             return last
         chosen = layer if layer >= 0 else last + 1 + layer
         if not 0 <= chosen <= last:
             raise InferenceError(f"layer {layer} does not exist: the encoder has layers 0 (embeddings) .. {last} "
-                                 "(or -1 .. -{last + 1} from the end)")
+                                 f"(or -1 .. -{last + 1} from the end)")
         return chosen
 
     def _windows(self, item: AudioInput, result: FileResult) -> Iterator[tuple[int, torch.Tensor, int, int]]:

@@ -223,3 +223,14 @@ def test_options_may_come_between_the_audio_files(tmp_path):
     assert args.audio == ["a.wav", "b.wav"] and args.batch_size == 4
     args = predict.parse_args(["model.pt", "a.wav", "--out", str(tmp_path / "p.jsonl"), "b.wav"])
     assert args.audio == ["a.wav", "b.wav"] and args.out == str(tmp_path / "p.jsonl")
+
+
+def test_a_layer_the_encoder_lacks_is_refused_naming_the_valid_range(tiny_run, synthetic_audio, tmp_path, capsys):
+    from af_train.inference import embed
+
+    layers = AudioTagger.load(tiny_run, device="cpu").num_layers
+    wav = next(synthetic_audio.rglob("*.wav"))
+    assert embed.main([str(tiny_run), str(wav), "--out", str(tmp_path / "emb"), "--layer", "99"]) == 2
+    err = capsys.readouterr().err
+    assert f"layers 0 (embeddings) .. {layers} (or -1 .. -{layers + 1} from the end)" in err
+    assert not (tmp_path / "emb" / "embeddings.npy").exists()
