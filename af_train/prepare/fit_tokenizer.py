@@ -128,9 +128,10 @@ def _run(args: argparse.Namespace) -> int:
 
     source, tasks, planned_rejects = training_tasks(args)
     clip_seconds = args.clip_seconds or DEFAULT_CLIP_SECONDS[args.format]
-    if args.segment:  # the clips af-prepare --segment makes: every part of a long recording, not its start
+    hop_seconds = (args.segment_hop or clip_seconds) if args.segment else None
+    if hop_seconds is not None:  # the clips af-prepare --segment makes: every part of a long recording, not its start
         log.info("--segment: reading the headers of %d files", len(tasks))
-        tasks, dropped = segment_tasks(tasks, clip_seconds=clip_seconds, hop_seconds=args.segment_hop or clip_seconds,
+        tasks, dropped = segment_tasks(tasks, clip_seconds=clip_seconds, hop_seconds=hop_seconds,
                                        min_seconds=args.min_seconds)
         planned_rejects = planned_rejects + dropped
     order = np.random.default_rng([args.seed, 0xF17]).permutation(len(tasks))
@@ -178,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         "clip_seconds": clip_seconds,
         "min_seconds": args.min_seconds,
         "max_hours": args.max_hours,
-        **({"segment_hop_seconds": args.segment_hop or clip_seconds} if args.segment else {}),
+        **({"segment_hop_seconds": hop_seconds} if hop_seconds is not None else {}),
         "rejected": dict(sorted(rejected.items())),
     }
     tokenizer = fitter.fit(description, device="cpu", progress=not args.quiet)
